@@ -1,0 +1,82 @@
+"""The ``sdde`` command line.
+
+Each subcommand lives in its own module, imported only when that subcommand runs, so that
+``sdde serve`` and ``sdde score`` never import PyTorch. A command module exposes ``HELP`` (one
+line), ``add_arguments(parser)`` (must not import torch) and ``main(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from sdde_serve import __version__
+from sdde_serve.errors import UserError
+
+# name -> (module, one-line summary shown before the module is imported)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("training.cli", "train an SDDE / Deep Ensemble (needs the [train] extra)"),
+    "export": ("export.cli", "fuse a trained run into one ONNX file with its manifest"),
+    "calibrate": (
+        "sdde_serve.calibrate_cmd",
+        "refit temperature and OOD threshold",
+    ),
+    "eval": ("sdde_serve.evaluation.cli", "accuracy, calibration, OOD metrics and a report"),
+    "serve": ("sdde_serve.server.cli", "serve an exported model over HTTP"),
+    "score": ("sdde_serve.batch.cli", "score image files offline"),
+}
+
+
+def _load(name: str) -> ModuleType:
+    module_name, _ = COMMANDS[name]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or "?"
+        extra = "train" if missing.split(".")[0] in {"torch", "torchvision", "training"} else None
+        hint = f"; install the [{extra}] extra: pip install 'sdde-serve[{extra}]'" if extra else ""
+        raise UserError(f"'sdde {name}' needs the missing module {missing!r}{hint}") from None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only ``command``'s module is imported to add its arguments."""
+    parser = argparse.ArgumentParser(
+        prog="sdde",
+        description="Saliency-Diversified Deep Ensembles: train, export, evaluate, serve.",
+    )
+    parser.add_argument("--version", action="version", version=f"sdde-serve {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, summary) in COMMANDS.items():
+        p = sub.add_parser(name, help=summary, description=summary)
+        if name == command:
+            module = _load(name)
+            p.description = module.HELP
+            p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+            module.add_arguments(p)
+            p.set_defaults(_main=module.main)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        parser = build_parser(command if command in COMMANDS else None)
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return int(args._main(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""Data specs: one parser for every command that names a dataset.
+
+A spec is a short string (``digits``, a path, ``torchvision:CIFAR10``) optionally followed by
+``@SPLIT``. Loading returns an :class:`ArrayDataset` of uint8 images in ``[N, C, H, W]``; the
+conversion to a model's channels and size (:meth:`ArrayDataset.as_model_input`) is the same
+PIL-based conversion the server applies to uploaded images, so train, eval and serve agree.
+
+This module is numpy + Pillow only (``digits`` needs scikit-learn, ``torchvision:`` needs
+torchvision); both are imported lazily with a clear message when missing.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from sdde_serve.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# digits is split once, with this seed, into a train part (which training splits again into
+# train/validation) and a test part that only evaluation reads.
+DIGITS_SPLIT_SEED = 20240607
+DIGITS_TEST_FRACTION = 0.2
+
+
+@dataclass
+class ArrayDataset:
+    """Images as uint8 ``[N, C, H, W]`` (C is 1 or 3), optional int64 labels, class names."""
+
+    name: str
+    images: np.ndarray
+    labels: np.ndarray | None = None
+    classes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.shape[1] not in (1, 3):
+            raise UserError(
+                f"{self.name}: images must be [N, C, H, W] with C in (1, 3), "
+                f"got shape {self.images.shape}"
+            )
+        if self.images.dtype != np.uint8:
+            raise UserError(f"{self.name}: images must be uint8, got {self.images.dtype}")
+        if self.labels is not None and len(self.labels) != len(self.images):
+            raise UserError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.images.shape[2]), int(self.images.shape[3])
+
+    def subset(self, indices: np.ndarray, name: str | None = None) -> ArrayDataset:
+        labels = None if self.labels is None else self.labels[indices]
+        return ArrayDataset(name or self.name, self.images[indices], labels, list(self.classes))
+
+    def fingerprint(self) -> str:
+        """SHA-256 of pixels and labels: detects a data spec that now means other data."""
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.images).tobytes())
+        if self.labels is not None:
+            h.update(np.ascontiguousarray(self.labels.astype(np.int64)).tobytes())
+        return h.hexdigest()
+
+    def as_model_input(self, channels: int, height: int, width: int) -> np.ndarray:
+        """float32 ``[N, channels, height, width]`` in [0, 1], converted as the server does."""
+        if self.channels == channels and self.size == (height, width):
+            return self.images.astype(np.float32) / 255.0
+        out = np.empty((len(self), channels, height, width), dtype=np.float32)
+        for i, img in enumerate(self.images):
+            out[i] = to_model_array(chw_to_pil(img), channels, height, width)
+        return out
+
+
+# --- image conversion shared with the server (sdde_serve.preprocess) -------------------------
+
+
+def chw_to_pil(img: np.ndarray) -> Image.Image:
+    """A uint8 ``[C, H, W]`` array as a PIL image (mode L or RGB)."""
+    return Image.fromarray(img[0]) if img.shape[0] == 1 else Image.fromarray(img.transpose(1, 2, 0))
+
+
+def to_model_array(img: Image.Image, channels: int, height: int, width: int) -> np.ndarray:
+    """A PIL image (mode L or RGB) as float32 ``[C, H, W]`` in [0, 1].
+
+    Channels: RGB -> gray uses PIL's ITU-R 601-2 luma; gray -> RGB repeats the channel.
+    Size: bilinear resize straight to (height, width) (aspect ratio is not kept: the training
+    data of small models is already at the model's size, and stretching is what torchvision's
+    ``Resize((h, w))`` does).
+    """
+    img = img.convert("L" if channels == 1 else "RGB")
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.Resampling.BILINEAR)
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()
+
+
+def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The one train/validation split: a seeded permutation, validation taken from its head."""
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"validation fraction must be in (0, 1), got {val_fraction}")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, round(n * val_fraction))
+    if n_val >= n:
+        raise UserError(f"dataset of {n} images is too small for a validation split")
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+# --- spec parsing -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    text: str
+    kind: str
+    location: str
+    split: str | None
+
+
+def parse_spec(text: str) -> DataSpec:
+    """Split ``SOURCE[@SPLIT]`` and decide which loader reads SOURCE."""
+    text = text.strip()
+    if not text:
+        raise UserError("empty data spec")
+    source, split = text, None
+    if "@" in text and not Path(text).exists():
+        source, split = text.rsplit("@", 1)
+        if split not in ("train", "test", "val", "all"):
+            raise UserError(f"data spec {text!r}: unknown split {split!r} (train, test, all)")
+    if source == "digits":
+        return DataSpec(text, "digits", "", split)
+    if source.startswith("torchvision:"):
+        return DataSpec(text, "torchvision", source.split(":", 1)[1], split)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UserError(
+            f"data spec {text!r}: no such file or directory (expected 'digits', "
+            "'torchvision:NAME', a directory of IDX files or images, or a .npz file)"
+        )
+    if path.is_file():
+        if path.suffix == ".npz":
+            return DataSpec(text, "npz", str(path), split)
+        raise UserError(f"data spec {text!r}: a file must be .npz")
+    if _idx_files(path):
+        return DataSpec(text, "idx", str(path), split)
+    return DataSpec(text, "folder", str(path), split)
+
+
+def load_dataset(spec: str, *, split: str = "train") -> ArrayDataset:
+    """Load a data spec; ``split`` is the command's default, overridden by ``SPEC@SPLIT``."""
+    parsed = parse_spec(spec)
+    split = parsed.split or split
+    return LOADERS[parsed.kind](parsed, split)
+
+
+def _load_digits(spec: DataSpec, split: str) -> ArrayDataset:
+    try:
+        from sklearn.datasets import load_digits
+    except ModuleNotFoundError:
+        raise UserError(
+            "the 'digits' data spec needs scikit-learn: pip install scikit-learn"
+        ) from None
+    bunch = load_digits()
+    # pixel values are 0..16: stretch to the 0..255 of ordinary images
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    labels = bunch.target.astype(np.int64)
+    train_idx, test_idx = train_val_split(len(images), DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED)
+    idx = {"train": train_idx, "test": test_idx, "all": np.arange(len(images))}.get(split)
+    if idx is None:
+        raise UserError(f"digits has splits train, test and all, not {split!r}")
+    return ArrayDataset(f"digits@{split}", images[idx], labels[idx], [str(i) for i in range(10)])
+
+
+def _idx_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if "-idx" in p.name and "ubyte" in p.name)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:
+        raise UserError(f"{path}: cannot read IDX file ({exc})") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise UserError(f"{path}: not an unsigned-byte IDX file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(dims)) if dims else 0
+    if len(data) - offset != expected:
+        raise UserError(f"{path}: truncated IDX file ({len(data) - offset} of {expected} bytes)")
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def _load_idx(spec: DataSpec, split: str) -> ArrayDataset:
+    directory = Path(spec.location)
+    prefixes = {"train": ("train",), "test": ("t10k", "test"), "all": ("",)}.get(split)
+    if prefixes is None:
+        raise UserError(f"{directory}: IDX directories have splits train and test, not {split!r}")
+
+    def find(kind: str) -> Path | None:
+        for p in _idx_files(directory):
+            if kind in p.name and any(p.name.startswith(pre) for pre in prefixes):
+                return p
+        return None
+
+    images_path, labels_path = find("images-idx3"), find("labels-idx1")
+    if images_path is None:
+        available = ", ".join(p.name for p in _idx_files(directory))
+        raise UserError(f"{directory}: no {split!r} images IDX file (found: {available})")
+    images = read_idx(images_path)[:, None]
+    labels = read_idx(labels_path).astype(np.int64) if labels_path else None
+    classes = [str(i) for i in range(int(labels.max()) + 1)] if labels is not None else []
+    return ArrayDataset(f"{directory.name}@{split}", images, labels, classes)
+
+
+def _load_npz(spec: DataSpec, split: str) -> ArrayDataset:
+    try:
+        arrays = np.load(spec.location, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{spec.location}: cannot read .npz ({exc})") from None
+    key = next((k for k in ("images", "x", "X") if k in arrays), None)
+    if key is None:
+        raise UserError(f"{spec.location}: .npz needs an 'images' (or 'x') array")
+    images = arrays[key]
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+        images = images.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+    if images.dtype != np.uint8:
+        # float arrays are taken as [0, 1] pixels
+        images = np.clip(np.round(images.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+    label_key = next((k for k in ("labels", "y", "Y") if k in arrays), None)
+    labels = arrays[label_key].astype(np.int64) if label_key else None
+    if "classes" in arrays:
+        classes = [str(c) for c in arrays["classes"]]
+    elif labels is not None:
+        classes = [str(i) for i in range(int(labels.max()) + 1)]
+    else:
+        classes = []
+    return ArrayDataset(Path(spec.location).stem, np.ascontiguousarray(images), labels, classes)
+
+
+def _read_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB") if img.mode not in ("L", "RGB") else img.copy()
+    except (OSError, Image.DecompressionBombError) as exc:
+        raise UserError(f"{path}: cannot read image ({exc})") from None
+
+
+def _load_folder(spec: DataSpec, split: str) -> ArrayDataset:
+    root = Path(spec.location)
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir())
+    if subdirs:
+        classes = [p.name for p in subdirs]
+        files = [
+            (f, i)
+            for i, d in enumerate(subdirs)
+            for f in sorted(d.rglob("*"))
+            if f.suffix.lower() in IMAGE_SUFFIXES
+        ]
+    else:
+        classes = []
+        files = [(f, -1) for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise UserError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    pil = [_read_image(f) for f, _ in files]
+    # A folder mixes sizes and modes: bring all to the first image's size, gray only if all are.
+    channels = 1 if all(im.mode == "L" for im in pil) else 3
+    width, height = pil[0].size
+    images = np.stack(
+        [
+            np.round(to_model_array(im, channels, height, width) * 255.0).astype(np.uint8)
+            for im in pil
+        ]
+    )
+    labels = np.array([lab for _, lab in files], dtype=np.int64) if subdirs else None
+    return ArrayDataset(root.name, images, labels, classes)
+
+
+def _load_torchvision(spec: DataSpec, split: str) -> ArrayDataset:
+    try:
+        import torchvision.datasets as tvd
+    except ModuleNotFoundError:
+        raise UserError("torchvision data specs need the [train] extra (torchvision)") from None
+    cls = getattr(tvd, spec.location, None)
+    if cls is None:
+        raise UserError(f"torchvision has no dataset {spec.location!r}")
+    root = os.environ.get("SDDE_DATA_DIR", str(Path.home() / ".cache" / "sdde" / "data"))
+    kwargs = {"split": split} if spec.location in ("SVHN",) else {"train": split == "train"}
+    try:
+        ds = cls(root=root, download=True, **kwargs)
+    except Exception as exc:  # network errors, corrupt archives: all reported the same way
+        raise UserError(f"torchvision:{spec.location}: cannot load ({exc})") from None
+    data = np.asarray(ds.data)
+    if data.ndim == 3:
+        data = data[:, None]
+    elif data.shape[-1] == 3:
+        data = data.transpose(0, 3, 1, 2)
+    labels = np.asarray(getattr(ds, "targets", getattr(ds, "labels", None)), dtype=np.int64)
+    classes = [str(c) for c in getattr(ds, "classes", range(int(labels.max()) + 1))]
+    return ArrayDataset(
+        f"{spec.location}@{split}", np.ascontiguousarray(data, np.uint8), labels, classes
+    )
+
+
+LOADERS: dict[str, Callable[[DataSpec, str], ArrayDataset]] = {
+    "digits": _load_digits,
+    "idx": _load_idx,
+    "npz": _load_npz,
+    "folder": _load_folder,
+    "torchvision": _load_torchvision,
+}

@@ -1,0 +1,216 @@
+"""The inference engine: one onnxruntime session over the fused ensemble graph.
+
+Loading checks everything up front (file readable, manifest valid, weights match the manifest's
+SHA-256, graph I/O as expected) and fails with :class:`ModelLoadError`, one clear line, so a
+server or batch job never starts half-working.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sdde_serve.errors import UserError
+from sdde_serve.manifest import Manifest, load_onnx, read_manifest, weights_sha256
+
+log = logging.getLogger("sdde.engine")
+
+REQUIRED_OUTPUTS = ("logits", "probs", "mal", "msp")
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider")
+
+
+class ModelLoadError(UserError):
+    """The model file cannot be served (missing, corrupt, tampered, wrong graph)."""
+
+
+@dataclass
+class EngineOutput:
+    logits: np.ndarray  # [B, N, L] raw member logits
+    probs: np.ndarray  # [B, L] calibrated ensemble probabilities
+    mal: np.ndarray  # [B]
+    msp: np.ndarray  # [B]
+    cams: np.ndarray | None = None  # [B, N, h, w] when the graph exports them
+
+    def __len__(self) -> int:
+        return len(self.probs)
+
+    def slice(self, start: int, stop: int) -> EngineOutput:
+        cams = None if self.cams is None else self.cams[start:stop]
+        return EngineOutput(
+            self.logits[start:stop],
+            self.probs[start:stop],
+            self.mal[start:stop],
+            self.msp[start:stop],
+            cams,
+        )
+
+    @staticmethod
+    def concat(parts: list[EngineOutput]) -> EngineOutput:
+        cams = None if parts[0].cams is None else np.concatenate([p.cams for p in parts])
+        return EngineOutput(
+            *(
+                np.concatenate([getattr(p, k) for p in parts])
+                for k in ("logits", "probs", "mal", "msp")
+            ),
+            cams,
+        )
+
+
+def cuda_usable() -> bool:
+    """Whether onnxruntime's CUDA provider library loads (CUDA and cuDNN libraries present).
+
+    ``get_available_providers()`` lists CUDA for every onnxruntime-gpu install; asking for it on a
+    machine without the CUDA libraries makes onnxruntime print a C++ error and fall back. Probing
+    the provider library the way onnxruntime loads it answers the real question quietly.
+    """
+    import ctypes
+
+    import onnxruntime as ort
+
+    capi = Path(ort.__file__).parent / "capi"
+    shared, cuda = (
+        capi / "libonnxruntime_providers_shared.so",
+        capi / "libonnxruntime_providers_cuda.so",
+    )
+    if not cuda.exists():
+        return "CUDAExecutionProvider" in ort.get_available_providers() and not shared.exists()
+    try:
+        ctypes.CDLL(str(shared), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(str(cuda))
+    except OSError:
+        return False
+    return True
+
+
+def default_providers() -> list[str]:
+    """CUDA first where it can really load, then the CPU."""
+    import onnxruntime as ort
+
+    gpu = (
+        ["CUDAExecutionProvider"]
+        if "CUDAExecutionProvider" in ort.get_available_providers() and cuda_usable()
+        else []
+    )
+    return [*gpu, "CPUExecutionProvider"]
+
+
+class Engine:
+    """A loaded, verified model. ``run`` is thread-safe (onnxruntime sessions are)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 1,
+        providers: list[str] | None = None,
+        require_gpu: bool = False,
+        verify_weights: bool = True,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        try:
+            proto = load_onnx(self.path)
+            self.manifest: Manifest = read_manifest(proto, source=str(self.path))
+        except UserError as exc:
+            raise ModelLoadError(str(exc)) from None
+        if verify_weights:
+            actual = weights_sha256(proto)
+            if actual != self.manifest.weights_sha256:
+                raise ModelLoadError(
+                    f"{self.path}: weights do not match the manifest's SHA-256 "
+                    f"(manifest {self.manifest.weights_sha256[:12]}…, file {actual[:12]}…)"
+                )
+        options = ort.SessionOptions()
+        # explicit threads: 0 lets onnxruntime use one per physical core; servers pin this to the
+        # CPU request so replicas on one node don't oversubscribe
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = inter_op_threads
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # the CUDA-missing warning is reported via .providers
+        requested = providers or (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            if require_gpu
+            else default_providers()
+        )
+        if require_gpu:
+            # fail instead of silently falling back to the CPU provider
+            options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        try:
+            self.session = ort.InferenceSession(
+                proto.SerializeToString(), sess_options=options, providers=requested
+            )
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/RuntimeException
+            raise ModelLoadError(
+                f"{self.path}: onnxruntime cannot load the graph ({exc})"
+            ) from None
+        self.providers: list[str] = self.session.get_providers()
+        fell_back = [p for p in requested if p in GPU_PROVIDERS and p not in self.providers]
+        if require_gpu and not any(p in GPU_PROVIDERS for p in self.providers):
+            raise ModelLoadError(
+                f"--require-gpu: no GPU provider is usable (in use: {', '.join(self.providers)})"
+            )
+        if fell_back:
+            log.warning(
+                "%s not usable here (drivers/libraries missing): running on %s",
+                ", ".join(fell_back),
+                ", ".join(self.providers),
+            )
+        self.input_name = "images"
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if self.input_name not in inputs:
+            raise ModelLoadError(f"{self.path}: graph has no 'images' input")
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        missing = [o for o in REQUIRED_OUTPUTS if o not in self.output_names]
+        if missing:
+            raise ModelLoadError(f"{self.path}: graph lacks outputs {missing}")
+        self._fetch = [*REQUIRED_OUTPUTS, *(["cams"] if "cams" in self.output_names else [])]
+        spec = self.manifest.input
+        self.input_shape = (spec.channels, spec.height, spec.width)
+        log.info(
+            "loaded %s (%s v%s, %d members) on %s",
+            self.path,
+            self.manifest.name,
+            self.manifest.version,
+            self.manifest.members,
+            ", ".join(self.providers),
+        )
+
+    @property
+    def has_cams(self) -> bool:
+        return "cams" in self._fetch
+
+    def run(self, images: np.ndarray, *, with_cams: bool = False) -> EngineOutput:
+        """Run a float32 ``[B, C, H, W]`` batch of [0, 1] pixels through all members at once."""
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        if images.ndim != 4 or images.shape[1:] != self.input_shape:
+            raise ValueError(
+                f"expected images of shape [B, {', '.join(map(str, self.input_shape))}]"
+                f", got {list(images.shape)}"
+            )
+        names = self._fetch if with_cams else list(REQUIRED_OUTPUTS)
+        values = self.session.run(names, {self.input_name: images})
+        out = dict(zip(names, values, strict=True))
+        return EngineOutput(out["logits"], out["probs"], out["mal"], out["msp"], out.get("cams"))
+
+    def run_batches(
+        self, images: np.ndarray, batch_size: int = 256, *, with_cams: bool = False
+    ) -> EngineOutput:
+        """:meth:`run` over a large array in chunks (bounded memory for evaluation)."""
+        parts = [
+            self.run(images[i : i + batch_size], with_cams=with_cams)
+            for i in range(0, len(images), batch_size)
+        ]
+        if not parts:
+            raise ValueError("no images to run")
+        return EngineOutput.concat(parts)
+
+    def warmup(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
+        """Run a few zero batches so the first real request doesn't pay for allocations."""
+        for b in batch_sizes:
+            self.run(np.zeros((b, *self.input_shape), np.float32))

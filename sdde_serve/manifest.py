@@ -1,0 +1,226 @@
+"""The manifest: everything a runtime needs, stored inside the ONNX file.
+
+It is a JSON document in the model's ``metadata_props`` under the key ``sdde``. The runtime (server,
+batch scorer, evaluation, Triton repository writer) reads nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sdde_serve.errors import UserError
+
+if TYPE_CHECKING:  # onnx is a base dependency, but importing it costs ~0.3 s: only when needed
+    import onnx
+
+MANIFEST_KEY = "sdde"
+SCHEMA_VERSION = 1
+TEMPERATURE_INITIALIZER = "temperature"
+OUTPUTS = ("logits", "probs", "mal", "msp")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class InputSpec(_Model):
+    """What the graph's ``images`` input expects; clients send pixels in [0, 1]."""
+
+    channels: Literal[1, 3]
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    # applied inside the graph; recorded so that other runtimes (Triton clients) know
+    mean: list[float]
+    std: list[float]
+    # how any image is brought to (height, width): bilinear resize, aspect ratio not kept
+    resize: Literal["bilinear-stretch"] = "bilinear-stretch"
+    color: Literal["L", "RGB"] = "L"
+
+
+class OODSpec(_Model):
+    """OOD rule: an image is OOD when ``score < threshold`` (higher = more in-distribution)."""
+
+    score: Literal["mal", "msp"] = "mal"
+    threshold: float
+    id_acceptance: float = Field(0.95, gt=0.0, le=1.0)
+    higher_is_in_distribution: Literal[True] = True
+
+
+class CalibrationMetrics(_Model):
+    accuracy: float
+    nll: float
+    ece: float
+
+
+class CalibrationInfo(_Model):
+    data: str
+    n: int
+    temperature: float = Field(gt=0.0)
+    fitted_at: str
+    before: CalibrationMetrics  # T = 1
+    after: CalibrationMetrics  # T fitted
+
+
+class Manifest(_Model):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str
+    version: str = "1"
+    classes: list[str]
+    input: InputSpec
+    arch: str
+    members: int = Field(gt=0)
+    method: str
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    layout: str = "loop"
+    opset: int = 17
+    outputs: list[str] = Field(default_factory=lambda: list(OUTPUTS))
+    temperature: float = Field(gt=0.0)
+    ood: OODSpec
+    calibration: CalibrationInfo
+    weights_sha256: str
+    created_at: str = Field(default_factory=lambda: now_iso())
+    training_config: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=None)
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "model") -> Manifest:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{source}: manifest is not JSON ({exc})") from None
+        version = raw.get("schema_version") if isinstance(raw, dict) else None
+        if version != SCHEMA_VERSION:
+            raise UserError(
+                f"{source}: manifest schema version {version!r}, "
+                f"this runtime reads {SCHEMA_VERSION}"
+            )
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise UserError(f"{source}: invalid manifest at {where}: {first['msg']}") from None
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+# --- reading and writing ONNX files -----------------------------------------------------------
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """Load an ONNX file, turning every failure into one clear line."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such model file")
+    try:
+        return onnx.load(str(path))
+    except (DecodeError, OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+
+
+def read_manifest(model: onnx.ModelProto, *, source: str = "model") -> Manifest:
+    for prop in model.metadata_props:
+        if prop.key == MANIFEST_KEY:
+            return Manifest.from_json(prop.value, source=source)
+    raise UserError(f"{source}: no sdde manifest in the ONNX metadata (not exported by sdde?)")
+
+
+def write_manifest(model: onnx.ModelProto, manifest: Manifest) -> None:
+    """Store ``manifest`` in ``model.metadata_props`` (replacing an older one)."""
+    keep = [(p.key, p.value) for p in model.metadata_props if p.key != MANIFEST_KEY]
+    del model.metadata_props[:]
+    for key, value in [*keep, (MANIFEST_KEY, manifest.to_json())]:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def weights_sha256(model: onnx.ModelProto) -> str:
+    """SHA-256 over every initializer but ``temperature``, in name order.
+
+    Each initializer contributes its name, dtype, shape and little-endian bytes, so the hash is
+    independent of how the protobuf stores the tensor. ``temperature`` is left out because
+    ``sdde calibrate`` changes it without changing the weights.
+    """
+    from onnx import numpy_helper
+
+    h = hashlib.sha256()
+    for init in sorted(model.graph.initializer, key=lambda t: t.name):
+        if init.name == TEMPERATURE_INITIALIZER:
+            continue
+        arr = np.ascontiguousarray(numpy_helper.to_array(init))
+        h.update(init.name.encode())
+        h.update(str(arr.dtype.newbyteorder("<")).encode())
+        h.update(str(arr.shape).encode())
+        h.update(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+    return h.hexdigest()
+
+
+def get_temperature(model: onnx.ModelProto) -> float:
+    from onnx import numpy_helper
+
+    for init in model.graph.initializer:
+        if init.name == TEMPERATURE_INITIALIZER:
+            return float(numpy_helper.to_array(init))
+    raise UserError(f"model has no '{TEMPERATURE_INITIALIZER}' initializer")
+
+
+def set_temperature(model: onnx.ModelProto, temperature: float) -> None:
+    """Replace the ``temperature`` initializer's value in place (dtype and shape kept)."""
+    from onnx import numpy_helper
+
+    if not temperature > 0.0:
+        raise UserError(f"temperature must be > 0, got {temperature}")
+    for i, init in enumerate(model.graph.initializer):
+        if init.name == TEMPERATURE_INITIALIZER:
+            old = numpy_helper.to_array(init)
+            new = numpy_helper.from_array(
+                np.full(old.shape, temperature, dtype=old.dtype), TEMPERATURE_INITIALIZER
+            )
+            model.graph.initializer[i].CopyFrom(new)
+            return
+    raise UserError(f"model has no '{TEMPERATURE_INITIALIZER}' initializer")
+
+
+def save_onnx_atomic(model: onnx.ModelProto, path: str | Path) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over ``path``.
+
+    A reader (a server restarting, a batch job) sees either the old file or the new one, never a
+    half-written one; rename within one directory is atomic on POSIX.
+    """
+    import os
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

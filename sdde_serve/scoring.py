@@ -1,0 +1,93 @@
+"""Engine outputs -> per-image predictions: the one implementation the server and batch use."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from sdde_serve.calibration import member_agreement, ood_score
+from sdde_serve.engine import EngineOutput
+from sdde_serve.manifest import Manifest
+
+OODPolicy = Literal["flag", "reject"]
+OOD_POLICIES: tuple[str, ...] = ("flag", "reject")
+
+
+class ClassProbability(BaseModel):
+    label: int
+    class_name: str
+    probability: float
+
+
+class Prediction(BaseModel):
+    """One image's answer. With policy ``reject`` an OOD image carries no label, only the reason."""
+
+    label: int | None = Field(None, description="predicted class index (absent when rejected)")
+    class_name: str | None = None
+    confidence: float | None = Field(None, description="calibrated probability of `label`")
+    top_k: list[ClassProbability] | None = None
+    ood_score: float = Field(description="higher = more in-distribution")
+    score_kind: str = Field(description="'mal' (max average logit) or 'msp'")
+    threshold: float = Field(description="is_ood = ood_score < threshold")
+    is_ood: bool
+    rejected: bool = False
+    reason: str | None = None
+    agreement: float | None = Field(
+        None, description="fraction of members whose own argmax equals the ensemble's"
+    )
+    probabilities: list[float] | None = Field(None, description="full calibrated vector")
+
+    @property
+    def outcome(self) -> str:
+        """``in_distribution``, ``ood_flagged`` or ``rejected`` (the metrics' outcome label)."""
+        if self.rejected:
+            return "rejected"
+        return "ood_flagged" if self.is_ood else "in_distribution"
+
+
+def make_predictions(
+    out: EngineOutput,
+    manifest: Manifest,
+    *,
+    top_k: int = 3,
+    policy: OODPolicy = "flag",
+    include_probs: bool = False,
+) -> list[Prediction]:
+    if policy not in OOD_POLICIES:
+        raise ValueError(f"OOD policy must be one of {OOD_POLICIES}, got {policy!r}")
+    kind, threshold = manifest.ood.score, manifest.ood.threshold
+    scores = ood_score(kind, out.logits, out.probs)
+    agreement = member_agreement(out.logits)
+    k = max(1, min(top_k, manifest.num_classes))
+    order = np.argsort(-out.probs, axis=1, kind="stable")[:, :k]
+    predictions = []
+    for i in range(len(out)):
+        score = float(scores[i])
+        is_ood = bool(score < threshold)
+        common = {"ood_score": score, "score_kind": kind, "threshold": threshold, "is_ood": is_ood}
+        if is_ood and policy == "reject":
+            reason = f"out of distribution: {kind} score {score:.4g} < threshold {threshold:.4g}"
+            predictions.append(Prediction(**common, rejected=True, reason=reason))
+            continue
+        label = int(order[i, 0])
+        predictions.append(
+            Prediction(
+                **common,
+                label=label,
+                class_name=manifest.classes[label],
+                confidence=float(out.probs[i, label]),
+                top_k=[
+                    ClassProbability(
+                        label=int(c),
+                        class_name=manifest.classes[c],
+                        probability=float(out.probs[i, c]),
+                    )
+                    for c in order[i]
+                ],
+                agreement=float(agreement[i]),
+                probabilities=[float(p) for p in out.probs[i]] if include_probs else None,
+            )
+        )
+    return predictions
