@@ -1,0 +1,97 @@
+"""Model factory: the forward_features/forward_head split composes to forward for every arch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdde_serve.errors import UserError
+from training.models import ARCHS, create_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors gain nothing from a second thread, and on a shared 2-core machine thread
+    # oversubscription made these tests ~4x slower. Restored for the rest of the session.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# (arch, input side used here, expected feature-map shape [K, h, w] at the default layer).
+# The 224x224 architectures run at 32x32 to stay fast; layer3 of a 224-ResNet is then 2x2.
+CASES = [
+    ("lenet", 28, (16, 5, 5)),
+    ("resnet18_32", 32, (256, 8, 8)),
+    ("resnet18", 32, (256, 2, 2)),
+    ("resnet50", 32, (1024, 2, 2)),
+]
+
+
+@pytest.mark.parametrize(("arch", "size", "feat_shape"), CASES)
+def test_split_composes_to_forward(arch: str, size: int, feat_shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=7, in_chans=3).eval()
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        split = model.forward_head(feats)
+        full = model(x)
+    assert model.saliency_layer == ARCHS[arch].default_saliency_layer
+    assert tuple(feats.shape) == (2, *feat_shape)
+    assert full.shape == (2, 7)
+    torch.testing.assert_close(split, full, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("layer", "shape"), [("conv1", (6, 14, 14)), ("block2", (16, 5, 5))])
+def test_lenet_saliency_layer_is_configurable(layer: str, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    model = create_model("lenet", num_classes=10, in_chans=1, saliency_layer=layer).eval()
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        torch.testing.assert_close(model.forward_head(feats), model(x), rtol=0, atol=0)
+    assert tuple(feats.shape) == (3, *shape)
+
+
+def test_resnet18_32_split_at_layer2() -> None:
+    torch.manual_seed(0)
+    model = create_model("resnet18_32", num_classes=5, in_chans=1, saliency_layer="layer2").eval()
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        torch.testing.assert_close(model.forward_head(feats), model(x), rtol=0, atol=0)
+    assert feats.shape == (2, 128, 16, 16)
+
+
+def test_torchvision_resnet_keeps_torchvision_parameter_names() -> None:
+    from torchvision.models import resnet18
+
+    ours = create_model("resnet18", num_classes=4, in_chans=3)
+    ref = resnet18(weights=None, num_classes=4)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict())
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), ref.eval()(x), rtol=0, atol=0)
+
+
+def test_arch_specs_for_the_trainer() -> None:
+    assert ARCHS["lenet"].input_size == 28 and ARCHS["lenet"].default_saliency_layer == "conv2"
+    assert ARCHS["resnet18_32"].input_size == 32
+    assert ARCHS["resnet18_32x32"] is ARCHS["resnet18_32"]
+    for name in ("resnet18", "resnet50"):
+        assert ARCHS[name].input_size == 224 and ARCHS[name].default_saliency_layer == "layer3"
+
+
+def test_bad_names_and_sizes_give_clear_errors() -> None:
+    with pytest.raises(UserError, match="unknown arch 'vgg'"):
+        create_model("vgg", num_classes=10, in_chans=3)
+    with pytest.raises(UserError, match=r"unknown saliency layer 'layer9'.*layer1"):
+        create_model("resnet18_32", num_classes=10, in_chans=3, saliency_layer="layer9")
+    lenet = create_model("lenet", num_classes=10, in_chans=1)
+    with pytest.raises(ValueError, match="28x28"):
+        lenet(torch.rand(1, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"\[B, 1, H, W\]"):
+        lenet(torch.rand(1, 3, 28, 28))

@@ -1,0 +1,1 @@
+"""PyTorch side of sdde-serve: models, saliency maps, training methods (losses) and the trainer."""

@@ -1,0 +1,236 @@
+"""The training configuration: one typed dataclass, saved resolved as ``RUN_DIR/config.json``.
+
+This module must not import torch: ``sdde train --help`` builds its flags from these fields.
+Every field is a CLI flag of the same name (``batch_size`` -> ``--batch-size``) whose help text
+is ``FIELD_HELP[field]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+from sdde_serve.errors import UserError
+
+# Methods whose loss compares members with each other: they need at least two members.
+DIVERSITY_METHODS = frozenset({"sdde", "sdde-oe", "ncl", "adp"})
+SALIENCY_CHOICES = ("gradcam", "inputgrad")
+DIVERSITY_BN_CHOICES = ("eval", "train")
+AUGMENT_CHOICES = ("auto", "none", "crop-flip")
+BEST_METRIC_CHOICES = ("acc", "nll")
+BACKEND_CHOICES = ("loop", "fused")
+
+
+@dataclass
+class TrainConfig:
+    data: str = "digits"
+    arch: str = "lenet"
+    members: int = 5
+    method: str = "sdde"
+    epochs: int = 10
+    out: str = "runs/default"
+    batch_size: int = 128
+    lr: float = 0.1
+    min_lr: float = 1e-6
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    lambda_div: float | None = None
+    saliency: str = "gradcam"
+    saliency_layer: str | None = None
+    diversity_bn: str = "eval"
+    outliers: str | None = None
+    outlier_batch_size: int | None = None
+    beta_oe: float = 0.5
+    ncl_weight: float = 0.1
+    adp_weight: float = 0.1
+    adp_alpha: float = 2.0
+    adp_beta: float = 0.5
+    adv_eps: float = 0.01
+    val_fraction: float = 0.1
+    seed: int = 0
+    max_steps: int | None = None
+    device: str = "auto"
+    workers: int = 0
+    resume: bool = False
+    # Added beyond the contract's list (each is a CLI flag too):
+    input_size: int | None = None
+    in_chans: int | None = None
+    augment: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    best_metric: str = "acc"
+    cam_samples: int = 256
+    eval_train_samples: int = 1024
+    eval_batch_size: int = 256
+    progress: bool = True
+    backend: str = "loop"
+
+    # --- resolution -------------------------------------------------------------------------
+
+    def resolve(self, *, data_channels: int | None = None) -> TrainConfig:
+        """A copy with every ``None`` default filled in and every value checked.
+
+        ``data_channels`` is the channel count of the training images; the model takes that many
+        channels unless ``in_chans`` says otherwise. Arch-dependent defaults (input size, saliency
+        layer) come from ``training.models.ARCHS``; the diversity weight from
+        ``training.methods.default_lambda`` (0.1 for 28x28 gray inputs, 0.005 otherwise).
+        """
+        from training import methods, models  # imports torch; resolve() is a training-time call
+
+        self.validate()
+        if self.arch not in models.ARCHS:
+            raise UserError(
+                f"unknown --arch {self.arch!r}; choose one of: {', '.join(models.ARCHS)}"
+            )
+        if self.method not in methods.METHODS:
+            known = ", ".join(methods.METHODS)
+            raise UserError(f"unknown --method {self.method!r}; choose one of: {known}")
+        method = methods.METHODS[self.method]
+        if getattr(method, "needs_outliers", False) and not self.outliers:
+            raise UserError(f"--method {self.method} needs --outliers SPEC (unlabeled OOD images)")
+        spec = models.ARCHS[self.arch]
+        cfg = dataclasses.replace(self)
+        if cfg.input_size is None:
+            cfg.input_size = int(spec.input_size)
+        if cfg.in_chans is None:
+            cfg.in_chans = int(data_channels) if data_channels is not None else spec.input_channels
+        if cfg.saliency_layer is None:
+            cfg.saliency_layer = spec.default_saliency_layer
+        if cfg.lambda_div is None:
+            cfg.lambda_div = float(methods.default_lambda(cfg.in_chans, cfg.input_size))
+        if cfg.augment == "auto":
+            cfg.augment = auto_augment(cfg.in_chans, cfg.input_size)
+        if cfg.outlier_batch_size is None:
+            cfg.outlier_batch_size = cfg.batch_size
+        return cfg
+
+    def validate(self) -> None:
+        """Checks that need no torch: value ranges and flag combinations (raises UserError)."""
+        positive = ("members", "epochs", "batch_size", "eval_batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "input_size", "in_chans", "outlier_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{flag(name)} must be >= 1, got {value}")
+        nonnegative = ("lr", "min_lr", "weight_decay", "beta_oe", "adv_eps", "momentum")
+        for name in (*nonnegative, "ncl_weight", "adp_weight", "adp_alpha", "adp_beta"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{flag(name)} must be >= 0, got {getattr(self, name)}")
+        if self.lambda_div is not None and self.lambda_div < 0:
+            raise UserError(f"--lambda-div must be >= 0, got {self.lambda_div}")
+        if self.min_lr > self.lr:
+            raise UserError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr})")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.workers < 0 or self.cam_samples < 0 or self.eval_train_samples < 0:
+            raise UserError("--workers, --cam-samples and --eval-train-samples must be >= 0")
+        for name, choices in (
+            ("saliency", SALIENCY_CHOICES),
+            ("diversity_bn", DIVERSITY_BN_CHOICES),
+            ("augment", AUGMENT_CHOICES),
+            ("best_metric", BEST_METRIC_CHOICES),
+            ("backend", BACKEND_CHOICES),
+        ):
+            if getattr(self, name) not in choices:
+                got = getattr(self, name)
+                raise UserError(f"--{flag(name)} must be one of {', '.join(choices)}, got {got!r}")
+        if self.method in DIVERSITY_METHODS and self.members < 2:
+            raise UserError(
+                f"--method {self.method} compares members with each other: use --members >= 2"
+            )
+        if self.nesterov and self.momentum == 0:
+            raise UserError("--nesterov needs --momentum > 0 (or pass --no-nesterov)")
+        if not self.data:
+            raise UserError("--data must name a data spec (e.g. digits)")
+
+    # --- serialisation ----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Builds a config from a dict; unknown keys are an error (a typo must not be ignored)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise UserError(f"unknown training config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        return cls.from_dict(json.loads(text))
+
+
+def auto_augment(channels: int, size: int) -> str:
+    """``auto``: crop+flip for 32x32 colour sets (as OpenOOD), none for gray/digit sets.
+
+    Flips and crops are wrong for digits (a mirrored 2 is not a 2), and the paper's MNIST setting
+    trains gray 28x28 sets without augmentation.
+    """
+    return "crop-flip" if channels == 3 and size == 32 else "none"
+
+
+def flag(name: str) -> str:
+    """Field name -> CLI flag name without dashes prefix (``batch_size`` -> ``batch-size``)."""
+    return name.replace("_", "-")
+
+
+# Fields that a `--resume` may change: they do not alter the optimisation trajectory except where
+# the user asks for it (more epochs extend the cosine schedule; a new max_steps moves the stop).
+RESUME_OVERRIDABLE = frozenset(
+    {"epochs", "max_steps", "device", "workers", "resume", "progress", "eval_batch_size"}
+)
+
+# Help text for every CLI flag; keys are TrainConfig field names (checked in tests).
+FIELD_HELP: dict[str, str] = {
+    "data": "training data spec: digits, an IDX dir, an image folder, a .npz, torchvision:NAME",
+    "arch": "model architecture (e.g. lenet, resnet18_32x32, resnet18, resnet50)",
+    "members": "number of ensemble members",
+    "method": "training method: de, sdde, oe, sdde-oe, ncl, adp, de-adv",
+    "epochs": "training epochs (the cosine schedule spans all of them)",
+    "out": "run directory to write (config, split, metrics, checkpoints)",
+    "batch_size": "batch size per member (global: split across processes under torchrun)",
+    "lr": "peak learning rate of SGD",
+    "min_lr": "learning rate at the end of the per-step cosine decay",
+    "momentum": "SGD momentum",
+    "nesterov": "use Nesterov momentum",
+    "weight_decay": "SGD weight decay",
+    "lambda_div": "weight of the diversity term (None: 0.1 for 28x28 gray inputs, else 0.005)",
+    "saliency": "saliency map for the diversity loss: gradcam or inputgrad (paper's Appendix B)",
+    "saliency_layer": "layer whose feature map feeds GradCAM (None: the arch's default)",
+    "diversity_bn": "BatchNorm mode for the shared diversity batch: eval (running stats) or train",
+    "outliers": "unlabeled OOD data spec, required by --method oe and sdde-oe",
+    "outlier_batch_size": "outlier batch size (None: --batch-size)",
+    "beta_oe": "weight of the Outlier-Exposure loss",
+    "ncl_weight": "ncl: weight of the negative-correlation penalty",
+    "adp_weight": "adp: weight of the ADP regulariser",
+    "adp_alpha": "adp: weight of the ensemble entropy inside the regulariser",
+    "adp_beta": "adp: weight of the log-determinant inside the regulariser",
+    "adv_eps": "de-adv: adversarial step size as a fraction of the input range",
+    "val_fraction": "fraction of the training split held out for validation",
+    "seed": "random seed (initialisation, split, data order, augmentation)",
+    "max_steps": "stop after this many steps (None: all; the schedule still spans --epochs)",
+    "device": "auto (CUDA when present), cpu, cuda or cuda:N",
+    "workers": "DataLoader worker processes preparing batches (0: in the main process)",
+    "resume": "continue the run in --out from its last_state.pt",
+    "input_size": "model input height and width (None: the arch's)",
+    "in_chans": "model input channels (None: the training data's)",
+    "augment": "auto (crop+flip for 32x32 colour sets, none otherwise), none, or crop-flip",
+    "amp": "bf16 autocast on CUDA",
+    "channels_last": "channels-last memory format on CUDA",
+    "best_metric": "validation metric choosing best.safetensors: ensemble acc or nll",
+    "cam_samples": "held-out images for the per-epoch CAM similarity (0: skip)",
+    "eval_train_samples": "training images (unaugmented) for per-epoch train accuracy (0: skip)",
+    "eval_batch_size": "batch size for validation passes",
+    "progress": "progress bar (only shown on a terminal)",
+    "backend": "ensemble backend: loop over members, or fused (torch.func vmap over members)",
+}

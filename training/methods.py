@@ -1,0 +1,371 @@
+"""Training methods: one loss per ``--method``, in a registry.
+
+Every method maps ``(ensemble, StepBatch, cfg)`` to ``(scalar loss, {name: float})``. ``cfg`` is
+any object with the fields used here (``TrainConfig`` in training; a namespace in tests):
+``lambda_div``, ``beta_oe``, ``saliency``, ``diversity_bn``, ``adv_eps``; the baselines' own
+weights (``ncl_weight``, ``adp_weight``, ``adp_alpha``, ``adp_beta``) are read from attributes of
+that name or from a dict ``cfg.extra``, else ``BASELINE_DEFAULTS``.
+
+Reductions: cross-entropy is the mean over samples of each member, then the mean over members
+("mean CE"), so the loss scale does not grow with the ensemble size and one learning rate fits
+every N. Diversity terms are means over member pairs and samples for the same reason.
+
+| method   | loss |
+|----------|------|
+| de       | mean CE, each member on its own batch |
+| sdde     | mean CE + λ·L_div (Algorithm 1; L_div on the shared batch) |
+| oe       | mean CE + β·L_OE (outlier batch) |
+| sdde-oe  | mean CE + λ·L_div + β·L_OE, both on the outlier batch, pseudo-labels (Algorithm 2) |
+| ncl      | mean CE + w·NCL penalty, all members on the shared batch |
+| adp      | mean CE + w·(−α·H(ensemble) − β·log det), all members on the shared batch |
+| de-adv   | mean CE + mean CE on FGSM samples (Lakshminarayanan et al.) |
+
+See docs/training-methods.md for the formulas and the measured choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sdde_serve.errors import UserError
+from training.ensemble import Ensemble, batchnorm_mode
+from training.saliency import KINDS, diversity_similarity, saliency_maps
+
+# Weights of the prediction-diversity baselines: the official SDDE code's configs
+# (train_ncl.yml: ncl 0.1; train_adp.yml: adp 0.1, alpha 2, beta 0.5 = Pang et al.'s defaults).
+BASELINE_DEFAULTS: dict[str, float] = {
+    "ncl_weight": 0.1,
+    "adp_weight": 0.1,
+    "adp_alpha": 2.0,
+    "adp_beta": 0.5,
+}
+
+
+@dataclass
+class StepBatch:
+    """What one optimizer step sees. Pixels in [0, 1], labels int64."""
+
+    member_batches: list[tuple[Tensor, Tensor]]  # per-member (x01, y) for cross-entropy
+    shared: tuple[Tensor, Tensor]  # one batch seen by all members (diversity term)
+    outliers: Tensor | None = None  # unlabeled OOD batch (oe, sdde-oe)
+
+
+class Method(Protocol):
+    name: str
+    needs_outliers: bool
+
+    def loss(
+        self, ensemble: Ensemble, batch: StepBatch, cfg: Any
+    ) -> tuple[Tensor, dict[str, float]]: ...
+
+
+def default_lambda(channels: int, size: int | tuple[int, int] | torch.Size) -> float:
+    """The paper's diversity weight: 0.1 for 28x28 single-channel data (MNIST), else 0.005."""
+    hw = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+    return 0.1 if channels == 1 and hw == (28, 28) else 0.005
+
+
+def option(cfg: Any, name: str) -> float:
+    """A baseline weight: ``cfg.<name>``, else ``cfg.extra[name]``, else ``BASELINE_DEFAULTS``."""
+    value = getattr(cfg, name, None)
+    if value is None:
+        value = (getattr(cfg, "extra", None) or {}).get(name)
+    return float(BASELINE_DEFAULTS[name] if value is None else value)
+
+
+def diversity_weight(cfg: Any, x: Tensor) -> float:
+    lam = getattr(cfg, "lambda_div", None)
+    return default_lambda(x.shape[1], x.shape[-2:]) if lam is None else float(lam)
+
+
+def _saliency_kind(cfg: Any) -> str:
+    kind = getattr(cfg, "saliency", "gradcam")
+    if kind not in KINDS:
+        raise UserError(f"--saliency must be one of {', '.join(KINDS)}, got {kind!r}")
+    return kind
+
+
+def _bn_mode(cfg: Any) -> str:
+    mode = getattr(cfg, "diversity_bn", "eval")
+    if mode not in ("eval", "train"):
+        raise UserError(f"--diversity-bn must be eval or train, got {mode!r}")
+    return mode
+
+
+def member_ce(ensemble: Ensemble, batch: StepBatch) -> Tensor:
+    """Mean over members of each member's mean cross-entropy on its own batch."""
+    if len(batch.member_batches) != ensemble.num_members:
+        raise ValueError(
+            f"StepBatch has {len(batch.member_batches)} member batches for "
+            f"{ensemble.num_members} members"
+        )
+    logits = ensemble.forward_each([x for x, _ in batch.member_batches])
+    losses = [F.cross_entropy(z, y) for z, (_, y) in zip(logits, batch.member_batches, strict=True)]
+    return torch.stack(losses).mean()
+
+
+def shared_ce(logits: Tensor, y: Tensor) -> Tensor:
+    """Mean CE over members of ``logits [B, N, L]`` against the same labels ``y [B]``."""
+    b, n, num_classes = logits.shape
+    # Row b*N + i holds member i on sample b, hence each label repeated N times in a row.
+    return F.cross_entropy(logits.reshape(b * n, num_classes), y.repeat_interleave(n))
+
+
+def oe_loss(logits: Tensor) -> Tensor:
+    """Outlier Exposure: mean over outliers and members of (logsumexp z − mean z).
+
+    It is the cross-entropy to the uniform distribution up to the constant log L: zero exactly
+    when a member's logits are all equal on the outlier.
+    """
+    return (torch.logsumexp(logits, dim=-1) - logits.mean(dim=-1)).mean()
+
+
+def ncl_penalty(logits: Tensor) -> Tensor:
+    """Negative correlation: mean over pairs i<j and samples of (p_i − p̄)·(p_j − p̄).
+
+    ``p̄`` (member-averaged probabilities) is detached as in Liu & Yao and the official code: each
+    member is pushed away from the ensemble mean, the mean itself is not a training target.
+    Since sum_{j≠i} (p_j − p̄) = −(p_i − p̄), minimising it spreads the members apart.
+    """
+    probs = logits.softmax(-1)
+    dev = probs - probs.mean(dim=1, keepdim=True).detach()  # [B, N, L]
+    n = dev.shape[1]
+    gram = dev @ dev.transpose(1, 2)
+    i, j = torch.triu_indices(n, n, offset=1, device=logits.device)
+    return gram[:, i, j].mean()
+
+
+def adp_terms(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """ADP (Pang et al. 2019): ensemble entropy H and log-det of the non-maximal predictions.
+
+    Non-maximal predictions: each member's probabilities without the true class, L2-normalised;
+    ``log det(M^T M + 1e-5 I)`` (the official jitter keeps it finite when N > L − 1) averaged over
+    the batch. Both terms are to be maximised.
+    """
+    b, n, num_classes = logits.shape
+    probs = logits.softmax(-1)
+    keep = ~F.one_hot(y, num_classes).bool()  # [B, L]
+    alt = probs.masked_select(keep[:, None, :]).view(b, n, num_classes - 1)
+    alt = alt / (alt.norm(dim=-1, keepdim=True) + 1e-6)
+    gram = alt @ alt.transpose(1, 2) + 1e-5 * torch.eye(n, dtype=alt.dtype, device=alt.device)
+    log_det = torch.logdet(gram).mean()
+    mean_p = probs.mean(dim=1)
+    entropy = -(mean_p * (mean_p + 1e-20).log()).sum(-1).mean()
+    return entropy, log_det
+
+
+def _outliers(batch: StepBatch, name: str) -> Tensor:
+    if batch.outliers is None:
+        raise UserError(f"--method {name} needs an outlier batch (--outliers SPEC)")
+    return batch.outliers
+
+
+def _logs(**terms: Tensor | float) -> dict[str, float]:
+    return {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in terms.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Methods
+
+
+@dataclass(frozen=True)
+class DeepEnsemble:
+    name: str = "de"
+    needs_outliers: bool = False
+
+    def loss(
+        self, ensemble: Ensemble, batch: StepBatch, cfg: Any
+    ) -> tuple[Tensor, dict[str, float]]:
+        ce = member_ce(ensemble, batch)
+        return ce, _logs(loss=ce, ce=ce)
+
+
+@dataclass(frozen=True)
+class SDDE:
+    """Algorithm 1: mean CE on the members' own batches + λ·L_div on one shared batch.
+
+    The shared batch runs through all members in ``cfg.diversity_bn`` mode ("eval" like the
+    official code: BatchNorm on running statistics, which also keeps each sample's GradCAM its
+    own; see docs). ``create_graph=True`` keeps the map differentiable (double backward).
+    """
+
+    name: str = "sdde"
+    needs_outliers: bool = False
+
+    def loss(
+        self, ensemble: Ensemble, batch: StepBatch, cfg: Any
+    ) -> tuple[Tensor, dict[str, float]]:
+        kind = _saliency_kind(cfg)
+        ce = member_ce(ensemble, batch)
+        x, y = batch.shared
+        lam = diversity_weight(cfg, x)
+        with batchnorm_mode(ensemble, _bn_mode(cfg)):
+            maps, _ = saliency_maps(ensemble, x, y, kind=kind, create_graph=True)
+        div = diversity_similarity(maps, kind)
+        loss = ce + lam * div
+        logs = _logs(loss=loss, ce=ce, div=div, lambda_div=lam)
+        if kind == "gradcam":
+            logs["cam_similarity"] = logs["div"]
+        return loss, logs
+
+
+@dataclass(frozen=True)
+class OutlierExposure:
+    """An ensemble of OE models: mean CE + β·L_OE on the unlabeled outlier batch.
+
+    The outlier pass uses ``cfg.diversity_bn`` like every auxiliary pass of the official trainer.
+    """
+
+    name: str = "oe"
+    needs_outliers: bool = True
+
+    def loss(
+        self, ensemble: Ensemble, batch: StepBatch, cfg: Any
+    ) -> tuple[Tensor, dict[str, float]]:
+        xo = _outliers(batch, self.name)
+        ce = member_ce(ensemble, batch)
+        with batchnorm_mode(ensemble, _bn_mode(cfg)):
+            oe = oe_loss(ensemble(xo))
+        beta = float(cfg.beta_oe)
+        loss = ce + beta * oe
+        return loss, _logs(loss=loss, ce=ce, oe=oe)
+
+
+@dataclass(frozen=True)
+class SDDEOutlierExposure:
+    """Algorithm 2: mean CE + λ·L_div + β·L_OE, the last two on the outlier batch.
+
+    Outliers have no labels: GradCAM takes the ensemble's predicted class (pseudo-label, detached),
+    as the official code does. One pass over the outliers serves both terms.
+    """
+
+    name: str = "sdde-oe"
+    needs_outliers: bool = True
+
+    def loss(
+        self, ensemble: Ensemble, batch: StepBatch, cfg: Any
+    ) -> tuple[Tensor, dict[str, float]]:
+        kind = _saliency_kind(cfg)
+        xo = _outliers(batch, self.name)
+        ce = member_ce(ensemble, batch)
+        lam = diversity_weight(cfg, xo)
+        with batchnorm_mode(ensemble, _bn_mode(cfg)):
+            maps, logits = saliency_maps(ensemble, xo, None, kind=kind, create_graph=True)
+        div = diversity_similarity(maps, kind)
+        oe = oe_loss(logits)
+        beta = float(cfg.beta_oe)
+        loss = ce + lam * div + beta * oe
+        logs = _logs(loss=loss, ce=ce, div=div, oe=oe, lambda_div=lam)
+        if kind == "gradcam":
+            logs["cam_similarity"] = logs["div"]
+        return loss, logs
+
+
+@dataclass(frozen=True)
+class NegativeCorrelation:
+    """NCL: all members on the shared batch (as in the paper and the official config,
+    ``same_batch: True``): mean CE + w·ncl_penalty from the same forward, in the current mode."""
+
+    name: str = "ncl"
+    needs_outliers: bool = False
+
+    def loss(
+        self, ensemble: Ensemble, batch: StepBatch, cfg: Any
+    ) -> tuple[Tensor, dict[str, float]]:
+        x, y = batch.shared
+        logits = ensemble(x)
+        ce = shared_ce(logits, y)
+        ncl = ncl_penalty(logits)
+        loss = ce + option(cfg, "ncl_weight") * ncl
+        return loss, _logs(loss=loss, ce=ce, ncl=ncl)
+
+
+@dataclass(frozen=True)
+class AdaptiveDiversityPromoting:
+    """ADP: all members on the shared batch; mean CE + w·(−α·H − β·log det)."""
+
+    name: str = "adp"
+    needs_outliers: bool = False
+
+    def loss(
+        self, ensemble: Ensemble, batch: StepBatch, cfg: Any
+    ) -> tuple[Tensor, dict[str, float]]:
+        x, y = batch.shared
+        logits = ensemble(x)
+        ce = shared_ce(logits, y)
+        entropy, log_det = adp_terms(logits, y)
+        adp = -option(cfg, "adp_alpha") * entropy - option(cfg, "adp_beta") * log_det
+        loss = ce + option(cfg, "adp_weight") * adp
+        return loss, _logs(loss=loss, ce=ce, adp=adp, entropy=entropy, log_det=log_det)
+
+
+@dataclass(frozen=True)
+class AdversarialDeepEnsemble:
+    """Deep Ensembles with adversarial training: CE(x) + CE(x + ε·sign ∇x CE), per member.
+
+    ε = ``cfg.adv_eps`` times the input range (pixels span [0, 1], so the range is 1). The
+    perturbation is a constant (sign() has zero derivative, and Lakshminarayanan et al. treat x'
+    as data), so its gradient is taken without ``create_graph``; x' is clipped to [0, 1] to stay
+    a valid image.
+    """
+
+    name: str = "de-adv"
+    needs_outliers: bool = False
+
+    def loss(
+        self, ensemble: Ensemble, batch: StepBatch, cfg: Any
+    ) -> tuple[Tensor, dict[str, float]]:
+        if len(batch.member_batches) != ensemble.num_members:
+            raise ValueError("StepBatch needs one member batch per member")
+        eps = float(cfg.adv_eps) * 1.0  # input range of [0, 1] pixels
+        xs = [x.detach().requires_grad_(True) for x, _ in batch.member_batches]
+        ys = [y for _, y in batch.member_batches]
+        logits = ensemble.forward_each(xs)
+        ce = torch.stack([F.cross_entropy(z, y) for z, y in zip(logits, ys, strict=True)]).mean()
+        grads = torch.autograd.grad(ce, xs, retain_graph=True)
+        x_adv = [
+            (x + eps * g.sign()).clamp(0.0, 1.0).detach() for x, g in zip(xs, grads, strict=True)
+        ]
+        adv_logits = ensemble.forward_each(x_adv)
+        adv = torch.stack(
+            [F.cross_entropy(z, y) for z, y in zip(adv_logits, ys, strict=True)]
+        ).mean()
+        loss = ce + adv
+        return loss, _logs(loss=loss, ce=ce, adv=adv)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        DeepEnsemble(),
+        SDDE(),
+        OutlierExposure(),
+        SDDEOutlierExposure(),
+        NegativeCorrelation(),
+        AdaptiveDiversityPromoting(),
+        AdversarialDeepEnsemble(),
+    )
+}
+
+
+class LossModule(nn.Module):
+    """``forward(batch, cfg) -> (loss, logs)`` of one method on one ensemble.
+
+    For DistributedDataParallel: DDP synchronises gradients only for work done inside its
+    ``forward``, and the methods call ``forward_each``/``forward_features``/... rather than
+    ``Ensemble.forward``. Wrapping this module (``DDP(LossModule(ens, method))``) puts the whole
+    loss, double backward included, inside DDP's forward.
+    """
+
+    def __init__(self, ensemble: Ensemble, method: Method):
+        super().__init__()
+        self.ensemble = ensemble
+        self.method = method
+
+    def forward(self, batch: StepBatch, cfg: Any) -> tuple[Tensor, dict[str, float]]:
+        return self.method.loss(self.ensemble, batch, cfg)

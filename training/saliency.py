@@ -1,0 +1,180 @@
+"""Saliency maps of ensemble members and the SDDE similarity between them.
+
+GradCAM (Selvaraju et al.) per member ``i`` and sample ``b``, for the ground-truth class ``y_b``:
+
+    g      = d z_i[b, y_b] / d A_i[b]          (A_i: feature map [K, h, w] at the saliency layer)
+    w_k    = mean over (h, w) of g_k           (channel weights)
+    M_i[b] = ReLU(sum_k w_k A_i[b, k])         ([h, w])
+
+computed with ``torch.autograd.grad(..., create_graph=True)`` when the map feeds a loss, so the
+loss back-propagates through the gradient itself (double backward) into the member's weights on
+both sides of the saliency layer.
+
+The similarity follows the official SDDE code: ``normalize_maps`` crops a 1-pixel border,
+standardises each map (zero mean, unit population std, eps 1e-6 on the std) and L2-normalises the
+flattened map; ``mean_pairwise_cosine`` averages the cosine similarity over each unordered pair of
+members (i < j) and over the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from training.ensemble import Ensemble, batchnorm_mode
+
+EPS = 1e-6  # the official code's eps, on the std and on the L2 norm
+CROP = 1  # border pixels dropped before standardising (official ``padding=1``)
+KINDS = ("gradcam", "inputgrad")
+
+
+def _check_labels(y: Tensor, logits: Tensor) -> None:
+    b, _, num_classes = logits.shape
+    if y.ndim != 1 or y.shape[0] != b or y.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be int64 [B={b}], got {y.dtype} {tuple(y.shape)}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]"
+        )
+
+
+def _target_score(logits: Tensor, y: Tensor) -> Tensor:
+    """Sum over batch and members of each member's logit for class ``y_b``.
+
+    One scalar, one backward: member i's logits depend only on member i's tensors, and (with
+    BatchNorm on running statistics) sample b's logit only on sample b, so the gradient of the
+    sum w.r.t. each member's per-sample tensors is that sample's own gradient.
+    """
+    n = logits.shape[1]
+    return logits.gather(2, y.long().view(-1, 1, 1).expand(-1, n, 1)).sum()
+
+
+def pseudo_labels(logits: Tensor) -> Tensor:
+    """Ensemble prediction (argmax of member-averaged logits): labels for unlabeled batches."""
+    return logits.detach().mean(1).argmax(-1)
+
+
+def gradcam_from_features(
+    feats: Sequence[Tensor], logits: Tensor, y: Tensor, *, create_graph: bool
+) -> Tensor:
+    """GradCAM maps ``[B, N, h, w]`` from feature maps and the logits ``[B, N, L]`` they gave."""
+    _check_labels(y, logits)
+    grads = torch.autograd.grad(
+        _target_score(logits, y), list(feats), create_graph=create_graph, retain_graph=True
+    )
+    maps = [
+        F.relu((f * g.mean(dim=(2, 3), keepdim=True)).sum(1))
+        for f, g in zip(feats, grads, strict=True)
+    ]
+    return torch.stack(maps, dim=1)
+
+
+def saliency_maps(
+    ensemble: Ensemble, x: Tensor, y: Tensor | None, *, kind: str = "gradcam", create_graph: bool
+) -> tuple[Tensor, Tensor]:
+    """Saliency maps of every member on images ``x`` (in [0, 1]) and the logits of that pass.
+
+    ``y=None`` uses the ensemble's own prediction as the class (the unlabeled OOD batch of
+    Algorithm 2). ``kind="gradcam"`` gives ``[B, N, h, w]``; ``"inputgrad"`` gives the gradient of
+    the class logit w.r.t. the (normalised) input, ``[B, N, C, H, W]`` (Appendix B).
+    Runs in the ensemble's current train/eval mode (see ``batchnorm_mode``).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown saliency kind {kind!r}; choose one of {KINDS}")
+    with torch.enable_grad():
+        if kind == "gradcam":
+            feats = ensemble.forward_features(x)
+            logits = ensemble.forward_head(feats)
+            labels = pseudo_labels(logits) if y is None else y
+            return gradcam_from_features(feats, logits, labels, create_graph=create_graph), logits
+        n = ensemble.num_members
+        # One copy of the input per member, so one backward yields each member's own gradient.
+        # Differentiate w.r.t. the normalised input (what the official code's network sees).
+        xs = ensemble.normalize(x).detach().unsqueeze(0).repeat(n, 1, 1, 1, 1).requires_grad_(True)
+        logits = torch.stack(ensemble.forward_each(list(xs.unbind(0)), normalized=True), dim=1)
+        labels = pseudo_labels(logits) if y is None else y
+        _check_labels(labels, logits)
+        (grad,) = torch.autograd.grad(
+            _target_score(logits, labels), xs, create_graph=create_graph, retain_graph=True
+        )
+        return grad.transpose(0, 1), logits
+
+
+def gradcam(ensemble: Ensemble, x: Tensor, y: Tensor, *, create_graph: bool) -> Tensor:
+    """GradCAM maps ``[B, N, h, w]`` of every member for the ground-truth classes ``y``."""
+    return saliency_maps(ensemble, x, y, kind="gradcam", create_graph=create_graph)[0]
+
+
+def input_gradient(ensemble: Ensemble, x: Tensor, y: Tensor, *, create_graph: bool) -> Tensor:
+    """Input-gradient maps ``[B, N, C, H, W]`` (gradient of the class logit w.r.t. the input)."""
+    return saliency_maps(ensemble, x, y, kind="inputgrad", create_graph=create_graph)[0]
+
+
+def normalize_maps(maps: Tensor) -> Tensor:
+    """The official normalisation, ``[..., h, w] -> [..., D]``: crop, standardise, L2-normalise.
+
+    ``D = (h - 2) * (w - 2)``. A constant map standardises to zeros and stays zero (its cosine
+    with anything is 0), exactly as in the official code.
+    """
+    h, w = maps.shape[-2:]
+    if h <= 2 * CROP or w <= 2 * CROP:
+        raise ValueError(
+            f"saliency maps of {h}x{w} leave nothing after cropping a {CROP}-pixel border; "
+            "choose an earlier saliency layer or a larger input size"
+        )
+    # float32 even under bf16 autocast: the standardisation and its 1e-6 eps need the precision.
+    m = maps[..., CROP:-CROP, CROP:-CROP].float()
+    mean = m.mean(dim=(-2, -1), keepdim=True)
+    std = m.std(dim=(-2, -1), keepdim=True, correction=0)  # population std, as in the official code
+    z = ((m - mean) / (std + EPS)).flatten(-2)
+    return z / (z.norm(dim=-1, keepdim=True) + EPS)
+
+
+def mean_pairwise_cosine(maps: Tensor) -> Tensor:
+    """Mean cosine similarity over unordered member pairs (i < j) and the batch.
+
+    ``maps``: ``[B, N, ...]`` (trailing dims flattened). Each pair counts once; averaging the
+    symmetric off-diagonal of the Gram matrix (the official code) gives the same number.
+    """
+    if maps.ndim < 3:
+        raise ValueError(f"expected maps [B, N, ...], got {tuple(maps.shape)}")
+    n = maps.shape[1]
+    if n < 2:
+        raise ValueError("pairwise similarity needs at least 2 members")
+    v = maps.flatten(2).float()
+    v = v / (v.norm(dim=-1, keepdim=True) + EPS)
+    gram = v @ v.transpose(1, 2)  # [B, N, N]
+    i, j = torch.triu_indices(n, n, offset=1, device=maps.device)
+    return gram[:, i, j].mean()
+
+
+def diversity_similarity(maps: Tensor, kind: str) -> Tensor:
+    """The SDDE diversity loss L_div of a batch of maps.
+
+    GradCAM maps get the official normalisation first. Input gradients are compared raw (the
+    official input-gradient loss takes the cosine of the flattened gradients directly).
+    """
+    if kind == "gradcam":
+        return mean_pairwise_cosine(normalize_maps(maps))
+    return mean_pairwise_cosine(maps)
+
+
+def cam_similarity(ensemble: Ensemble, x: Tensor, y: Tensor, *, batch_size: int = 256) -> float:
+    """Mean pairwise cosine of normalised GradCAM maps on ``(x, y)``: the paper's Figure-5 metric.
+
+    Evaluated in eval mode (running BatchNorm statistics), in batches; the result is the
+    sample-weighted mean over batches. Leaves the ensemble's modes and weights untouched.
+    """
+    if x.shape[0] == 0:
+        raise ValueError("cam_similarity needs at least one image")
+    total, count = 0.0, 0
+    with batchnorm_mode(ensemble, "eval"):
+        for start in range(0, x.shape[0], batch_size):
+            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+            maps = gradcam(ensemble, xb, yb, create_graph=False).detach()
+            total += float(diversity_similarity(maps, "gradcam")) * xb.shape[0]
+            count += xb.shape[0]
+    return total / count

@@ -1,0 +1,618 @@
+"""The trainer: ``train(cfg) -> Path``. Read ``train`` top to bottom; it is the algorithm.
+
+One step trains every member at once: the method (``training.methods``) turns a ``StepBatch``
+(one batch per member, one shared diversity batch, optional outliers) into a scalar loss; we take
+one SGD step (Nesterov momentum, weight decay, per-step cosine learning rate) on all members'
+parameters. The batch plan (``training.data``) is a pure function of (seed, stream, step), which
+makes resuming, DataLoader workers and DDP sharding reproduce the single-process run.
+
+DDP and the double backward: SDDE differentiates through GradCAM (``autograd.grad`` with
+``create_graph=True``), and ``DistributedDataParallel`` supports neither ``autograd.grad`` nor
+members called outside its ``forward``. So we do not wrap the ensemble: every process starts
+from rank 0's weights, computes the full loss and ``backward()`` on its shard, then gradients
+are averaged with one bucketed ``all_reduce`` before ``optimizer.step()`` (and BatchNorm
+buffers likewise), which keeps replicas bit-identical. The cost versus DDP is the lost overlap
+of communication with the backward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from tqdm import tqdm
+
+from sdde_serve.data import load_dataset, train_val_split
+from sdde_serve.errors import UserError
+from training import data as D
+from training import saliency
+from training.config import TrainConfig
+from training.ensemble import Ensemble, build_ensemble
+from training.methods import METHODS, StepBatch
+from training.run import (
+    BEST,
+    LAST,
+    METRICS,
+    append_metrics,
+    check_fresh_out,
+    check_same_data,
+    keep_metrics_up_to,
+    load_resume,
+    read_weights,
+    record_resumed_config,
+    save_state,
+    save_weights,
+    set_rng_state,
+    write_run_header,
+)
+
+ALLREDUCE_BUCKET = 1 << 24  # elements per gradient all-reduce call (bounds the extra memory)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Trains an ensemble as ``cfg`` says; returns the run directory (see docs/training.md)."""
+    cfg.validate()
+    ctx = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, ctx)
+    finally:
+        ctx.close()
+
+
+def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
+    out = Path(cfg.out)
+    device, main = ctx.device, ctx.rank == 0
+
+    # --- run directory: a fresh one, or the recorded config when resuming -------------------
+    state: dict[str, Any] | None = None
+    if cfg.resume:
+        cfg, state = load_resume(cfg, out)
+    else:
+        check_fresh_out(out)
+    ctx.barrier()  # every process checked `out` before rank 0 writes into it
+
+    # --- data: load, split (seeded, recorded), convert to the model's input ------------------
+    full = load_dataset(cfg.data, split="train")
+    if full.labels is None:
+        raise UserError(f"--data {cfg.data!r} has no labels; training needs a labelled set")
+    cfg = cfg.resolve(data_channels=full.channels)
+    train_idx, val_idx = train_val_split(len(full), cfg.val_fraction, cfg.seed)
+    fingerprint = full.fingerprint()
+    if state is not None:
+        check_same_data(out, full, fingerprint)
+    size, chans = int(cfg.input_size), int(cfg.in_chans)
+    train_t = D.to_tensors(full.subset(train_idx), chans, size)
+    val_t = D.to_tensors(full.subset(val_idx), chans, size)
+    # Normalisation statistics of the training inputs; they live inside the ensemble (and the
+    # ONNX graph), so every interface takes [0, 1] pixels.
+    mean, std = D.channel_stats(train_t.x)
+    outliers_t = None
+    if cfg.outliers:
+        outliers_t = D.to_tensors(load_dataset(cfg.outliers, split="train"), chans, size)
+        if len(outliers_t) == 0:
+            raise UserError(f"--outliers {cfg.outliers!r} holds no images")
+    n_classes = len(full.classes) if full.classes else int(full.labels.max()) + 1
+    if int(full.labels.min()) < 0 or int(full.labels.max()) >= n_classes:
+        raise UserError(f"--data {cfg.data!r}: labels outside 0..{n_classes - 1}")
+
+    # --- the batch plan: per-member orders, the shared diversity batch, outliers ---------------
+    if cfg.batch_size % ctx.world:
+        raise UserError(
+            f"--batch-size {cfg.batch_size} must be divisible by the {ctx.world} processes"
+        )
+    augment = D.choose_augment(cfg.augment, chans, size)
+    plan = D.Plan(
+        seed=cfg.seed,
+        members=cfg.members,
+        batch_size=cfg.batch_size,
+        n_train=len(train_t),
+        augment=augment,
+        outlier_batch_size=int(cfg.outlier_batch_size or cfg.batch_size),
+        n_outliers=len(outliers_t) if outliers_t is not None else 0,
+        rank=ctx.rank,
+        world=ctx.world,
+    )
+    if outliers_t is not None and plan.outlier_batch_size % ctx.world:
+        raise UserError("--outlier-batch-size must be divisible by the number of processes")
+    steps_per_epoch = plan.steps_per_epoch
+    total_steps = cfg.epochs * steps_per_epoch  # the cosine schedule spans all epochs
+    end_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+
+    # --- the ensemble: members drawn from the seeded RNG, identical on every process ----------
+    torch.manual_seed(cfg.seed)
+    ensemble = build_ensemble(
+        cfg.arch,
+        members=cfg.members,
+        num_classes=n_classes,
+        in_chans=chans,
+        mean=mean,
+        std=std,
+        saliency_layer=cfg.saliency_layer,
+        backend=cfg.backend,
+    )
+    use_cuda = device.type == "cuda"
+    memory_format = torch.channels_last if (use_cuda and cfg.channels_last) else None
+    ensemble.to(device=device, memory_format=memory_format or torch.preserve_format)
+    params = [p for p in ensemble.parameters() if p.requires_grad]
+    # OpenOOD / the paper: SGD, Nesterov momentum 0.9, weight decay 5e-4 on every parameter.
+    optimizer = torch.optim.SGD(
+        params,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+    )
+
+    method = METHODS[cfg.method]  # the loss: the other half of the algorithm
+
+    # --- resume: weights, optimizer, RNG, step and running sums; or write the fresh run ------
+    start_step, best, running, elapsed = 0, None, Running(), 0.0
+    if state is not None:
+        ensemble.load_state_dict(read_weights(out / LAST), strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start_step, best = int(state["step"]), state.get("best")
+        running = Running(dict(state["running"]["sums"]), int(state["running"]["count"]))
+        elapsed = float(state.get("elapsed_s", 0.0))
+        if main:
+            keep_metrics_up_to(out / METRICS, start_step)
+            record_resumed_config(out, cfg)  # e.g. more --epochs: config.json says so
+    elif main:
+        write_run_header(out, cfg, full, fingerprint, val_idx, mean, std, n_classes)
+    ctx.broadcast_module(ensemble)  # replicas start identical (no-op on one process)
+
+    if start_step >= end_step:
+        log(main, f"nothing to do: the run in {out} is at step {start_step} of {end_step}")
+        return out
+
+    # --- evaluation data: validation split, a fixed unaugmented train subset ------------------
+    train_eval = D.train_eval_subset(train_t, cfg.eval_train_samples, cfg.seed)
+
+    # --- the loop ----------------------------------------------------------------------------
+    dataset = D.StepDataset(plan, train_t, outliers_t)
+    loader = D.step_loader(dataset, start_step, end_step, workers=cfg.workers, pin_memory=use_cuda)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if (use_cuda and cfg.amp)
+        else contextlib.nullcontext()
+    )
+    bar = tqdm(
+        total=end_step,
+        initial=start_step,
+        unit="step",
+        dynamic_ncols=True,
+        # Only rank 0 draws, and only on a terminal (logs stay clean under CI and torchrun).
+        disable=not (main and cfg.progress and sys.stderr.isatty()),
+    )
+    images_per_step = cfg.batch_size * cfg.members  # member batches (the rate in the bar)
+    elapsed0 = elapsed
+    log(
+        main,
+        f"training {cfg.members} x {cfg.arch} with {cfg.method} on {cfg.data}: "
+        f"{len(train_t)} train / {len(val_t)} val images, {steps_per_epoch} steps per epoch, "
+        f"steps {start_step}..{end_step} of {total_steps}, device {device}, "
+        f"{ctx.world} process(es), augment {augment}",
+    )
+    step = start_step
+    with StopRequest() as stop:
+        t_last = time.perf_counter()
+        for item in loader:
+            # Per-step cosine decay from lr to min_lr over the whole run (no warm-up, as OpenOOD).
+            lr = cosine_lr(step, total_steps, cfg.lr, cfg.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = StepBatch(
+                member_batches=[to_device(x, y, device, memory_format) for x, y in item["members"]],
+                shared=to_device(*item["shared"], device, memory_format),
+                outliers=to_device(item["outliers"], None, device, memory_format)[0]
+                if item["outliers"] is not None
+                else None,
+            )
+
+            ensemble.train()
+            with autocast:
+                loss, terms = method.loss(ensemble, batch, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            ctx.average_gradients(params)
+            optimizer.step()
+            ctx.average_buffers(ensemble)  # BatchNorm running stats of all shards
+            step += 1
+
+            # One small all-reduce: loss terms averaged over processes (= the single-process
+            # values of the global batch) and the ranks agreeing on when to stop (Ctrl-C, NaN).
+            terms, (stop_now,) = ctx.reduce_step(
+                {**terms, "loss": float(loss.detach())}, stop.requested
+            )
+            loss_value = terms["loss"]
+            running.add(terms)
+            if not math.isfinite(loss_value):
+                raise UserError(
+                    f"the loss diverged (loss={loss_value}) at step {step}; try a lower --lr "
+                    f"(the last checkpoint in {out} is kept)"
+                )
+
+            now = time.perf_counter()
+            elapsed += now - t_last
+            t_last = now
+            if not bar.disable:
+                rate = (step - start_step) * images_per_step / max(elapsed - elapsed0, 1e-9)
+                bar.set_postfix(
+                    loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", refresh=False
+                )
+                bar.update(1)
+
+            epoch_end = step % steps_per_epoch == 0
+            if epoch_end or step == end_step:
+                record = {
+                    "epoch": round(step / steps_per_epoch, 4),
+                    "step": step,
+                    "lr": lr,
+                    "time_s": round(elapsed, 3),
+                    "train": running.means(),
+                }
+                if epoch_end:  # a max_steps stop mid-epoch keeps summing into the epoch's record
+                    running = Running()
+                if ctx.world > 1:
+                    record["replicas_in_sync"] = ctx.replicas_in_sync(ensemble)
+                if main:
+                    ensemble.eval()
+                    record["train"].update(
+                        accuracy_only(evaluate(ensemble, train_eval, cfg, device))
+                    )
+                    record["val"] = evaluate(ensemble, val_t, cfg, device)
+                    record["val"]["cam_similarity"] = cam_similarity(ensemble, val_t, cfg, device)
+                    best, record["best"] = update_best(best, record["val"], cfg.best_metric)
+                    if record["best"]:
+                        save_weights(ensemble, out / BEST, step)
+                    save_weights(ensemble, out / LAST, step)
+                    save_state(out, optimizer, step, best, running.to_state(), elapsed, cfg)
+                    append_metrics(out / METRICS, record)
+                    log_epoch(record, cfg.epochs, bar)
+                t_last = time.perf_counter()  # evaluation time is not training time
+
+            if stop_now:
+                if main:
+                    save_weights(ensemble, out / LAST, step)
+                    save_state(out, optimizer, step, best, running.to_state(), elapsed, cfg)
+                bar.close()
+                log(
+                    main,
+                    f"interrupted at step {step}: checkpoint saved in {out}; "
+                    "continue with --resume",
+                )
+                ctx.barrier()
+                raise KeyboardInterrupt
+    bar.close()
+    log(
+        main,
+        f"done: {out} (step {step}, best ensemble val {cfg.best_metric}: "
+        f"{best['value'] if best else float('nan'):.4f})",
+    )
+    return out
+
+
+# --- learning rate -----------------------------------------------------------------------------
+
+
+def cosine_lr(step: int, total_steps: int, lr: float, min_lr: float) -> float:
+    """Cosine from ``lr`` at step 0 to ``min_lr`` at ``total_steps`` (evaluated every step)."""
+    progress = min(step / max(1, total_steps), 1.0)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+# --- evaluation --------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def member_logits(ensemble: Ensemble, data: D.Tensors, cfg: TrainConfig, device) -> Tensor:
+    """Logits ``[M, N, L]`` (float32, CPU) of every member on ``data`` (eval mode)."""
+    chunks = []
+    for x, _ in D.eval_batches(data, cfg.eval_batch_size):
+        with autocast_for(device, cfg):
+            chunks.append(ensemble(x.to(device)).float().cpu())
+    if not chunks:
+        return torch.empty(0, ensemble.num_members, 0)
+    return torch.cat(chunks)
+
+
+def evaluate(ensemble: Ensemble, data: D.Tensors, cfg: TrainConfig, device) -> dict[str, Any]:
+    """Accuracy and NLL of each member and of the ensemble (mean of member probabilities)."""
+    if len(data) == 0 or data.y is None:
+        return {}
+    logits = member_logits(ensemble, data, cfg, device)
+    y = data.y
+    log_p = torch.log_softmax(logits, dim=-1)  # [M, N, L]
+    member_acc = (logits.argmax(-1) == y[:, None]).double().mean(0)
+    member_nll = -log_p.gather(-1, y[:, None, None].expand(-1, logits.shape[1], 1)).double()
+    # Ensemble probabilities average probabilities (not logits): log mean_i p_i.
+    ens_log_p = torch.logsumexp(log_p, dim=1) - math.log(logits.shape[1])
+    return {
+        "member_acc": [round(float(v), 6) for v in member_acc],
+        "member_nll": [round(float(v), 6) for v in member_nll.mean(0).squeeze(-1)],
+        "ensemble_acc": round(float((ens_log_p.argmax(-1) == y).double().mean()), 6),
+        "ensemble_nll": round(float(-ens_log_p.gather(-1, y[:, None]).double().mean()), 6),
+    }
+
+
+def accuracy_only(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if k.endswith("acc")}
+
+
+def cam_similarity(ensemble: Ensemble, data: D.Tensors, cfg: TrainConfig, device) -> float | None:
+    """Mean pairwise cosine similarity of the members' GradCAMs on held-out images.
+
+    The paper's diversity measure (its Figure 5): GradCAM for the ground-truth class, the official
+    normalisation, each unordered pair of members once. Lower = more diverse saliency.
+    """
+    if cfg.cam_samples <= 0 or ensemble.num_members < 2 or len(data) == 0 or data.y is None:
+        return None
+    n = min(cfg.cam_samples, len(data))
+    x, y = data.x[:n].to(device), data.y[:n].to(device)
+    return round(saliency.cam_similarity(ensemble, x, y, batch_size=cfg.eval_batch_size), 6)
+
+
+def update_best(
+    best: dict[str, Any] | None, val: dict[str, Any], metric: str
+) -> tuple[dict[str, Any], bool]:
+    """Best checkpoint: highest ensemble val accuracy (ties: lower NLL), or lowest NLL."""
+    acc, nll = val["ensemble_acc"], val["ensemble_nll"]
+    key = (acc, -nll) if metric == "acc" else (-nll, acc)
+    if best is None or key > tuple(best["key"]):
+        value = acc if metric == "acc" else nll
+        return {"key": list(key), "value": value, "metric": metric}, True
+    return best, False
+
+
+def autocast_for(device: torch.device, cfg: TrainConfig):
+    if device.type == "cuda" and cfg.amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# --- devices and distributed -------------------------------------------------------------------
+
+
+def pick_device(flag: str, local_rank: int | None) -> torch.device:
+    """``auto`` -> CUDA when present (the process's local GPU under torchrun), else CPU."""
+    if flag == "auto":
+        flag = "cuda" if torch.cuda.is_available() else "cpu"
+    if flag == "cpu":
+        return torch.device("cpu")
+    if not flag.startswith("cuda"):
+        raise UserError(f"unknown --device {flag!r}; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {flag} asked for CUDA, but no CUDA device is available")
+    if flag == "cuda" and local_rank is not None:
+        flag = f"cuda:{local_rank}"
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        raise UserError(f"bad --device {flag!r}; use cuda or cuda:N") from None
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {flag}: only {torch.cuda.device_count()} CUDA device(s)")
+    torch.cuda.set_device(device)
+    return device
+
+
+@dataclass
+class DistContext:
+    """Rank/world of this process and the collectives the loop needs (no-ops on one process)."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    owns_group: bool = False
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def broadcast_module(self, module: torch.nn.Module) -> None:
+        if self.world == 1:
+            return
+        with torch.no_grad():
+            for t in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(t.data, src=0)
+
+    def average_gradients(self, params: list[Tensor]) -> None:
+        """Mean of the gradients over processes: a sum of per-shard means / world."""
+        if self.world == 1:
+            return
+        for bucket in _buckets(params):
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= self.world
+            offset = 0
+            for p, g in zip(bucket, grads, strict=True):
+                n = g.numel()
+                piece = flat[offset : offset + n].view(g.shape)
+                if p.grad is None:
+                    p.grad = piece.clone()
+                else:
+                    p.grad.copy_(piece)
+                offset += n
+
+    def average_buffers(self, module: torch.nn.Module) -> None:
+        """BatchNorm running statistics: the mean over processes.
+
+        Each process updated them with its shard's batch statistics; the mean of the updated
+        running means equals the single-process update with the global batch (equal shards).
+        """
+        if self.world == 1:
+            return
+        floats = [b for b in module.buffers() if b.is_floating_point()]
+        if not floats:
+            return
+        flat = torch.cat([b.reshape(-1) for b in floats])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for b in floats:
+            b.copy_(flat[offset : offset + b.numel()].view(b.shape))
+            offset += b.numel()
+
+    def reduce_step(
+        self, terms: dict[str, float], *flags: bool
+    ) -> tuple[dict[str, float], tuple[bool, ...]]:
+        """Loss terms averaged over processes, and each flag true if true on any process."""
+        if self.world == 1:
+            return terms, tuple(bool(f) for f in flags)
+        keys = sorted(terms)
+        values = [float(terms[k]) for k in keys] + [float(f) for f in flags]
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        out = t.tolist()
+        means = {k: out[i] / self.world for i, k in enumerate(keys)}
+        return means, tuple(v > 0 for v in out[len(keys) :])
+
+    def replicas_in_sync(self, module: torch.nn.Module) -> bool:
+        """All processes hold bit-identical weights (hash of the state dict, gathered)."""
+        digest = weights_digest(module)
+        digests: list[str | None] = [None] * self.world
+        dist.all_gather_object(digests, digest)
+        return len(set(digests)) == 1
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def _buckets(params: list[Tensor]) -> Iterator[list[Tensor]]:
+    bucket: list[Tensor] = []
+    size = 0
+    for p in params:
+        bucket.append(p)
+        size += p.numel()
+        if size >= ALLREDUCE_BUCKET:
+            yield bucket
+            bucket, size = [], 0
+    if bucket:
+        yield bucket
+
+
+def setup_distributed(device_flag: str) -> DistContext:
+    """Single process, or one process of ``torchrun`` (``WORLD_SIZE`` > 1 in the environment).
+
+    NCCL on GPUs, gloo on CPU. A process group initialised by the caller is used as it is.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 and not dist.is_initialized():
+        return DistContext(pick_device(device_flag, None))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_flag, local_rank)
+    owns = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        owns = True
+    return DistContext(device, dist.get_rank(), dist.get_world_size(), owns)
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# --- batches -----------------------------------------------------------------------------------
+
+
+def to_device(
+    x: Tensor, y: Tensor | None, device: torch.device, memory_format
+) -> tuple[Tensor, Tensor | None]:
+    x = x.to(device, non_blocking=True)
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+    return x, None if y is None else y.to(device, non_blocking=True)
+
+
+@dataclass
+class Running:
+    """Sums of the loss terms since the last record (saved in last_state.pt for exact resume)."""
+
+    sums: dict[str, float] | None = None
+    count: int = 0
+
+    def add(self, terms: dict[str, float]) -> None:
+        self.sums = self.sums or {}
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.count += 1
+
+    def to_state(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums or {}), "count": self.count}
+
+    def means(self) -> dict[str, Any]:
+        if not self.count or not self.sums:
+            return {}
+        return {k: round(v / self.count, 6) for k, v in self.sums.items()}
+
+
+# --- stop requests (Ctrl-C) --------------------------------------------------------------------
+
+
+class StopRequest:
+    """First Ctrl-C (or SIGTERM) asks the loop to stop after the current step and checkpoint;
+    a second one interrupts at once. Handlers are restored on exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to abort at once)", file=sys.stderr)
+
+    def __enter__(self) -> StopRequest:
+        # Signal handlers can only be set from the main thread (tests may train in others).
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# --- logging -----------------------------------------------------------------------------------
+
+
+def log(main: bool, message: str) -> None:
+    if main:
+        tqdm.write(message, file=sys.stderr)
+
+
+def log_epoch(record: dict[str, Any], epochs: int, bar: tqdm) -> None:
+    val = record.get("val", {})
+    cam = val.get("cam_similarity")
+    parts = [
+        f"epoch {record['epoch']:g}/{epochs}",
+        f"step {record['step']}",
+        f"loss {record['train'].get('loss', float('nan')):.4f}",
+        f"val acc {val.get('ensemble_acc', float('nan')):.4f}",
+        f"val nll {val.get('ensemble_nll', float('nan')):.4f}",
+    ]
+    if cam is not None:
+        parts.append(f"cam sim {cam:.4f}")
+    if record.get("best"):
+        parts.append("(best)")
+    tqdm.write("  ".join(parts), file=sys.stderr)
