@@ -1,0 +1,103 @@
+"""``sdde export RUN_DIR -o model.onnx``: one verified ONNX file with its manifest.
+
+``add_arguments`` imports no torch (``sdde export --help`` stays fast); ``main`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = (
+    "Fuse a trained run into one ONNX graph (all members in one session.run), calibrate its "
+    "temperature and OOD threshold on the run's validation split, verify it against PyTorch "
+    "and write it with its manifest."
+)
+# kept in sync with export.layouts.LAYOUTS (a test checks); listed here so --help needs no torch
+LAYOUT_CHOICES = ("loop", "packed")
+SCORE_CHOICES = ("mal", "msp")
+# `sdde` shows defaults in --help; a zero-width "%(default)" field stops it from appending
+# "(default: None)" where the help text already says what None means
+NO_AUTO_DEFAULT = "%(default).0s"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory of sdde train")
+    parser.add_argument(
+        "-o", "--output", type=Path, required=True, help="ONNX file to write" + NO_AUTO_DEFAULT
+    )
+    parser.add_argument(
+        "--layout",
+        choices=LAYOUT_CHOICES,
+        default=None,
+        help="member layout in the graph (default: the faster one measured for the arch)"
+        + NO_AUTO_DEFAULT,
+    )
+    parser.add_argument(
+        "--id-acceptance",
+        type=float,
+        default=0.95,
+        help="fraction of in-distribution validation images the OOD threshold accepts",
+    )
+    parser.add_argument("--score", choices=SCORE_CHOICES, default="mal", help="OOD score")
+    parser.add_argument(
+        "--checkpoint", choices=("best", "last"), default="best", help="which weights to export"
+    )
+    parser.add_argument(
+        "--name", default=None, help="model name (default: the run dir's name)" + NO_AUTO_DEFAULT
+    )
+    parser.add_argument(
+        "--model-version", default=None, help="model version (default: 1)" + NO_AUTO_DEFAULT
+    )
+    parser.add_argument(
+        "--opset", type=int, default=None, help="ONNX opset (default: 17)" + NO_AUTO_DEFAULT
+    )
+    parser.add_argument(
+        "--no-cams", action="store_true", help="leave out the class-activation-map output"
+    )
+    parser.add_argument(
+        "--triton-repo",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write a Triton model repository entry for the exported file under DIR"
+        + NO_AUTO_DEFAULT,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    from export import export_run
+
+    manifest = export_run(
+        args.run_dir,
+        args.output,
+        layout=args.layout,
+        id_acceptance=args.id_acceptance,
+        checkpoint=args.checkpoint,
+        name=args.name,
+        version=args.model_version,
+        with_cams=not args.no_cams,
+        opset=args.opset,
+        score=args.score,
+    )
+    cal = manifest.calibration
+    print(
+        f"wrote {args.output}: {manifest.name} v{manifest.version}, {manifest.arch} x"
+        f"{manifest.members}, layout {manifest.layout}, opset {manifest.opset}, "
+        f"outputs {', '.join(manifest.outputs)}"
+    )
+    print(
+        f"  validation ({cal.data}, {cal.n} images): accuracy {cal.after.accuracy:.4f}, "
+        f"NLL {cal.before.nll:.4f} -> {cal.after.nll:.4f}, "
+        f"ECE {cal.before.ece:.4f} -> {cal.after.ece:.4f} at T = {cal.temperature:.4f}"
+    )
+    print(
+        f"  OOD: {manifest.ood.score} < {manifest.ood.threshold:.6g} "
+        f"(accepts {manifest.ood.id_acceptance:.1%} of validation images)"
+    )
+    if args.triton_repo is not None:
+        from sdde_serve.triton import write_triton_repo
+
+        model_dir = write_triton_repo(args.output, args.triton_repo, name=manifest.name)
+        print(f"  Triton model repository entry: {model_dir}")
+    return 0

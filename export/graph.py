@@ -1,0 +1,174 @@
+"""The fused ensemble graph: one module whose outputs are the serving contract.
+
+``FusedEnsemble(images) -> logits [B, N, L], probs [B, L], mal [B], msp [B] (, cams [B, N, h, w])``
+
+* ``probs = mean_m softmax(logits_m / T)`` with ``T`` the buffer ``temperature``, which the
+  exporter keeps as a float32 scalar initializer named ``temperature``: it only feeds a ``Div``
+  whose other input is computed, so constant folding cannot absorb it (checked after export by
+  :func:`check_temperature_initializer`). ``sdde calibrate`` rewrites it without PyTorch.
+* ``mal = max_c mean_m logits`` (Eq. 9 of the paper; no temperature), ``msp = max_c probs``.
+* ``cams``: per-member class-activation maps for the ensemble's predicted class
+  ``c = argmax probs``, on each member's *last* feature map A (the classifier's input), computed
+  without gradients as ``relu(sum_k W[c, k] A_k) / (h w)``. When the classifier is global average
+  pooling followed by an affine layer (every ResNet), dy_c/dA_k(i, j) = W[c, k] / (h w) at every
+  position, so GradCAM's channel weights are W[c, k] / (h w) and this *is* GradCAM, exactly.
+  :func:`linear_head_weights` checks that property numerically and reads W. GradCAM at the
+  training saliency layer (ResNet layer3, LeNet conv2) would need a backward pass through the
+  rest of the network, which the exporters cannot put into a graph; models whose classifier is
+  not pool+affine (LeNet: an MLP on a 1x1 map) are exported without ``cams``.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import onnx
+import torch
+from torch import Tensor, nn
+
+from export.layouts import (
+    ensemble_members,
+    ensemble_norm,
+    get_layout,
+    last_map,
+    supports_last_map,
+)
+from sdde_serve.errors import UserError
+from sdde_serve.manifest import OUTPUTS, TEMPERATURE_INITIALIZER
+
+DEFAULT_OPSET = 17
+
+
+@torch.no_grad()
+def linear_head_weights(
+    classifier: nn.Module | object,
+    map_shape: tuple[int, int, int],
+    *,
+    seed: int = 0,
+    rtol: float = 1e-4,
+) -> Tensor | None:
+    """``W [L, K]`` when ``classifier(A) == W @ mean_hw(A) + b`` for every A, else None.
+
+    Probes with constant maps (one channel at a time) to read W and b, then checks the identity
+    on random non-negative maps, which spatial structure (max-pool, flatten + linear) or a
+    nonlinearity after the pooling breaks.
+    """
+    k, h, w = map_shape
+    if h * w == 1:
+        return None  # a 1x1 map has no spatial extent to explain: no CAM worth exporting
+    bias = classifier(torch.zeros(1, k, h, w))[0]  # type: ignore[operator]
+    columns = []
+    for start in range(0, k, 128):  # in chunks: ResNet50 at 224 would need 0.8 GB at once
+        stop = min(start + 128, k)
+        probe = torch.zeros(stop - start, k, h, w)
+        probe[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+        columns.append(classifier(probe) - bias)  # type: ignore[operator]
+    weight = torch.cat(columns).T  # [L, K]
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.rand(4, k, h, w, generator=gen) * 3.0
+    predicted = a.mean((2, 3)) @ weight.T + bias
+    actual = classifier(a)  # type: ignore[operator]
+    scale = float(actual.abs().max()) + 1e-6
+    if not torch.allclose(predicted, actual, atol=rtol * scale, rtol=0.0):
+        return None
+    return weight.contiguous()
+
+
+@torch.no_grad()
+def cam_weights(ensemble: nn.Module, input_shape: tuple[int, int, int]) -> Tensor | None:
+    """Stacked ``[N, L, K]`` classifier weights when every member allows exact CAMs, else None."""
+    members = [m.eval() for m in ensemble_members(ensemble)]
+    if not all(supports_last_map(m) for m in members):
+        return None
+    mean, std = ensemble_norm(ensemble)
+    x = (torch.zeros(1, *input_shape) - mean) / std
+    _, k, h, w = last_map(members[0], x).shape
+    try:
+        weights = [linear_head_weights(m.classifier, (k, h, w)) for m in members]
+    except (RuntimeError, ValueError):  # a classifier that only takes its own input shape
+        return None
+    if any(wt is None for wt in weights):
+        return None
+    return torch.stack(weights)  # type: ignore[arg-type]
+
+
+class FusedEnsemble(nn.Module):
+    """Wraps a layout's core; outputs follow docs/architecture.md."""
+
+    def __init__(self, core: nn.Module, temperature: float, cam_w: Tensor | None = None) -> None:
+        super().__init__()
+        self.core = core
+        self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
+        self.with_cams = cam_w is not None
+        if cam_w is not None:
+            # [L, N, K]: row c holds every member's weights for class c (one Gather per batch)
+            self.register_buffer("cam_weights", cam_w.detach().transpose(0, 1).contiguous())
+
+    @property
+    def output_names(self) -> list[str]:
+        return [*OUTPUTS, *(["cams"] if self.with_cams else [])]
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        logits, maps = self.core(images)
+        probs = torch.softmax(logits / self.temperature, dim=-1).mean(dim=1)
+        mal = logits.mean(dim=1).amax(dim=-1)
+        msp = probs.amax(dim=-1)
+        if not self.with_cams:
+            return logits, probs, mal, msp
+        w = self.cam_weights[probs.argmax(dim=-1)]  # [B, N, K]
+        area = maps.shape[-2] * maps.shape[-1]
+        cams = torch.relu(torch.einsum("bnk,bnkhw->bnhw", w, maps)) / area
+        return logits, probs, mal, msp, cams
+
+
+def build_graph(
+    ensemble: nn.Module,
+    layout: str,
+    *,
+    input_shape: tuple[int, int, int],
+    temperature: float = 1.0,
+    with_cams: bool = True,
+) -> FusedEnsemble:
+    """The PyTorch module that gets exported (``with_cams`` only where CAMs are exact)."""
+    cam_w = cam_weights(ensemble, input_shape) if with_cams else None
+    core = get_layout(layout).build(ensemble, cam_w is not None).eval()
+    return FusedEnsemble(core, temperature, cam_w).eval()
+
+
+def to_onnx(
+    graph: FusedEnsemble, *, input_shape: tuple[int, int, int], opset: int = DEFAULT_OPSET
+) -> onnx.ModelProto:
+    """Export (TorchScript exporter, dynamic batch axis) and check ``temperature`` survived."""
+    names = graph.output_names
+    example = torch.rand(2, *input_shape, generator=torch.Generator().manual_seed(0))
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        # the TorchScript exporter is chosen deliberately (export/layouts.py); its deprecation
+        # notice and the tracer's notes on the models' static shape checks are noise here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            graph,
+            (example,),
+            buf,
+            dynamo=False,
+            opset_version=opset,
+            input_names=["images"],
+            output_names=names,
+            dynamic_axes={n: {0: "batch"} for n in ["images", *names]},
+            do_constant_folding=True,
+        )
+    model = onnx.load_from_string(buf.getvalue())
+    check_temperature_initializer(model)
+    return model
+
+
+def check_temperature_initializer(model: onnx.ModelProto) -> None:
+    """``temperature`` must be a float32 scalar initializer that a node still reads."""
+    inits = {i.name: i for i in model.graph.initializer}
+    t = inits.get(TEMPERATURE_INITIALIZER)
+    if t is None or t.data_type != onnx.TensorProto.FLOAT or list(t.dims):
+        raise UserError("export lost the float32 scalar 'temperature' initializer")
+    if not any(TEMPERATURE_INITIALIZER in n.input for n in model.graph.node):
+        raise UserError("export folded 'temperature' away: no node reads it")

@@ -1,0 +1,163 @@
+"""Verification of every export: the ONNX file must compute what the PyTorch ensemble computes.
+
+1. ``onnx.checker.check_model(full_check=True)`` (structure, opset, shape inference).
+2. onnxruntime against an independent PyTorch reference on each named input set (random pixels
+   and real validation images): the reference takes logits from ``Ensemble.forward`` (not the
+   exported layout, so a layout bug shows), computes ``probs``/``mal``/``msp`` from them in
+   float64, and ``cams`` with autograd GradCAM. Any output whose max abs difference exceeds its
+   tolerance fails the export with a message naming the output, the input set and the size.
+
+Tolerances (``TOLERANCES``): 1e-4 on logits and MAL, 1e-5 on probabilities and MSP; CAMs 1e-4
+relative to their largest value, compared only on rows whose predicted class is not a near-tie
+(a 1e-7 wobble may legitimately flip the argmax there, and with it the explained class).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from export.layouts import ensemble_members, last_map
+from sdde_serve.errors import UserError
+
+TOLERANCES: dict[str, float] = {
+    "logits": 1e-4,
+    "probs": 1e-5,
+    "mal": 1e-4,
+    "msp": 1e-5,
+    "cams": 1e-4,
+}
+# rows whose two largest reference probabilities are closer than this skip the CAM comparison
+_TIE_GAP = 1e-4
+
+
+class VerificationError(UserError):
+    """The exported graph does not reproduce PyTorch within tolerance."""
+
+
+def reference_outputs(
+    ensemble: nn.Module, images: np.ndarray, temperature: float, *, with_cams: bool
+) -> dict[str, np.ndarray]:
+    """What the graph must output, computed with PyTorch independently of the layout."""
+    ensemble = ensemble.eval()
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    with torch.no_grad():
+        logits = ensemble(x).double()
+    probs = torch.softmax(logits / temperature, dim=-1).mean(dim=1)
+    out = {
+        "logits": logits.numpy(),
+        "probs": probs.numpy(),
+        "mal": logits.mean(dim=1).amax(dim=-1).numpy(),
+        "msp": probs.amax(dim=-1).numpy(),
+    }
+    if with_cams:
+        out["cams"] = gradcam_last_map(ensemble, x, probs.argmax(dim=-1)).numpy()
+    return out
+
+
+def gradcam_last_map(ensemble: nn.Module, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """GradCAM (autograd) of ``classes`` on every member's last feature map: ``[B, N, h, w]``."""
+    xn = (x - ensemble.mean.reshape(1, -1, 1, 1)) / ensemble.std.reshape(1, -1, 1, 1)
+    maps = []
+    for member in ensemble_members(ensemble):
+        with torch.no_grad():
+            a = last_map(member, xn)
+        a = a.detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = member.classifier(a)
+            (grad,) = torch.autograd.grad(y.gather(1, classes[:, None]).sum(), a)
+        alpha = grad.mean(dim=(2, 3), keepdim=True)
+        maps.append(torch.relu((alpha * a).sum(dim=1)).detach())
+    return torch.stack(maps, dim=1).double()
+
+
+def max_differences(
+    actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """Max abs difference per output (CAMs relative to their scale, near-ties skipped)."""
+    diffs: dict[str, float] = {}
+    for name, ref in expected.items():
+        got = actual.get(name)
+        if got is None:
+            raise VerificationError(f"verification failed: the graph has no output {name!r}")
+        if got.shape != ref.shape:
+            raise VerificationError(
+                f"verification failed: output {name!r} has shape {list(got.shape)}, "
+                f"PyTorch gives {list(ref.shape)}"
+            )
+        if name == "cams":
+            top2 = np.sort(expected["probs"], axis=-1)[:, -2:]
+            rows = (top2[:, 1] - top2[:, 0]) > _TIE_GAP
+            scale = max(1.0, float(np.abs(ref).max(initial=0.0)))
+            diff = np.abs(got[rows] - ref[rows]).max(initial=0.0) / scale
+        else:
+            diff = np.abs(got.astype(np.float64) - ref).max(initial=0.0)
+        diffs[name] = float(diff) if np.isfinite(diff) else float("inf")
+    return diffs
+
+
+def cpu_session(model: onnx.ModelProto):  # -> onnxruntime.InferenceSession
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def run_onnx(model, images: np.ndarray) -> dict[str, np.ndarray]:
+    """All outputs of ``model`` (a ModelProto or an InferenceSession) on ``images``."""
+    session = cpu_session(model) if isinstance(model, onnx.ModelProto) else model
+    names = [o.name for o in session.get_outputs()]
+    values = session.run(names, {"images": np.ascontiguousarray(images, dtype=np.float32)})
+    return dict(zip(names, values, strict=True))
+
+
+def verify(
+    model: onnx.ModelProto,
+    ensemble: nn.Module,
+    *,
+    temperature: float,
+    inputs: dict[str, np.ndarray],
+    tolerances: dict[str, float] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Check ``model`` and compare it with PyTorch on each input set; returns the differences.
+
+    Raises :class:`VerificationError` naming the first output out of tolerance.
+    """
+    tol = {**TOLERANCES, **(tolerances or {})}
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VerificationError(f"verification failed: onnx.checker: {first}") from None
+    graph_outputs = {o.name for o in model.graph.output}
+    session = cpu_session(model)
+    report: dict[str, dict[str, float]] = {}
+    for set_name, images in inputs.items():
+        actual = run_onnx(session, images)
+        expected = reference_outputs(
+            ensemble, images, temperature, with_cams="cams" in graph_outputs
+        )
+        diffs = max_differences(actual, expected)
+        for name, diff in diffs.items():
+            if not diff <= tol[name]:
+                raise VerificationError(
+                    f"verification failed: output {name!r} differs from PyTorch by {diff:.3g} "
+                    f"on {set_name} inputs (tolerance {tol[name]:g})"
+                )
+        report[set_name] = diffs
+    return report
+
+
+def verification_inputs(
+    input_shape: tuple[int, int, int], real: np.ndarray | None, *, seed: int = 0, n_real: int = 64
+) -> dict[str, np.ndarray]:
+    """Random pixels (batch 1 and an odd batch: the batch axis is dynamic) and real images."""
+    rng = np.random.default_rng(seed)
+    inputs = {
+        "random (batch 1)": rng.random((1, *input_shape), dtype=np.float32),
+        "random (batch 7)": rng.random((7, *input_shape), dtype=np.float32),
+    }
+    if real is not None and len(real):
+        inputs["real"] = np.ascontiguousarray(real[:n_real], dtype=np.float32)
+    return inputs

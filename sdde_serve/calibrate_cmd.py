@@ -1,0 +1,242 @@
+"""``sdde calibrate``: refit the temperature and the OOD threshold of an exported model.
+
+Runs the model with onnxruntime on labelled data, fits T (NLL of the ensemble's averaged
+probabilities, over log T) and the threshold accepting ``--id-acceptance`` of those images, then
+rewrites the ``temperature`` initializer and the manifest, atomically. numpy + onnx +
+onnxruntime only: this must work where PyTorch is not installed (a test imports this module with
+``torch`` blocked).
+
+:func:`calibrate_model` is also what ``sdde export`` uses on the run's validation split, so both
+paths fit T and the threshold the same way, on the graph's own outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from sdde_serve import calibration as cal
+from sdde_serve.errors import UserError
+from sdde_serve.manifest import (
+    CalibrationInfo,
+    CalibrationMetrics,
+    OODSpec,
+    load_onnx,
+    now_iso,
+    read_manifest,
+    save_onnx_atomic,
+    set_temperature,
+    weights_sha256,
+    write_manifest,
+)
+
+if TYPE_CHECKING:  # onnx loads lazily (manifest.py does the same)
+    import onnx
+
+HELP = (
+    "refit the temperature and the OOD threshold of an exported model on labelled data "
+    "(onnxruntime + numpy; rewrites the file atomically)"
+)
+SCORE_KINDS = tuple(cal.SCORES)
+# `sdde` shows defaults in --help; a zero-width "%(default)" field stops it from appending
+# "(default: None)" where the help text already says what None means
+NO_AUTO_DEFAULT = "%(default).0s"
+
+
+def metrics(probs: np.ndarray, labels: np.ndarray) -> CalibrationMetrics:
+    return CalibrationMetrics(
+        accuracy=cal.accuracy(probs, labels), nll=cal.nll(probs, labels), ece=cal.ece(probs, labels)
+    )
+
+
+def fit_calibration(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    *,
+    data: str,
+    id_acceptance: float,
+    score: str,
+    scores_at: Callable[[float], np.ndarray] | None = None,
+) -> tuple[CalibrationInfo, OODSpec]:
+    """Fit T on member logits ``[n, N, L]`` and the OOD threshold for ``id_acceptance``.
+
+    T minimises the NLL of ``mean_m softmax(z_m / T)`` (one T for all members, applied before
+    averaging, searched over log T: ``sdde_serve.calibration.fit_temperature``). The threshold is
+    chosen on the same images *after* T is applied (MSP depends on T; MAL does not), so that
+    ``score >= threshold`` accepts ``id_acceptance`` of them. ``scores_at(T)``, when given,
+    returns the scores as the deployed graph computes them at temperature T (float32), so the
+    boundary image is accepted by the graph itself, not only by a float64 recomputation.
+    """
+    logits = np.asarray(logits, np.float64)
+    labels = np.asarray(labels, np.int64)
+    if logits.ndim != 3 or len(logits) != len(labels):
+        raise UserError(f"calibration needs logits [n, N, L] and n labels, got {logits.shape}")
+    if len(labels) < 2:
+        raise UserError(f"calibration data {data!r} has {len(labels)} labelled images; need >= 2")
+    if labels.min() < 0 or labels.max() >= logits.shape[-1]:
+        raise UserError(f"calibration data {data!r} has labels outside 0..{logits.shape[-1] - 1}")
+    if score not in cal.SCORES:
+        raise UserError(f"unknown OOD score {score!r}; choose one of: {', '.join(SCORE_KINDS)}")
+    if not 0.0 < id_acceptance <= 1.0:
+        raise UserError(f"--id-acceptance must be in (0, 1], got {id_acceptance}")
+    before = cal.ensemble_probs(logits, 1.0)
+    temperature = cal.fit_temperature(logits, labels)
+    after = cal.ensemble_probs(logits, temperature)
+    scores = cal.ood_score(score, logits, after) if scores_at is None else scores_at(temperature)
+    threshold = cal.threshold_for_acceptance(scores, id_acceptance)
+    info = CalibrationInfo(
+        data=data,
+        n=len(labels),
+        temperature=temperature,
+        fitted_at=now_iso(),
+        before=metrics(before, labels),
+        after=metrics(after, labels),
+    )
+    return info, OODSpec(score=score, threshold=threshold, id_acceptance=id_acceptance)
+
+
+def run_graph(
+    model: onnx.ModelProto, images: np.ndarray, names: list[str], batch_size: int = 256
+) -> dict[str, np.ndarray]:
+    """``names`` outputs of ``model`` on float32 [0, 1] ``images``, in chunks (CPU provider)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # onnxruntime's own exception types
+        raise UserError(f"onnxruntime cannot load the model ({exc})") from None
+    parts = [
+        session.run(names, {"images": np.ascontiguousarray(images[i : i + batch_size])})
+        for i in range(0, len(images), batch_size)
+    ]
+    return {n: np.concatenate([p[k] for p in parts]) for k, n in enumerate(names)}
+
+
+def calibrate_model(
+    model: onnx.ModelProto,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    data: str,
+    id_acceptance: float,
+    score: str,
+    batch_size: int = 256,
+) -> tuple[CalibrationInfo, OODSpec]:
+    """Fit T and the threshold on the graph's own outputs; sets ``model``'s ``temperature``.
+
+    The manifest is not touched (the caller writes it). Used by ``sdde calibrate`` and by
+    ``sdde export`` (on the run's validation split), so both calibrate the same way.
+    """
+    if len(images) == 0:
+        raise UserError(f"calibration data {data!r} is empty")
+    logits = run_graph(model, images, ["logits"], batch_size)["logits"]
+
+    def scores_at(temperature: float) -> np.ndarray:
+        set_temperature(model, temperature)
+        return run_graph(model, images, [score], batch_size)[score]
+
+    info, ood = fit_calibration(
+        logits, labels, data=data, id_acceptance=id_acceptance, score=score, scores_at=scores_at
+    )
+    set_temperature(model, info.temperature)
+    return info, ood
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, help="exported ONNX file (rewritten in place)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="SPEC",
+        help="labelled data spec (digits@test, an IDX dir, a class-folder dir, a .npz; "
+        "default split: test)" + NO_AUTO_DEFAULT,
+    )
+    parser.add_argument(
+        "--id-acceptance",
+        type=float,
+        default=None,
+        help="fraction of these images the OOD threshold accepts (default: the manifest's)"
+        + NO_AUTO_DEFAULT,
+    )
+    parser.add_argument(
+        "--score",
+        choices=SCORE_KINDS,
+        default=None,
+        help="OOD score the threshold applies to (default: the manifest's)" + NO_AUTO_DEFAULT,
+    )
+    parser.add_argument("--batch-size", type=int, default=256, help="images per onnxruntime call")
+
+
+def calibrate_file(
+    model_path: str | Path,
+    data: str,
+    *,
+    id_acceptance: float | None = None,
+    score: str | None = None,
+    batch_size: int = 256,
+) -> tuple[CalibrationInfo, OODSpec]:
+    """Refit and rewrite ``model_path`` in place; returns what was written."""
+    from sdde_serve.data import load_dataset
+
+    model_path = Path(model_path)
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    proto = load_onnx(model_path)
+    manifest = read_manifest(proto, source=str(model_path))
+    if weights_sha256(proto) != manifest.weights_sha256:
+        raise UserError(f"{model_path}: weights do not match the manifest's SHA-256; not touched")
+    dataset = load_dataset(data, split="test")
+    if dataset.labels is None:
+        raise UserError(f"calibration data {data!r} has no labels")
+    if dataset.classes and len(dataset.classes) != manifest.num_classes:
+        raise UserError(
+            f"calibration data {data!r} has {len(dataset.classes)} classes, "
+            f"the model {manifest.num_classes}"
+        )
+    spec = manifest.input
+    images = dataset.as_model_input(spec.channels, spec.height, spec.width)
+    info, ood = calibrate_model(
+        proto,
+        images,
+        dataset.labels,
+        data=dataset.name,
+        id_acceptance=manifest.ood.id_acceptance if id_acceptance is None else id_acceptance,
+        score=manifest.ood.score if score is None else score,
+        batch_size=batch_size,
+    )
+    updated = manifest.model_copy(
+        update={"temperature": info.temperature, "ood": ood, "calibration": info}
+    )
+    write_manifest(proto, updated)
+    save_onnx_atomic(proto, model_path)
+    return info, ood
+
+
+def main(args: argparse.Namespace) -> int:
+    info, ood = calibrate_file(
+        args.model,
+        args.data,
+        id_acceptance=args.id_acceptance,
+        score=args.score,
+        batch_size=args.batch_size,
+    )
+    b, a = info.before, info.after
+    print(f"calibrated {args.model} on {info.data} ({info.n} images)")
+    print(f"  temperature  {info.temperature:.4f}")
+    print(f"  accuracy     {a.accuracy:.4f}")
+    print(f"  NLL          {b.nll:.4f} -> {a.nll:.4f}")
+    print(f"  ECE          {b.ece:.4f} -> {a.ece:.4f}")
+    accepts = f"accepts {ood.id_acceptance:.1%} of these images"
+    print(f"  OOD          {ood.score} < {ood.threshold:.6g} ({accepts})")
+    return 0
