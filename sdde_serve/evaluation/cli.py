@@ -1,0 +1,131 @@
+"""``sdde eval``: accuracy, calibration, OOD detection, diversity and a report for an ONNX file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sdde_serve.engine import Engine
+    from sdde_serve.evaluation.evaluate import CamFn
+
+HELP = "evaluate an exported model: accuracy, calibration, OOD metrics, diversity, report"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="exported ONNX file (with its sdde manifest)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="in-distribution test data spec (default split: test), e.g. digits",
+    )
+    parser.add_argument(
+        "--ood",
+        action="append",
+        default=[],
+        metavar="NAME=SPEC",
+        help="an OOD data set (repeatable); labels, if any, are ignored",
+    )
+    parser.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="NAME=SET[,SET...]",
+        help="average OOD sets into a group row, e.g. near=a,b (repeatable)",
+    )
+    parser.add_argument("-o", "--out", required=True, help="output directory for the report")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per onnxruntime call")
+    parser.add_argument(
+        "--cam-images",
+        type=int,
+        default=256,
+        help="images per set for the CAM similarity (0: skip)",
+    )
+    parser.add_argument(
+        "--cams-from-run",
+        metavar="RUN_DIR",
+        default=None,
+        help="compute the member CAMs with GradCAM at the training saliency layer from the "
+        "checkpoint of RUN_DIR (the run the model was exported from: best, else last, checked "
+        "against the graph's logits), for the class of the graph's calibrated probs; overrides "
+        "the graph's own cams output; needs the [train] extra (torch)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="onnxruntime intra-op threads (0: one per core)"
+    )
+    parser.add_argument(
+        "--no-plots",
+        action="store_true",
+        help="write metrics.json and report.md only (no matplotlib needed)",
+    )
+
+
+# modules whose absence means "PyTorch side not installed" (the [train] extra)
+TRAIN_MODULES = {"torch", "torchvision", "safetensors", "training"}
+
+
+def _cam_fn_for_model() -> Callable[[str, Engine], CamFn]:
+    """``training.cams.cam_fn_for_model``, imported only here: sdde_serve never imports torch."""
+    from sdde_serve.errors import UserError
+
+    try:
+        from training.cams import cam_fn_for_model
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in TRAIN_MODULES:
+            raise
+        raise UserError(
+            f"--cams-from-run needs PyTorch (missing module {exc.name!r}): "
+            "pip install 'sdde-serve[train]'"
+        ) from None
+    return cam_fn_for_model
+
+
+def main(args: argparse.Namespace) -> int:
+    from sdde_serve.data import load_dataset
+    from sdde_serve.engine import Engine
+    from sdde_serve.errors import UserError
+    from sdde_serve.evaluation.evaluate import evaluate, parse_groups, parse_named_specs
+    from sdde_serve.evaluation.report import write_report
+
+    if args.batch_size < 1 or args.cam_images < 0 or args.threads < 0:
+        raise UserError("--batch-size must be >= 1, --cam-images and --threads >= 0")
+    ood_specs = parse_named_specs(args.ood, "--ood")
+    groups = parse_groups(args.group, list(ood_specs))
+    if not args.no_plots:
+        from sdde_serve.evaluation.report import _pyplot
+
+        _pyplot()  # a missing matplotlib fails now, not after minutes of inference
+    # before the slow part, so that a missing torch fails at once
+    cam_fn_for_model = _cam_fn_for_model() if args.cams_from_run else None
+    engine = Engine(args.model, intra_op_threads=args.threads)
+    cam_fn = cam_fn_for_model(args.cams_from_run, engine) if cam_fn_for_model else None
+    id_data = load_dataset(args.data, split="test")
+    ood_data = {name: load_dataset(spec, split="test") for name, spec in ood_specs.items()}
+    evaluation = evaluate(
+        engine,
+        id_data,
+        ood_data,
+        groups=groups,
+        id_spec=args.data,
+        ood_specs=ood_specs,
+        batch_size=args.batch_size,
+        cam_images=args.cam_images,
+        cam_fn=cam_fn,
+    )
+    written = write_report(evaluation, args.out, plots=not args.no_plots)
+    m = evaluation.metrics
+    after = m["classification"]["after"]
+    print(
+        f"accuracy {100 * after['accuracy']:.2f}%  NLL {after['nll']:.4f}  "
+        f"ECE {100 * after['ece']:.2f}%  (T = {m['model']['temperature']:.3g})"
+    )
+    for name, by_score in {**m["ood"]["sets"], **m["ood"]["groups"]}.items():
+        mal, msp = by_score["mal"], by_score["msp"]
+        print(
+            f"{name:>16}: AUROC MAL {100 * mal['auroc']:.2f}  MSP {100 * msp['auroc']:.2f}  "
+            f"FPR@95 MAL {100 * mal['fpr95']:.2f}  MSP {100 * msp['fpr95']:.2f}"
+        )
+    print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    return 0
