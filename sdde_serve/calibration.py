@@ -46,10 +46,15 @@ def msp(probs: np.ndarray) -> np.ndarray:
     return np.asarray(probs, np.float64).max(axis=-1)
 
 
-def member_agreement(logits: np.ndarray) -> np.ndarray:
-    """Fraction of members whose own argmax equals the ensemble's (probability-averaged) argmax."""
+def member_agreement(logits: np.ndarray, probs: np.ndarray | None = None) -> np.ndarray:
+    """Fraction of members whose own argmax equals the ensemble's argmax.
+
+    The ensemble's class is the argmax of ``probs`` (the calibrated probabilities, which choose
+    the label the server returns) when given, else of the probabilities averaged at T = 1; the
+    two can differ when T != 1, so callers that report a label pass the probabilities.
+    """
     logits = np.asarray(logits)
-    ensemble = ensemble_probs(logits).argmax(axis=-1)
+    ensemble = (ensemble_probs(logits) if probs is None else np.asarray(probs)).argmax(axis=-1)
     return (logits.argmax(axis=-1) == ensemble[:, None]).mean(axis=1)
 
 

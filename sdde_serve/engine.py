@@ -133,14 +133,10 @@ class Engine:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # the CUDA-missing warning is reported via .providers
-        requested = providers or (
-            ["CUDAExecutionProvider", "CPUExecutionProvider"]
-            if require_gpu
-            else default_providers()
-        )
-        if require_gpu:
-            # fail instead of silently falling back to the CPU provider
-            options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        if require_gpu and not providers and not cuda_usable():
+            # asking onnxruntime would only print C++ errors and fall back to the CPU
+            raise ModelLoadError("--require-gpu: the CUDA provider cannot load on this machine")
+        requested = providers or default_providers()
         try:
             self.session = ort.InferenceSession(
                 proto.SerializeToString(), sess_options=options, providers=requested

@@ -59,7 +59,7 @@ def make_predictions(
         raise ValueError(f"OOD policy must be one of {OOD_POLICIES}, got {policy!r}")
     kind, threshold = manifest.ood.score, manifest.ood.threshold
     scores = ood_score(kind, out.logits, out.probs)
-    agreement = member_agreement(out.logits)
+    agreement = member_agreement(out.logits, out.probs)
     k = max(1, min(top_k, manifest.num_classes))
     order = np.argsort(-out.probs, axis=1, kind="stable")[:, :k]
     predictions = []

@@ -95,3 +95,14 @@ def test_ood_score_kinds():
     probs = cal.ensemble_probs(logits)
     assert cal.ood_score("mal", logits, probs)[0] == pytest.approx(2.0)
     assert cal.ood_score("msp", logits, probs)[0] == pytest.approx(probs.max())
+
+
+def test_member_agreement_follows_the_calibrated_label():
+    # at T = 1 the averaged probabilities pick class 1 (member 3 is very sure of it); at T = 0.1
+    # members vote almost one-hot and the majority, class 0, wins: agreement follows the label
+    logits = np.array([[[1.0, 0.0], [1.0, 0.0], [0.0, 8.0]]])
+    assert cal.ensemble_probs(logits).argmax() == 1
+    assert cal.member_agreement(logits)[0] == pytest.approx(1 / 3)
+    cold = cal.ensemble_probs(logits, 0.1)
+    assert cold.argmax() == 0
+    assert cal.member_agreement(logits, cold)[0] == pytest.approx(2 / 3)

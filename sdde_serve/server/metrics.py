@@ -1,0 +1,145 @@
+"""Prometheus metrics (names and labels are a contract: see docs/architecture.md).
+
+Every app gets its own :class:`CollectorRegistry`, so several apps in one test process don't
+collide and ``/metrics`` shows exactly this app's series.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from sdde_serve.manifest import Manifest
+from sdde_serve.scoring import Prediction
+
+OUTCOMES = ("in_distribution", "ood_flagged", "rejected")
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+CONFIDENCE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+# MAL is a logit: wide, uneven range; MSP is a probability. No negative bounds: with one,
+# prometheus_client drops the histogram's _sum (and with it the mean score); scores <= 0 are all
+# far out of distribution and share the first bucket.
+SCORE_BUCKETS = {
+    "mal": (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0, 20.0,
+            30.0, 50.0),
+    "msp": CONFIDENCE_BUCKETS,
+}  # fmt: skip
+
+
+def score_buckets(kind: str, threshold: float) -> list[float]:
+    """The score's buckets plus the threshold itself, so the histogram can count
+    ``score < threshold`` exactly (``le`` equal to the threshold is the boundary)."""
+    bounds = {*SCORE_BUCKETS.get(kind, SCORE_BUCKETS["mal"]), float(threshold)}
+    return sorted(b for b in bounds if b >= 0.0)
+
+
+class Metrics:
+    """All server metrics, registered on one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.predictions = Counter(
+            "sdde_predictions_total",
+            "Images answered, by OOD outcome",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.predicted_class = Counter(
+            "sdde_predicted_class_total",
+            "In-distribution predictions by predicted class",
+            ["model", "class_name"],
+            registry=r,
+        )
+        self.confidence = Histogram(
+            "sdde_confidence",
+            "Calibrated probability of the predicted class",
+            ["model"],
+            buckets=CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "sdde_request_duration_seconds",
+            "HTTP request latency",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "sdde_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"],
+            registry=r,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "sdde_queue_wait_seconds",
+            "Time an image waited in the batching queue",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.engine_duration = Histogram(
+            "sdde_engine_duration_seconds",
+            "Time of one engine call (one batch)",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "sdde_batch_size", "Images per engine call", ["model"], buckets=BATCH_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            "sdde_queue_depth", "Images waiting for the engine", ["model"], registry=r
+        )
+        self.model_ready = Gauge(
+            "sdde_model_ready", "1 when the model is loaded, warmed up and not draining",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.model_info = Gauge(
+            "sdde_model_info",
+            "The served model (always 1)",
+            ["model", "version", "members", "providers", "threshold", "score"],
+            registry=r,
+        )
+        self._ood_score: Histogram | None = None
+
+    def set_model(self, manifest: Manifest, providers: Sequence[str]) -> None:
+        """Describe the loaded model; the OOD-score buckets depend on its score and threshold."""
+        self.model_info.labels(
+            model=manifest.name,
+            version=manifest.version,
+            members=str(manifest.members),
+            providers=",".join(providers),
+            threshold=repr(float(manifest.ood.threshold)),
+            score=manifest.ood.score,
+        ).set(1)
+        if self._ood_score is None:
+            self._ood_score = Histogram(
+                "sdde_ood_score",
+                "OOD score per image (higher = more in-distribution)",
+                ["model"],
+                buckets=score_buckets(manifest.ood.score, manifest.ood.threshold),
+                registry=self.registry,
+            )
+        # series exist (at 0) from the start, so rate() works from the first scrape
+        for outcome in OUTCOMES:
+            self.predictions.labels(model=manifest.name, outcome=outcome)
+        for family in (self.queue_wait, self.engine_duration, self.batch_size, self.confidence):
+            family.labels(model=manifest.name)
+        self._ood_score.labels(model=manifest.name)
+        self.model_ready.labels(model=manifest.name).set(0)
+        self.queue_depth.labels(model=manifest.name).set(0)
+
+    def observe_predictions(self, model: str, predictions: Iterable[Prediction]) -> None:
+        assert self._ood_score is not None, "set_model() first"
+        for p in predictions:
+            self.predictions.labels(model=model, outcome=p.outcome).inc()
+            self._ood_score.labels(model=model).observe(p.ood_score)
+            if p.confidence is not None:
+                self.confidence.labels(model=model).observe(p.confidence)
+            if p.outcome == "in_distribution" and p.class_name is not None:
+                self.predicted_class.labels(model=model, class_name=p.class_name).inc()

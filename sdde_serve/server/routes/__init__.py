@@ -1,0 +1,1 @@
+"""Routers: ``predict`` (/v1), ``v2`` (Open Inference Protocol), ``metrics`` (/metrics)."""

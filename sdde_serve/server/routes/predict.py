@@ -1,0 +1,241 @@
+"""``POST /v1/predict``: one or more images in, one prediction per image out.
+
+Images arrive as multipart files (``curl -F files=@a.png -F files=@b.png``), as JSON with base64
+strings (``{"images": ["iVBOR..."]}``) or as one raw image body (``Content-Type: image/png``).
+The response has one shape whatever the count: ``predictions`` in input order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+
+from sdde_serve.preprocess import ImageError, decode_image
+from sdde_serve.scoring import OODPolicy, Prediction, make_predictions
+from sdde_serve.server.deps import AuthDep, ModelRuntime, RuntimeDep, ServerState, StateDep
+from sdde_serve.server.errors import ApiError
+
+router = APIRouter(prefix="/v1", tags=["predict"], dependencies=[AuthDep])
+
+
+class PredictRequest(BaseModel):
+    """JSON body: base64-encoded image files (PNG, JPEG, ...; ``data:`` URLs accepted)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[str] = Field(min_length=1, description="base64 of each encoded image file")
+    ood_policy: Literal["flag", "reject"] | None = Field(
+        None, description="override the server's OOD policy for this request"
+    )
+    top_k: int | None = Field(None, ge=1, le=1000, description="classes listed in top_k")
+    probabilities: bool | None = Field(None, description="include the full calibrated vector")
+
+
+class ImagePrediction(Prediction):
+    index: int = Field(description="position of the image in the request")
+    filename: str | None = Field(None, description="multipart file name, when given")
+
+
+class PredictResponse(BaseModel):
+    model: str
+    version: str
+    ood_policy: Literal["flag", "reject"]
+    predictions: list[ImagePrediction]
+
+
+_FORM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["files"],
+    "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "ood_policy": {"type": "string", "enum": ["flag", "reject"]},
+        "top_k": {"type": "integer", "minimum": 1, "maximum": 1000},
+        "probabilities": {"type": "boolean"},
+    },
+}
+_REQUEST_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {"schema": _FORM_SCHEMA},
+        "application/json": {"schema": PredictRequest.model_json_schema()},
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "bad image, bad base64, empty body, too many images"},
+    401: {"description": "missing or invalid API key (when keys are configured)"},
+    413: {"description": "body larger than max_body_bytes"},
+    415: {"description": "unsupported content type"},
+    422: {"description": "JSON body or query does not match the schema"},
+    503: {"description": "not ready, queue full or timed out (Retry-After)"},
+}
+_FORM_FIELDS = {"ood_policy", "top_k", "probabilities"}
+
+
+@dataclass
+class _Parsed:
+    files: list[tuple[str | None, bytes]]  # (multipart file name, encoded bytes)
+    options: dict[str, Any]  # per-request overrides from the body or form
+
+
+async def _read_multipart(request: Request, state: ServerState) -> _Parsed:
+    limit = state.settings.max_images_per_request
+    # starlette answers malformed multipart and too many files with HTTPException(400)
+    form = await request.form(max_files=limit, max_fields=len(_FORM_FIELDS))
+    try:
+        files: list[tuple[str | None, bytes]] = []
+        options: dict[str, Any] = {}
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                files.append((value.filename, await value.read()))
+            elif key in _FORM_FIELDS:
+                options[key] = value
+            else:
+                raise ApiError(400, f"unexpected form field {key!r} (send images as files)")
+        return _Parsed(files=files, options=options)
+    finally:
+        await form.close()
+
+
+def _b64(index: int, text: str) -> bytes:
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"image {index}: invalid base64") from None
+
+
+async def _read_request(request: Request, state: ServerState) -> _Parsed:
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media == "multipart/form-data":
+        return await _read_multipart(request, state)
+    body = await request.body()
+    if not body:
+        raise ApiError(400, "empty body: send images as multipart files or base64 JSON")
+    if media == "application/json":
+        try:
+            req = PredictRequest.model_validate_json(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"]) or "body"
+            raise ApiError(422, f"invalid request: {loc}: {first['msg']}") from None
+        options = req.model_dump(exclude={"images"}, exclude_none=True)
+        return _Parsed(
+            files=[(None, _b64(i, s)) for i, s in enumerate(req.images)], options=options
+        )
+    if media.startswith("image/") or media == "application/octet-stream":
+        return _Parsed(files=[(None, body)], options={})
+    raise ApiError(
+        415,
+        f"unsupported content type {media or '(none)'!r}: send multipart/form-data files, "
+        "application/json with base64 images, or one raw image/*",
+    )
+
+
+def _option(options: dict[str, Any], name: str, query: Any) -> Any:
+    """The body's (or form's) value, else the query's: the more specific wins."""
+    value = options.get(name)
+    return query if value is None else value
+
+
+def _resolve(
+    options: dict[str, Any], state: ServerState, policy_q: str | None, top_k_q: int | None,
+    probs_q: bool,
+) -> tuple[OODPolicy, int, bool]:  # fmt: skip
+    policy = _option(options, "ood_policy", policy_q) or state.settings.ood_policy
+    if policy not in ("flag", "reject"):
+        raise ApiError(422, f"ood_policy must be 'flag' or 'reject', got {policy!r}")
+    top_k = _option(options, "top_k", top_k_q) or state.settings.top_k
+    try:
+        top_k = int(top_k)
+    except (TypeError, ValueError):
+        raise ApiError(422, f"top_k must be an integer, got {top_k!r}") from None
+    if not 1 <= top_k <= 1000:
+        raise ApiError(422, f"top_k must be between 1 and 1000, got {top_k}")
+    probs = _option(options, "probabilities", probs_q)
+    if isinstance(probs, str):
+        probs = probs.lower() in ("1", "true", "yes", "on")
+    return policy, top_k, bool(probs)
+
+
+async def decode_all(
+    files: list[tuple[str | None, bytes]], runtime: ModelRuntime, state: ServerState
+) -> np.ndarray:
+    """Decode every image in the decode pool (off the loop); 400 naming the first bad one."""
+    loop = asyncio.get_running_loop()
+    spec, limits = runtime.manifest.input, state.limits
+    assert state.decode_pool is not None, "lifespan not started"
+    jobs = [
+        loop.run_in_executor(state.decode_pool, decode_image, data, spec, limits)
+        for _, data in files
+    ]
+    results = await asyncio.gather(*jobs, return_exceptions=True)
+    for i, (result, (name, _)) in enumerate(zip(results, files, strict=True)):
+        if isinstance(result, ImageError):
+            label = f"image {i}" + (f" ({name!r})" if name else "")
+            raise ApiError(400, f"{label}: {result}")
+        if isinstance(result, BaseException):
+            raise result
+    return np.stack(results)  # type: ignore[arg-type]
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    response_model_exclude_none=True,
+    summary="Classify images, with OOD detection",
+    openapi_extra={"requestBody": _REQUEST_BODY},
+    responses=_ERRORS,
+)
+async def predict(
+    request: Request,
+    runtime: RuntimeDep,
+    state: StateDep,
+    ood_policy: Annotated[
+        Literal["flag", "reject"] | None, Query(description="override the server's OOD policy")
+    ] = None,
+    top_k: Annotated[int | None, Query(ge=1, le=1000)] = None,
+    probabilities: Annotated[bool, Query(description="include the full vector")] = False,
+) -> Response:
+    started = time.perf_counter()
+    settings = state.settings
+    batcher = runtime.batcher
+    with batcher.expect():  # a batch being formed now waits for these images
+        parsed = await _read_request(request, state)
+        if not parsed.files:
+            raise ApiError(400, "no images in the request")
+        if len(parsed.files) > settings.max_images_per_request:
+            raise ApiError(
+                400,
+                f"{len(parsed.files)} images exceed the limit of "
+                f"{settings.max_images_per_request} per request",
+            )
+        policy, k, include_probs = _resolve(parsed.options, state, ood_policy, top_k, probabilities)
+        images = await decode_all(parsed.files, runtime, state)
+    remaining = settings.request_timeout_s - (time.perf_counter() - started)
+    out = await batcher.submit(images, timeout=max(remaining, 0.001))
+    manifest = runtime.manifest
+    preds = make_predictions(out, manifest, top_k=k, policy=policy, include_probs=include_probs)
+    state.metrics.observe_predictions(manifest.name, preds)
+    answer = PredictResponse.model_construct(  # built from validated parts: no re-validation
+        model=manifest.name,
+        version=manifest.version,
+        ood_policy=policy,
+        predictions=[
+            ImagePrediction.model_construct(**dict(p), index=i, filename=parsed.files[i][0])
+            for i, p in enumerate(preds)
+        ],
+    )
+    # a Response skips FastAPI's second validation pass of the return value (response_model
+    # still documents the schema); serialising once in pydantic-core is the cheap part
+    return Response(answer.model_dump_json(exclude_none=True), media_type="application/json")

@@ -1,0 +1,399 @@
+"""The Open Inference Protocol (v2), as Triton and KServe speak it, with the binary extension.
+
+Input: one tensor ``images``, FP32, shape ``[B, C, H, W]``, pixels in [0, 1], as JSON ``data``
+(flat or nested, row-major) or as raw little-endian bytes after the JSON header (binary tensor
+extension: the header's length is in ``Inference-Header-Content-Length``, the tensor carries
+``parameters.binary_data_size``). Outputs (all by default): see :data:`OUTPUTS`. An output is
+returned as bytes when it asks ``binary_data: true`` or the request sets ``binary_data_output``.
+The per-request parameter ``ood_policy`` (``flag``/``reject``) sets ``label`` to -1 for rejected
+images.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Path, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, ValidationError
+
+from sdde_serve import __version__
+from sdde_serve.calibration import member_agreement
+from sdde_serve.engine import EngineOutput
+from sdde_serve.scoring import Prediction, make_predictions
+from sdde_serve.server.deps import (
+    AuthDep,
+    ModelRuntime,
+    RuntimeDep,
+    ServerState,
+    StateDep,
+)
+from sdde_serve.server.errors import ApiError
+
+router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
+open_router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+INPUT_NAME = "images"
+PLATFORM = "onnxruntime_onnx"
+OFFLOAD_JSON_BYTES = 64 * 1024
+
+# v2 datatype -> little-endian numpy dtype
+DTYPES: dict[str, np.dtype] = {
+    "FP32": np.dtype("<f4"),
+    "INT64": np.dtype("<i8"),
+    "BOOL": np.dtype("?"),
+}
+
+Outputs = dict[str, tuple[str, np.ndarray]]
+OutputFn = Callable[[EngineOutput, list[Prediction]], np.ndarray]
+
+# name -> (datatype, shape after the batch dim as a function of (members, classes), compute)
+OUTPUTS: dict[str, tuple[str, Callable[[int, int], list[int]], OutputFn]] = {
+    "probs": ("FP32", lambda n, c: [c], lambda o, p: o.probs),
+    "logits": ("FP32", lambda n, c: [n, c], lambda o, p: o.logits),
+    "mal": ("FP32", lambda n, c: [], lambda o, p: o.mal),
+    "msp": ("FP32", lambda n, c: [], lambda o, p: o.msp),
+    "ood_score": ("FP32", lambda n, c: [], lambda o, p: np.array([x.ood_score for x in p])),
+    "is_ood": ("BOOL", lambda n, c: [], lambda o, p: np.array([x.is_ood for x in p])),
+    "label": (
+        "INT64",
+        lambda n, c: [],
+        lambda o, p: np.array([-1 if x.label is None else x.label for x in p]),
+    ),
+    "agreement": ("FP32", lambda n, c: [], lambda o, p: member_agreement(o.logits, o.probs)),
+}
+
+
+class TensorRequest(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class OutputRequest(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferenceRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[TensorRequest] = Field(min_length=1)
+    outputs: list[OutputRequest] | None = None
+
+
+class TensorResponse(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class InferenceResponse(BaseModel):
+    model_config = {"protected_namespaces": ()}
+
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    outputs: list[TensorResponse]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    parameters: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="providers in use, classes, OOD rule, members"
+    )
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+ModelName = Annotated[str, Path(description="the manifest's model name")]
+
+
+def _check_model(runtime: ModelRuntime, name: str, version: str | None = None) -> None:
+    manifest = runtime.manifest
+    if name != manifest.name:
+        raise ApiError(404, f"unknown model {name!r}; this server serves {manifest.name!r}")
+    if version is not None and version != manifest.version:
+        raise ApiError(404, f"unknown version {version!r} of {name!r} (have {manifest.version!r})")
+
+
+# --- health (open: probes carry no API key) ---------------------------------------------------
+
+
+@open_router.get("/health/live", summary="Liveness")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@open_router.get("/health/ready", summary="Readiness: model loaded, warmed up, not draining")
+async def ready(state: StateDep) -> JSONResponse:
+    return JSONResponse({"ready": state.ready}, status_code=200 if state.ready else 503)
+
+
+@open_router.get("/models/{name}/ready", summary="Model readiness")
+@open_router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
+async def model_ready(name: ModelName, state: StateDep, version: str | None = None) -> JSONResponse:
+    if state.runtime is None:
+        return JSONResponse({"name": name, "ready": False}, status_code=503)
+    _check_model(state.runtime, name, version)
+    return JSONResponse(
+        {"name": name, "ready": state.ready}, status_code=200 if state.ready else 503
+    )
+
+
+# --- metadata and inference (API key when configured) -----------------------------------------
+
+
+@router.get("", response_model=ServerMetadata, dependencies=[AuthDep], summary="Server metadata")
+async def server_metadata() -> ServerMetadata:
+    return ServerMetadata(name="sdde-serve", version=__version__, extensions=["binary_tensor_data"])
+
+
+@router.get(
+    "/models/{name}", response_model=ModelMetadata, dependencies=[AuthDep], summary="Model metadata"
+)
+@router.get(
+    "/models/{name}/versions/{version}",
+    response_model=ModelMetadata,
+    dependencies=[AuthDep],
+    include_in_schema=False,
+)
+async def model_metadata(
+    name: ModelName, runtime: RuntimeDep, version: str | None = None
+) -> ModelMetadata:
+    _check_model(runtime, name, version)
+    m = runtime.manifest
+    members, classes = m.members, m.num_classes
+    return ModelMetadata(
+        name=m.name,
+        versions=[m.version],
+        platform=PLATFORM,
+        inputs=[
+            TensorMetadata(
+                name=INPUT_NAME,
+                datatype="FP32",
+                shape=[-1, m.input.channels, m.input.height, m.input.width],
+            )
+        ],
+        outputs=[
+            TensorMetadata(name=name, datatype=dt, shape=[-1, *shape(members, classes)])
+            for name, (dt, shape, _) in OUTPUTS.items()
+        ],
+        parameters={
+            "providers": ",".join(runtime.providers),
+            "classes": json.dumps(m.classes),
+            "members": members,
+            "ood_score": m.ood.score,
+            "ood_threshold": m.ood.threshold,
+            "temperature": m.temperature,
+            "input_range": "[0, 1]",
+        },
+    )
+
+
+# --- inference --------------------------------------------------------------------------------
+
+
+def _split_body(request: Request, body: bytes) -> tuple[bytes, bytes]:
+    raw = request.headers.get(HEADER_LENGTH)
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media not in ("", "application/json", "application/octet-stream"):
+        raise ApiError(415, f"unsupported content type {media!r} for v2 inference")
+    if raw is None:
+        return body, b""
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ApiError(400, f"{HEADER_LENGTH} is not an integer: {raw[:40]!r}") from None
+    if not 0 < n <= len(body):
+        raise ApiError(400, f"{HEADER_LENGTH} {n} is outside the body of {len(body)} bytes")
+    return body[:n], body[n:]
+
+
+def _parse(header: bytes) -> InferenceRequest:
+    if not header:
+        raise ApiError(400, "empty body: expected a v2 inference request")
+    try:
+        return InferenceRequest.model_validate_json(header)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "body"
+        raise ApiError(400, f"invalid inference request: {loc}: {first['msg']}") from None
+
+
+def _input_array(
+    req: InferenceRequest, binary: bytes, runtime: ModelRuntime, max_images: int
+) -> np.ndarray:
+    names = [t.name for t in req.inputs]
+    if names != [INPUT_NAME]:
+        raise ApiError(400, f"expected exactly one input {INPUT_NAME!r}, got {names}")
+    tensor = req.inputs[0]
+    spec = runtime.manifest.input
+    expected = [spec.channels, spec.height, spec.width]
+    if tensor.datatype != "FP32":
+        raise ApiError(400, f"input {INPUT_NAME!r} must be FP32, got {tensor.datatype!r}")
+    shape = tensor.shape
+    if len(shape) != 4 or shape[1:] != expected or not 1 <= shape[0] <= max_images:
+        raise ApiError(
+            400,
+            f"input {INPUT_NAME!r} must have shape [B, {', '.join(map(str, expected))}] "
+            f"with 1 <= B <= {max_images}, got {shape}",
+        )
+    count = math.prod(shape)
+    size = (tensor.parameters or {}).get("binary_data_size")
+    if size is not None:
+        if tensor.data is not None:
+            raise ApiError(400, "input has both 'data' and binary_data_size")
+        if not isinstance(size, int) or isinstance(size, bool) or size != count * 4:
+            raise ApiError(
+                400, f"binary_data_size {size!r} != {count} FP32 values x 4 bytes = {count * 4}"
+            )
+        if len(binary) != size:
+            raise ApiError(400, f"binary part has {len(binary)} bytes, expected {size}")
+        array = np.frombuffer(binary, dtype="<f4").astype(np.float32).reshape(shape)
+    else:
+        if binary:
+            raise ApiError(
+                400, f"{len(binary)} binary bytes but no input declares binary_data_size"
+            )
+        if tensor.data is None:
+            raise ApiError(400, f"input {INPUT_NAME!r} has neither 'data' nor binary_data_size")
+        try:
+            values = np.asarray(tensor.data)
+        except (ValueError, TypeError):
+            raise ApiError(400, "input data is not a rectangular array of numbers") from None
+        if values.dtype.kind not in "iuf":
+            raise ApiError(400, "input data must be numbers")
+        if values.size != count:
+            raise ApiError(400, f"input data has {values.size} values, shape {shape} needs {count}")
+        array = values.astype(np.float32).reshape(shape)
+    if not np.isfinite(array).all():
+        raise ApiError(400, "input contains NaN or infinite values")
+    lo, hi = float(array.min()), float(array.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ApiError(400, f"pixel values must be in [0, 1], got min {lo:.4g} max {hi:.4g}")
+    return array
+
+
+def _requested(req: InferenceRequest) -> list[tuple[str, bool]]:
+    default_binary = bool((req.parameters or {}).get("binary_data_output", False))
+    if not req.outputs:
+        return [(name, default_binary) for name in OUTPUTS]
+    wanted = []
+    for out in req.outputs:
+        if out.name not in OUTPUTS:
+            raise ApiError(400, f"unknown output {out.name!r}; available: {', '.join(OUTPUTS)}")
+        binary = (out.parameters or {}).get("binary_data", default_binary)
+        wanted.append((out.name, bool(binary)))
+    return wanted
+
+
+def _policy(req: InferenceRequest, state: ServerState) -> str:
+    policy = (req.parameters or {}).get("ood_policy", state.settings.ood_policy)
+    if policy not in ("flag", "reject"):
+        raise ApiError(400, f"parameter ood_policy must be 'flag' or 'reject', got {policy!r}")
+    return policy
+
+
+@router.post(
+    "/models/{name}/infer",
+    response_model=InferenceResponse,
+    response_model_exclude_none=True,
+    dependencies=[AuthDep],
+    summary="Inference (JSON or binary tensors)",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": InferenceRequest.model_json_schema()}},
+        }
+    },
+    responses={
+        400: {"description": "malformed request, wrong tensor name/shape/datatype/size, NaN"},
+        404: {"description": "unknown model or version"},
+        413: {"description": "body too large"},
+        503: {"description": "not ready, queue full, timed out"},
+    },
+)
+@router.post(
+    "/models/{name}/versions/{version}/infer", dependencies=[AuthDep], include_in_schema=False
+)
+async def infer(
+    name: ModelName,
+    request: Request,
+    state: StateDep,
+    runtime: RuntimeDep,
+    version: str | None = None,
+) -> Response:
+    _check_model(runtime, name, version)
+    with runtime.batcher.expect():
+        header, binary = _split_body(request, await request.body())
+
+        def parse() -> tuple[InferenceRequest, np.ndarray]:
+            req = _parse(header)
+            return req, _input_array(req, binary, runtime, state.settings.max_images_per_request)
+
+        if len(header) > OFFLOAD_JSON_BYTES and state.decode_pool is not None:
+            # a large JSON tensor takes milliseconds to parse: not on the event loop
+            loop = asyncio.get_running_loop()
+            req, images = await loop.run_in_executor(state.decode_pool, parse)
+        else:
+            req, images = parse()
+        wanted = _requested(req)
+        policy = _policy(req, state)
+    out = await runtime.batcher.submit(images, timeout=state.settings.request_timeout_s)
+    manifest = runtime.manifest
+    preds = make_predictions(out, manifest, top_k=1, policy=policy)  # type: ignore[arg-type]
+    state.metrics.observe_predictions(manifest.name, preds)
+
+    entries: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for out_name, binary_out in wanted:
+        datatype, _, compute = OUTPUTS[out_name]
+        array = np.asarray(compute(out, preds)).astype(DTYPES[datatype])
+        entry: dict[str, Any] = {"name": out_name, "datatype": datatype, "shape": list(array.shape)}
+        if binary_out:
+            raw = array.tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = array.reshape(-1).tolist()
+        entries.append(entry)
+    body: dict[str, Any] = {
+        "model_name": manifest.name,
+        "model_version": manifest.version,
+        "outputs": entries,
+    }
+    if req.id is not None:
+        body["id"] = req.id
+    if not chunks:
+        return JSONResponse(body)
+    head = json.dumps(body, separators=(",", ":")).encode()
+    return Response(
+        head + b"".join(chunks),
+        media_type="application/octet-stream",
+        headers={HEADER_LENGTH: str(len(head))},
+    )

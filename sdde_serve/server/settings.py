@@ -1,0 +1,96 @@
+"""Server settings: one typed object, read once, from ``SDDE_*`` environment variables and flags.
+
+``sdde serve`` builds it from the environment and overrides the fields whose flags were given
+(flags win). The app receives it in :func:`sdde_serve.server.app.create_app` and never reads the
+environment again, so a test can build any configuration without touching ``os.environ``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from sdde_serve.errors import UserError
+
+ENV_PREFIX = "SDDE_"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, frozen=True, extra="ignore", protected_namespaces=()
+    )
+
+    model: Path | None = Field(None, description="the exported ONNX model to serve")
+    host: str = Field("127.0.0.1", description="interface to bind (0.0.0.0 in containers)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one)")
+    workers: int = Field(1, ge=1, description="server processes, each with its own model")
+    intra_op_threads: int = Field(
+        0, ge=0, description="onnxruntime intra-op threads per process (0 = one per core)"
+    )
+    max_batch_size: int = Field(32, ge=1, description="most images in one engine call")
+    max_queue_delay_ms: float = Field(
+        2.0, ge=0.0, description="longest a request waits for others to fill its batch"
+    )
+    max_queue_size: int = Field(
+        1024, ge=1, description="images waiting for the engine before new requests get 503"
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0.0, description="per request: queue wait plus inference, else 503"
+    )
+    ood_policy: Literal["flag", "reject"] = Field(
+        "flag", description="default OOD policy; requests may override it"
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer keys accepted (comma-separated in SDDE_API_KEYS); empty = open",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="file with one API key per line (a mounted secret)"
+    )
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, ge=1, description="request bodies above this get 413"
+    )
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="decompression-bomb guard: width x height per image"
+    )
+    max_images_per_request: int = Field(256, ge=1, description="images in one request")
+    top_k: int = Field(3, ge=1, description="default number of classes in top_k")
+    require_gpu: bool = Field(False, description="fail at start-up unless a GPU provider loads")
+    decode_threads: int = Field(2, ge=1, description="threads decoding images off the loop")
+    drain_timeout_s: float = Field(
+        30.0, ge=0.0, description="on SIGTERM, longest wait for in-flight requests"
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="log level (debug adds uvicorn's access log)"
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.max_queue_size < self.max_batch_size:
+            raise ValueError("max_queue_size must be >= max_batch_size")
+        return self
+
+    def all_api_keys(self) -> list[str]:
+        """Keys from ``api_keys`` and ``api_keys_file`` (blank lines and ``#`` comments skipped)."""
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            try:
+                text = self.api_keys_file.read_text()
+            except OSError as exc:
+                raise UserError(f"{self.api_keys_file}: cannot read API keys ({exc})") from None
+            keys += [
+                line.strip()
+                for line in text.splitlines()
+                if line.strip() and not line.startswith("#")
+            ]
+        return keys
