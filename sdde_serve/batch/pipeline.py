@@ -1,0 +1,351 @@
+"""The streaming scoring pipeline shared by local and ``--url`` jobs.
+
+::
+
+    paths (lazy, ordered) -> decode pool (threads, bounded window, in order)
+        -> full batches -> backend.run (engine or server) -> make_predictions -> rows
+        -> JobFiles (staged; committed with the journal every ``commit_interval`` seconds)
+
+Memory is bounded by the decode window (a few batches of images) and the rows staged between two
+commits, whatever the number of inputs. Decoding overlaps inference because onnxruntime and
+Pillow's decoders release the GIL: while the main thread runs a batch, the pool decodes the next
+ones. Results keep the input order, so "the first n inputs are done" is a complete description
+of progress (the resume journal relies on it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from sdde_serve.engine import EngineOutput
+from sdde_serve.errors import UserError
+from sdde_serve.manifest import InputSpec, Manifest
+from sdde_serve.preprocess import ImageError, ImageLimits, decode_image
+from sdde_serve.scoring import OODPolicy, Prediction, make_predictions
+
+from .writers import JobFiles
+
+
+class Backend(Protocol):
+    """What scores a batch: a local :class:`~sdde_serve.engine.Engine` or a remote server."""
+
+    manifest: Manifest
+
+    def run(self, images: np.ndarray) -> EngineOutput: ...
+
+
+# seconds without new input after which the pipeline scores its partial batch and commits
+IDLE_S = 0.5
+# failed inputs staged before a commit is forced (bounds memory on a run of bad files)
+MAX_STAGED_ERRORS = 10_000
+
+
+@dataclass
+class ScoreOptions:
+    batch_size: int = 64
+    workers: int = 2  # decode threads (or processes)
+    # decode in worker processes instead of threads: not limited by the GIL (many cores, small
+    # images, where Pillow's per-image Python overhead dominates), at a start-up cost per worker
+    processes: bool = False
+    top_k: int = 0  # 0: no top_k column
+    policy: OODPolicy = "flag"
+    probs: bool = False
+    limits: ImageLimits = field(default_factory=ImageLimits)
+    # seconds between commits (each commit fsyncs three files); 0 commits after every batch
+    commit_interval: float = 1.0
+
+
+@dataclass
+class Counts:
+    scored: int = 0
+    failed: int = 0
+    ood: int = 0
+    rejected: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "scored": self.scored,
+            "failed": self.failed,
+            "ood": self.ood,
+            "rejected": self.rejected,
+        }
+
+
+def load_image(path: str, spec: InputSpec, limits: ImageLimits) -> np.ndarray:
+    """Read and decode one file; every failure is an :class:`ImageError` with the reason."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(limits.max_bytes + 1)
+    except OSError as exc:
+        raise ImageError(f"unreadable: {exc.strerror or exc}") from None
+    return decode_image(data, spec, limits)
+
+
+def prediction_row(path: str, p: Prediction, *, top_k: bool, probs: bool) -> dict[str, Any]:
+    """One output row (see :func:`sdde_serve.batch.writers.result_columns`)."""
+    row: dict[str, Any] = {
+        "path": path,
+        "label": p.label,
+        "class_name": p.class_name,
+        "confidence": p.confidence,
+        "ood_score": p.ood_score,
+        "is_ood": p.is_ood,
+        "rejected": p.rejected,
+        "agreement": p.agreement,
+    }
+    if top_k:
+        row["top_k"] = None if p.top_k is None else [c.model_dump() for c in p.top_k]
+    if probs:
+        row["probs"] = p.probabilities
+    return row
+
+
+def score_rows(
+    backend_out: EngineOutput, paths: list[str], manifest: Manifest, opts: ScoreOptions
+) -> list[dict[str, Any]]:
+    preds = make_predictions(
+        backend_out,
+        manifest,
+        top_k=max(opts.top_k, 1),
+        policy=opts.policy,
+        include_probs=opts.probs,
+    )
+    return [
+        prediction_row(path, pred, top_k=opts.top_k > 0, probs=opts.probs)
+        for path, pred in zip(paths, preds, strict=True)
+    ]
+
+
+def path_hash_update(h: Any, path: str) -> None:
+    h.update(path.encode("utf-8", "surrogateescape") + b"\0")
+
+
+def skip_done(paths: Iterator[str], n: int, sha: str) -> tuple[Iterator[str], Any]:
+    """Consume the ``n`` inputs a previous run committed, checking they are the same ones.
+
+    Returns the remaining paths and the running hash (to continue the journal's hash chain).
+    """
+    h = hashlib.sha256()
+    for i in range(n):
+        p = next(paths, None)
+        if p is None:
+            raise UserError(
+                f"cannot resume: the interrupted run had done {n} inputs but the inputs now "
+                f"list only {i}; resume needs the same inputs in the same order"
+            )
+        path_hash_update(h, p)
+    if h.hexdigest() != sha:
+        raise UserError(
+            f"cannot resume: the first {n} inputs differ from the interrupted run's (files "
+            "added, removed or renamed); resume needs the same inputs in the same order, "
+            "or start again without --resume"
+        )
+    return paths, h
+
+
+def make_pool(workers: int, processes: bool) -> Executor:
+    if processes:
+        import multiprocessing
+
+        # spawn, not fork: the parent holds onnxruntime's thread pools, which fork would copy
+        # in an undefined state
+        ctx = multiprocessing.get_context("spawn")
+        return ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx)
+    return ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode")
+
+
+def _work(
+    load: Callable[[str], np.ndarray], batch: list[str]
+) -> list[tuple[str, np.ndarray | None, str | None]]:
+    """Decode one chunk of paths (module level: picklable for a process pool)."""
+    out: list[tuple[str, np.ndarray | None, str | None]] = []
+    for p in batch:
+        try:
+            out.append((p, load(p), None))
+        except ImageError as exc:
+            out.append((p, None, str(exc)))
+        except Exception as exc:
+            # a decoder plugin failing in a way decode_image does not map (TypeError,
+            # struct.error, ... on hostile files): still one bad file, not a failed job
+            out.append((p, None, f"cannot decode ({type(exc).__name__}: {str(exc)[:120]})"))
+    return out
+
+
+def decoded_stream(
+    paths: Iterable[str],
+    load: Callable[[str], np.ndarray],
+    *,
+    workers: int,
+    window: int,
+    chunk: int = 16,
+    idle_s: float | None = None,
+    processes: bool = False,
+) -> Iterator[tuple[str, np.ndarray | None, str | None] | None]:
+    """``(path, image or None, error or None)`` in input order, from a decode pool.
+
+    With ``idle_s``, ``None`` is yielded whenever no input arrived for that long (a stalled
+    input stream), so the caller can score and commit what it holds instead of waiting.
+
+    A feeder thread pulls paths (which may block: a slow list on stdin) and submits them in
+    chunks (one future per ``chunk`` files: per-future overhead matters at thousands of small
+    images per second), at most ``window`` files (plus two chunks in hand-over) ahead of the
+    consumer; the consumer takes the futures in order, so finished work is never held back by
+    input that has not arrived yet.
+    """
+
+    futures: queue.Queue[Future | BaseException | None] = queue.Queue(
+        maxsize=max(1, window // chunk)
+    )
+    stop = threading.Event()
+
+    def put(item: Future | BaseException | None) -> bool:
+        while not stop.is_set():
+            try:
+                futures.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def feed(pool: Executor) -> None:
+        try:
+            buf: list[str] = []
+            for p in paths:
+                buf.append(p)
+                if len(buf) >= chunk:
+                    if not put(pool.submit(_work, load, buf)):
+                        return
+                    buf = []
+            if buf:
+                put(pool.submit(_work, load, buf))
+            put(None)
+        except BaseException as exc:  # e.g. an unreadable list file: the job fails with it
+            put(exc)
+
+    with make_pool(workers, processes) as pool:
+        feeder = threading.Thread(target=feed, args=(pool,), name="feed", daemon=True)
+        feeder.start()
+        try:
+            while True:
+                try:
+                    item = futures.get(timeout=idle_s)
+                except queue.Empty:
+                    yield None
+                    continue
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield from item.result()
+        finally:
+            stop.set()
+            # drop queued work: nothing will consume it
+            while not futures.empty():
+                item = futures.get_nowait()
+                if isinstance(item, Future):
+                    item.cancel()
+
+
+@dataclass
+class JobResult:
+    counts: Counts
+    processed: int  # inputs handled by this run (scored + failed), excluding resumed ones
+    elapsed_s: float
+
+
+def run_job(
+    backend: Backend,
+    paths: Iterator[str],
+    files: JobFiles,
+    opts: ScoreOptions,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> JobResult:
+    """Score ``paths`` into ``files``; bad files are recorded in the errors file, never fatal."""
+    manifest = backend.manifest
+    spec = manifest.input
+    counts = Counts()
+    done = 0
+    if files.resumed is not None:
+        paths, h = skip_done(paths, files.resumed.n, files.resumed.sha)
+        counts = Counts(**files.resumed.counts)
+        done = files.resumed.n
+    else:
+        h = hashlib.sha256()
+    start = time.perf_counter()
+    processed = 0
+    bs = opts.batch_size
+    batch = np.empty((bs, spec.channels, spec.height, spec.width), np.float32)
+    batch_paths: list[str] = []
+    errors: list[dict[str, Any]] = []
+    last_commit = time.monotonic()
+    committed_n = done  # inputs covered by the last commit
+
+    def flush_batch() -> None:
+        nonlocal batch_paths
+        if not batch_paths:
+            return
+        out = backend.run(batch[: len(batch_paths)])
+        rows = score_rows(out, batch_paths, manifest, opts)
+        counts.scored += len(rows)
+        counts.ood += sum(r["is_ood"] for r in rows)
+        counts.rejected += sum(r["rejected"] for r in rows)
+        files.write(rows, [])
+        batch_paths = []
+
+    def commit() -> None:
+        nonlocal errors, last_commit, committed_n
+        files.write([], errors)
+        errors = []
+        files.commit(done, h.hexdigest(), counts.as_dict())
+        committed_n = done
+        last_commit = time.monotonic()
+
+    stream = decoded_stream(
+        paths,
+        functools.partial(load_image, spec=spec, limits=opts.limits),  # picklable
+        workers=opts.workers,
+        window=max(3 * bs, 64),
+        chunk=max(1, min(16, bs)),
+        idle_s=IDLE_S,
+        processes=opts.processes,
+    )
+    with contextlib.closing(stream):  # stops the feeder and the pool if scoring fails
+        for item in stream:
+            if item is None:  # the input stalls (slow list on stdin): don't sit on finished work
+                if done > committed_n:
+                    flush_batch()
+                    commit()
+                continue
+            path, image, error = item
+            path_hash_update(h, path)
+            done += 1
+            processed += 1
+            if error is not None:
+                errors.append({"path": path, "reason": error})
+                counts.failed += 1
+            else:
+                batch[len(batch_paths)] = image
+                batch_paths.append(path)
+            # a long run of failures: score the partial batch so the errors can be committed
+            many_errors = len(errors) >= MAX_STAGED_ERRORS
+            if len(batch_paths) == bs or many_errors:
+                flush_batch()
+                if many_errors or time.monotonic() - last_commit >= opts.commit_interval:
+                    commit()
+            if progress is not None:
+                progress(1)
+    flush_batch()
+    commit()
+    return JobResult(counts, processed, time.perf_counter() - start)
