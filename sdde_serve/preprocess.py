@@ -90,4 +90,8 @@ def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits | None = None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         # Pillow reports truncation and corrupt streams as OSError/SyntaxError
         raise ImageError(f"corrupt or truncated image ({str(exc)[:120]})") from None
+    except Exception as exc:
+        # Some Pillow plugins fail on hostile files with TypeError, struct.error, IndexError...:
+        # still the client's bad bytes, never a server error
+        raise ImageError(f"cannot decode image ({type(exc).__name__})") from None
     return to_model_array(img, spec.channels, spec.height, spec.width)
