@@ -14,7 +14,7 @@ import pytest
 
 # Tests are tiny and share two cores with the servers and workers they start: one thread per
 # process avoids oversubscription (measured: a LeNet step was ~10x slower with 2 under load).
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ["OMP_NUM_THREADS"] = "1"  # torch sizes its pool from it on import
 
 TINY_RUN_STEPS = 30
 

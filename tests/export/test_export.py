@@ -34,16 +34,6 @@ from training.models import create_model
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """PyTorch's OpenMP pool slows down several-fold when the two cores are oversubscribed (the
-    test suite shares them); one thread keeps these tests fast. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_ensemble(arch: str, members: int, channels: int, seed: int = 0) -> Ensemble:
     """Untrained members with non-trivial BatchNorm statistics (so BN folding is exercised)."""
     torch.manual_seed(seed)

@@ -28,16 +28,6 @@ from training.models import SplitModel
 from training.saliency import diversity_similarity, gradcam
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors gain nothing from a second thread, and on a shared 2-core machine thread
-    # oversubscription made these tests ~4x slower. Restored for the rest of the session.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class TinyBNNet(SplitModel):
     """Two conv+BatchNorm blocks on 8x8 inputs: exercises BatchNorm modes in milliseconds."""
 

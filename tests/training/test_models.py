@@ -8,17 +8,6 @@ import torch
 from sdde_serve.errors import UserError
 from training.models import ARCHS, create_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors gain nothing from a second thread, and on a shared 2-core machine thread
-    # oversubscription made these tests ~4x slower. Restored for the rest of the session.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # (arch, input side used here, expected feature-map shape [K, h, w] at the default layer).
 # The 224x224 architectures run at 32x32 to stay fast; layer3 of a 224-ResNet is then 2x2.
 CASES = [

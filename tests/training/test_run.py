@@ -21,8 +21,6 @@ from training.trainer import train
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("load_run") / "run"
     # 10 steps per epoch at batch 128: records at the epoch end (step 10) and at the
     # max_steps stop (step 14), so "best" and "last" can be different checkpoints.
@@ -37,10 +35,7 @@ def run_dir(tmp_path_factory) -> Path:
         out=str(out),
         progress=False,
     )
-    try:
-        train(cfg)
-    finally:
-        torch.set_num_threads(before)
+    train(cfg)
     return out
 
 

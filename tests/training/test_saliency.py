@@ -21,16 +21,6 @@ from training.saliency import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors gain nothing from a second thread, and on a shared 2-core machine thread
-    # oversubscription made these tests ~4x slower. Restored for the rest of the session.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class TinyCAMNet(SplitModel):
     """conv -> global average pool -> linear: GradCAM has a closed form.
 

@@ -28,15 +28,6 @@ from training.trainer import cosine_lr, train
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two shared cores: one intra-op thread avoids oversubscription (10x faster here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(out: Path, **kw) -> TrainConfig:
     base = dict(
         data="digits",
