@@ -95,6 +95,8 @@ def main(args: argparse.Namespace) -> int:
         f"  OOD: {manifest.ood.score} < {manifest.ood.threshold:.6g} "
         f"(accepts {manifest.ood.id_acceptance:.1%} of validation images)"
     )
+    if cal.warning:
+        print(f"warning: {cal.warning}")
     if args.triton_repo is not None:
         from sdde_serve.triton import write_triton_repo
 

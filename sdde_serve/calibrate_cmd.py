@@ -88,6 +88,13 @@ def fit_calibration(
     after = cal.ensemble_probs(logits, temperature)
     scores = cal.ood_score(score, logits, after) if scores_at is None else scores_at(temperature)
     threshold = cal.threshold_for_acceptance(scores, id_acceptance)
+    warning = None
+    if cal.temperature_at_bound(temperature):
+        warning = (
+            f"T = {temperature:.4g} is on the search bound: the NLL keeps falling, as it does when "
+            f"(nearly) every one of the {len(labels)} images is classified correctly by every "
+            "member; refit on more or harder held-out data with `sdde calibrate`"
+        )
     info = CalibrationInfo(
         data=data,
         n=len(labels),
@@ -95,6 +102,7 @@ def fit_calibration(
         fitted_at=now_iso(),
         before=metrics(before, labels),
         after=metrics(after, labels),
+        warning=warning,
     )
     return info, OODSpec(score=score, threshold=threshold, id_acceptance=id_acceptance)
 
@@ -239,4 +247,6 @@ def main(args: argparse.Namespace) -> int:
     print(f"  ECE          {b.ece:.4f} -> {a.ece:.4f}")
     accepts = f"accepts {ood.id_acceptance:.1%} of these images"
     print(f"  OOD          {ood.score} < {ood.threshold:.6g} ({accepts})")
+    if info.warning:
+        print(f"warning: {info.warning}")
     return 0

@@ -122,11 +122,31 @@ def ensemble_nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> 
     return float(-lp[np.arange(len(labels)), labels].mean())
 
 
+# The search range of log T. T = e^-4 ≈ 0.018 already turns every member's softmax into a vote;
+# a fit that ends on a bound has found no interior optimum (see temperature_at_bound).
+LOG_T_BOUNDS = (-4.0, 4.0)
+_GRID_POINTS = 33  # coarse grid over LOG_T_BOUNDS: steps of 0.25 in log T
+
+
+def temperature_at_bound(temperature: float, bounds: tuple[float, float] = LOG_T_BOUNDS) -> bool:
+    """Whether a fitted T sits on the search bound: the NLL kept falling towards T -> 0 or ∞.
+
+    That happens when (nearly) every calibration image is classified correctly by every member
+    (the NLL -> 0 as T -> 0): the data say nothing about the right T, so the fit should not be
+    trusted and more (or harder) held-out data is needed.
+    """
+    # Within one grid step rather than exactly on the bound: where the NLL has flattened to its
+    # float64 floor, golden-section search stops anywhere in the first grid cell.
+    step = (bounds[1] - bounds[0]) / (_GRID_POINTS - 1)
+    log_t = float(np.log(temperature))
+    return min(log_t - bounds[0], bounds[1] - log_t) <= step + 1e-9
+
+
 def fit_temperature(
     logits: np.ndarray,
     labels: np.ndarray,
     *,
-    log_t_bounds: tuple[float, float] = (-4.0, 4.0),
+    log_t_bounds: tuple[float, float] = LOG_T_BOUNDS,
     tol: float = 1e-6,
 ) -> float:
     """T minimising the NLL of the ensemble's averaged probabilities ``mean_m softmax(z_m / T)``.
@@ -147,7 +167,7 @@ def fit_temperature(
         return ensemble_nll(logits, labels, float(np.exp(log_t)))
 
     lo, hi = log_t_bounds
-    grid = np.linspace(lo, hi, 33)
+    grid = np.linspace(lo, hi, _GRID_POINTS)
     values = [loss(g) for g in grid]
     i = int(np.argmin(values))
     a, b = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]

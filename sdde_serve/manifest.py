@@ -66,6 +66,8 @@ class CalibrationInfo(_Model):
     fitted_at: str
     before: CalibrationMetrics  # T = 1
     after: CalibrationMetrics  # T fitted
+    # set when the fit is not to be trusted (T on the search bound: data nearly separable)
+    warning: str | None = None
 
 
 class Manifest(_Model):

@@ -106,3 +106,19 @@ def test_member_agreement_follows_the_calibrated_label():
     cold = cal.ensemble_probs(logits, 0.1)
     assert cold.argmax() == 0
     assert cal.member_agreement(logits, cold)[0] == pytest.approx(2 / 3)
+
+
+def test_a_fit_on_separable_data_is_flagged_as_on_the_bound():
+    from sdde_serve.calibrate_cmd import fit_calibration
+
+    # every member right on every image: the NLL falls all the way to T -> 0
+    logits = np.tile(np.array([[[5.0, 0.0], [4.0, 1.0]]]), (20, 1, 1))
+    labels = np.zeros(20, dtype=int)
+    t = cal.fit_temperature(logits, labels)
+    assert cal.temperature_at_bound(t) and t < np.exp(-3.75) + 1e-9
+    info, _ = fit_calibration(logits, labels, data="sep", id_acceptance=0.95, score="mal")
+    assert info.warning and "search bound" in info.warning
+    # with mistakes, the optimum is interior and nothing is flagged
+    labels[:5] = 1
+    info, _ = fit_calibration(logits, labels, data="mixed", id_acceptance=0.95, score="mal")
+    assert info.warning is None and not cal.temperature_at_bound(info.temperature)
