@@ -109,6 +109,7 @@ class Engine:
         providers: list[str] | None = None,
         require_gpu: bool = False,
         verify_weights: bool = True,
+        spin_wait: bool = True,
     ) -> None:
         import onnxruntime as ort
 
@@ -133,6 +134,9 @@ class Engine:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # the CUDA-missing warning is reported via .providers
+        # spinning keeps idle threads hot for the next call; on CPUs shared with other processes
+        # it burns their time instead (measured several-fold slowdowns in bench_engine)
+        options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spin_wait)))
         if require_gpu and not providers and not cuda_usable():
             # asking onnxruntime would only print C++ errors and fall back to the CPU
             raise ModelLoadError("--require-gpu: the CUDA provider cannot load on this machine")

@@ -51,6 +51,7 @@ def load_engine(settings: Settings) -> Engine:
         settings.model,
         intra_op_threads=settings.intra_op_threads,
         require_gpu=settings.require_gpu,
+        spin_wait=settings.spin_wait,
     )
 
 

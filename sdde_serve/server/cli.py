@@ -48,6 +48,7 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--max-images-per-request": ("max_images_per_request", {"type": int}),
     "--top-k": ("top_k", {"type": int}),
     "--require-gpu": ("require_gpu", {"action": "store_true"}),
+    "--spin-wait": ("spin_wait", {"action": argparse.BooleanOptionalAction}),
     "--decode-threads": ("decode_threads", {"type": int}),
     "--drain-timeout": ("drain_timeout_s", {"type": float}),
     "--log-level": ("log_level", {"choices": ["critical", "error", "warning", "info", "debug"]}),

@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(256, ge=1, description="images in one request")
     top_k: int = Field(3, ge=1, description="default number of classes in top_k")
     require_gpu: bool = Field(False, description="fail at start-up unless a GPU provider loads")
+    spin_wait: bool = Field(
+        True,
+        description="onnxruntime threads spin between calls: lower latency on dedicated cores; "
+        "turn off on shared or oversubscribed CPUs, where spinning steals their time",
+    )
     decode_threads: int = Field(2, ge=1, description="threads decoding images off the loop")
     drain_timeout_s: float = Field(
         30.0, ge=0.0, description="on SIGTERM, longest wait for in-flight requests"

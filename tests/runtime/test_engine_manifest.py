@@ -108,3 +108,11 @@ def test_require_gpu_fails_fast_without_a_gpu(linear_model):
         return
     with pytest.raises(ModelLoadError, match=r"require-gpu|onnxruntime cannot load"):
         Engine(linear_model[0], require_gpu=True)
+
+
+def test_spin_wait_off_is_set_on_the_session_and_changes_no_output(engine, linear_model):
+    quiet = Engine(linear_model[0], intra_op_threads=1, spin_wait=False)
+    options = quiet.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    x = np.random.default_rng(1).random((4, 1, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(quiet.run(x).logits, engine.run(x).logits)

@@ -31,12 +31,18 @@ def test_environment_then_flags(monkeypatch):
     assert flags.port == 9002 and flags.api_keys == ["x", "y"]  # flags win
     assert flags.ood_policy == "reject"  # flags not given keep the environment's value
     assert build_settings(parse("--require-gpu")).require_gpu is True
+    assert build_settings(parse()).spin_wait is True
+    assert build_settings(parse("--no-spin-wait")).spin_wait is False
+    monkeypatch.setenv("SDDE_SPIN_WAIT", "false")
+    assert build_settings(parse()).spin_wait is False
+    assert build_settings(parse("--spin-wait")).spin_wait is True
 
 
 def test_worker_environment_reproduces_the_settings(monkeypatch, tmp_path):
     original = Settings(
         model=tmp_path / "m.onnx", port=8123, max_batch_size=8, max_queue_size=64,
         api_keys=["k1", "k2"], ood_policy="reject", max_queue_delay_ms=0.25, require_gpu=True,
+        spin_wait=False,
     )  # fmt: skip
     env = settings_env(original)
     assert "SDDE_HOST" not in env  # defaults are not exported
