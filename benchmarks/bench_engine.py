@@ -38,6 +38,7 @@ import torch  # noqa: E402
 
 from export.graph import build_graph, to_onnx  # noqa: E402
 from export.layouts import LAYOUTS  # noqa: E402
+from sdde_serve.calibration import ensemble_probs  # noqa: E402
 from training.ensemble import Ensemble  # noqa: E402
 from training.models import create_model  # noqa: E402
 
@@ -154,12 +155,6 @@ def export_bytes(ensemble: Ensemble, layout: str, shape: tuple[int, int, int]) -
     return to_onnx(graph, input_shape=shape).SerializeToString()
 
 
-def softmax_mean(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(-1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(-1, keepdims=True)).mean(1)
-
-
 def bench_case(name: str, threads: int, min_time: float) -> dict:
     arch, n, shape, classes = CASES[name]
     torch.manual_seed(0)
@@ -206,7 +201,7 @@ def bench_case(name: str, threads: int, min_time: float) -> dict:
 
         def separate(x: np.ndarray = x) -> object:
             logits = np.stack([s.run(["logits"], {"images": x})[0][:, 0] for s in singles], 1)
-            return softmax_mean(logits)
+            return ensemble_probs(logits)
 
         paths: dict[str, Callable[[], object]] = {
             "torch-eager": eager(torch_threads),

@@ -154,6 +154,18 @@ def skip_done(paths: Iterator[str], n: int, sha: str) -> tuple[Iterator[str], An
     return paths, h
 
 
+def resume_point(paths: Iterator[str], files: JobFiles) -> tuple[Iterator[str], Any, Counts, int]:
+    """Where a job starts: after the inputs a resumed run committed, or at the beginning.
+
+    Returns the remaining paths, the running path hash, the counts so far and the number of
+    inputs already done; the local and the Ray backends both start from here.
+    """
+    if files.resumed is None:
+        return paths, hashlib.sha256(), Counts(), 0
+    rest, h = skip_done(paths, files.resumed.n, files.resumed.sha)
+    return rest, h, Counts(**files.resumed.counts), files.resumed.n
+
+
 def make_pool(workers: int, processes: bool) -> Executor:
     if processes:
         import multiprocessing
@@ -275,14 +287,7 @@ def run_job(
     """Score ``paths`` into ``files``; bad files are recorded in the errors file, never fatal."""
     manifest = backend.manifest
     spec = manifest.input
-    counts = Counts()
-    done = 0
-    if files.resumed is not None:
-        paths, h = skip_done(paths, files.resumed.n, files.resumed.sha)
-        counts = Counts(**files.resumed.counts)
-        done = files.resumed.n
-    else:
-        h = hashlib.sha256()
+    paths, h, counts, done = resume_point(paths, files)
     start = time.perf_counter()
     processed = 0
     bs = opts.batch_size

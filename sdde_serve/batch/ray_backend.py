@@ -18,7 +18,6 @@ bounded by one window.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import tempfile
@@ -34,13 +33,12 @@ from sdde_serve.manifest import load_onnx, read_manifest
 
 from .inputs import iter_inputs
 from .pipeline import (
-    Counts,
     JobResult,
     ScoreOptions,
     load_image,
     path_hash_update,
+    resume_point,
     score_rows,
-    skip_done,
 )
 from .writers import JobFiles
 
@@ -137,12 +135,7 @@ def ray_job(
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # rows in input order, like local jobs
     ctx.enable_progress_bars = False
-    counts, done = Counts(), 0
-    if files.resumed is not None:
-        paths, h = skip_done(paths, files.resumed.n, files.resumed.sha)
-        counts, done = Counts(**files.resumed.counts), files.resumed.n
-    else:
-        h = hashlib.sha256()
+    paths, h, counts, done = resume_point(paths, files)
     model_ref = ray.put(Path(model_path).read_bytes())
     start, processed = time.perf_counter(), 0
     while chunk := list(islice(paths, window)):
