@@ -51,12 +51,26 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--spin-wait": ("spin_wait", {"action": argparse.BooleanOptionalAction}),
     "--decode-threads": ("decode_threads", {"type": int}),
     "--drain-timeout": ("drain_timeout_s", {"type": float}),
+    "--pin": ("pin", {"action": "append", "metavar": "NAME:VERSION"}),
+    "--poll-repo": ("poll_repo_s", {"type": float, "metavar": "SECS"}),
+    "--shadow": ("shadow", {"action": "append", "metavar": "NAME:VERSION"}),
+    "--shadow-fraction": ("shadow_fraction", {"type": float}),
+    "--shadow-max-pending": ("shadow_max_pending", {"type": int}),
+    "--feedback-max-size": ("feedback_max_size", {"type": int}),
+    "--feedback-max-age": ("feedback_max_age_s", {"type": float, "metavar": "SECS"}),
+    "--feedback-window": ("feedback_window_s", {"type": float, "metavar": "SECS"}),
     "--log-level": ("log_level", {"choices": ["critical", "error", "warning", "info", "debug"]}),
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", default=argparse.SUPPRESS, help="exported .onnx file")
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=argparse.SUPPRESS,
+        help="exported .onnx file, or a model repository directory "
+        "(REPO/<name>/<version>/model.onnx)",
+    )
     for flag, (field, extra) in FLAGS.items():
         info = Settings.model_fields[field]
         default = info.get_default(call_default_factory=True)
