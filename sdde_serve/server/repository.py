@@ -173,7 +173,10 @@ class ModelRepository:
             raise ApiError(404, f"model {entry.name!r} is unloaded")
         if version is None:
             if entry.serving is None:
-                raise NotReady(f"model {entry.name!r} is not ready yet (loading)")
+                raise NotReady(
+                    f"model {entry.name!r} is not ready: loading, or no version of it loads "
+                    "(POST /v2/repository/index)"
+                )
             return entry.serving
         for runtime in entry.loaded():
             if runtime.version == version:
@@ -189,9 +192,9 @@ class ModelRepository:
         return next(iter(self.entries.values()), None) if len(self.entries) == 1 else None
 
     def ready(self) -> bool:
-        """Every model that should serve has a serving version (and there is one)."""
-        active = [e for e in self.entries.values() if not e.unloaded]
-        return bool(active) and all(e.serving is not None for e in active)
+        """Some model serves. (Per model: ``/v2/models/{name}/ready``. A model that appears in
+        the repository with no loadable version must not take the others out of service.)"""
+        return any(e.serving is not None for e in self.entries.values())
 
     # --- start and stop ------------------------------------------------------------------------
 
@@ -317,23 +320,23 @@ class ModelRepository:
         versions = self._versions(name)
         entry = self.entries.setdefault(name, ModelEntry(name))
         async with entry.lock:
-            if version is not None:
-                entry.pinned = None if version == "latest" else version
-            target = entry.pinned or next(reversed(versions))
+            pinned = entry.pinned if version is None else (None if version == "latest" else version)
+            target = pinned or next(reversed(versions))
             if target not in versions:
                 raise ApiError(404, f"version {target!r} of {name!r} is not in the repository")
             path = versions[target]
             old = entry.serving
-            entry.unloaded = False
             if old is not None and old.version == target and old.stamp == stamp(path):
+                entry.pinned, entry.unloaded = pinned, False
                 return {"name": name, "version": target, "state": "READY", "changed": False}
-            try:
-                new = await self._load_version(entry, target, path)
-            except LoadFailed as exc:
-                keep = f"version {old.version} stays in service" if old else "nothing serves"
-                reason = f"failed to load {name} version {target}: {exc}; {keep}"
-                raise ApiError(400, reason) from None
+            shadow = entry.shadow
+            if shadow is not None and shadow.version == target and shadow.stamp == stamp(path):
+                # promote the shadow: already loaded, verified and warm
+                new, entry.shadow, entry.shadow_version = shadow, None, None
+            else:
+                new = await self._load_new(entry, target, path, old)
             entry.serving = new  # the switch: new requests resolve to `new` from here on
+            entry.pinned, entry.unloaded = pinned, False
             entry.refused.pop(target, None)
             self._set_role(new, "serving")
             log.info(
@@ -353,6 +356,16 @@ class ModelRepository:
                 "previous": old.version if old else None,
             }
 
+    async def _load_new(
+        self, entry: ModelEntry, version: str, path: Path, old: ModelRuntime | None
+    ) -> ModelRuntime:
+        try:
+            return await self._load_version(entry, version, path)
+        except LoadFailed as exc:
+            keep = f"version {old.version} stays in service" if old else "nothing serves"
+            reason = f"failed to load {entry.name} version {version}: {exc}; {keep}"
+            raise ApiError(400, reason) from None
+
     async def set_shadow(self, name: str, version: str | None) -> dict[str, Any]:
         """Score ``name``'s traffic also with ``version`` (``None``: stop shadow scoring)."""
         versions = self._versions(name)
@@ -366,6 +379,8 @@ class ModelRepository:
             else:
                 if version not in versions:
                     raise ApiError(404, f"version {version!r} of {name!r} is not in the repository")
+                if entry.serving is not None and entry.serving.version == version:
+                    raise ApiError(400, f"version {version} of {name} is the serving version")
                 if old is None or old.version != version:
                     entry.shadow = await self._load_version(entry, version, versions[version])
                     self._set_role(entry.shadow, "shadow")

@@ -65,7 +65,7 @@ class ShadowScorer:
             return None
         return BackgroundTask(self._spawn, candidate, live, images, labels, flags)
 
-    def _spawn(
+    async def _spawn(
         self,
         candidate: ModelRuntime,
         live: ModelRuntime,
