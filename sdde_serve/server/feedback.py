@@ -3,8 +3,9 @@
 Every prediction gets an ``id``. The store keeps, per id, what is needed to judge the prediction
 once its label comes: model, version, time, the calibrated probability vector, the OOD score and
 flag. Never the image. It is bounded by count (``--feedback-max-size``, oldest dropped first) and
-by age (``--feedback-max-age``); a label for a dropped id is answered ``expired`` (ids dropped
-recently are remembered, as strings only), one for an id never issued ``unknown``.
+by age (``--feedback-max-age``); a label for a dropped id is answered ``expired`` (the last
+``max_size`` dropped ids are remembered, as strings only), one for an id never issued (or dropped
+longer ago) ``unknown``.
 
 A label is a class (index or name) or ``null``: the image belongs to none of the classes (it
 really was out of distribution). Feedback is idempotent per id: the first label counts, the same

@@ -65,6 +65,7 @@ def test_predict_multipart_json_and_raw_agree_with_engine_and_scoring(tiny_engin
         assert got["agreement"] == pytest.approx(ref.agreement)
         assert [t["label"] for t in got["top_k"]] == [t.label for t in ref.top_k]
         assert got["threshold"] == tiny_engine.manifest.ood.threshold
+
     def strip(preds: list[dict]) -> list[dict]:  # every prediction has its own id
         return [{k: v for k, v in p.items() if k not in ("filename", "id")} for p in preds]
 
