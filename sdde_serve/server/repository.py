@@ -294,9 +294,20 @@ class ModelRepository:
         self.lifecycle.load_failures.labels(model=name, version=version).inc()
         log.error("model %s version %s refused: %s", name, version, reason)
 
-    def _versions(self, name: str) -> dict[str, Path]:
+    def _check_repository(self) -> None:
         if self.root is None:
+            # nothing to load back from: unloading the only model would end service for good
             raise ApiError(400, "this server serves one model file, not a repository")
+        if self.settings.workers > 1:
+            raise ApiError(
+                400,
+                f"with --workers {self.settings.workers} each process has its own models and "
+                "this call would reach one of them: use --poll-repo to change versions",
+            )
+
+    def _versions(self, name: str) -> dict[str, Path]:
+        self._check_repository()
+        assert self.root is not None
         versions = scan(self.root).get(name)
         if not versions:
             raise ApiError(404, f"model {name!r} is not in the repository {self.root}")
@@ -391,6 +402,7 @@ class ModelRepository:
 
     async def unload(self, name: str) -> dict[str, Any]:
         """Stop serving ``name``: new requests get 404 at once; in-flight ones finish."""
+        self._check_repository()
         entry = self.entries.get(name)
         if entry is None or entry.unloaded:
             raise ApiError(404, f"model {name!r} is not loaded")

@@ -159,8 +159,10 @@ def test_repository_api_and_feedback_are_behind_the_api_key(two_models):
 
 
 def test_a_plain_model_file_has_no_repository_to_load_from(linear_client):
-    r = linear_client.post("/v2/repository/models/linear-test/load")
-    assert r.status_code == 400 and "not a repository" in r.json()["error"]
+    for action in ("load", "unload"):
+        r = linear_client.post(f"/v2/repository/models/linear-test/{action}")
+        assert r.status_code == 400 and "not a repository" in r.json()["error"]
+    assert linear_client.get("/v2/models/linear-test/ready").status_code == 200
     assert linear_client.post("/v2/repository/index").json() == [
         {"name": "linear-test", "version": "7", "state": "READY", "reason": "serving"}
     ]
@@ -202,3 +204,10 @@ def test_pin_and_shadow_flags_are_validated():
     s = build_settings(argparse.Namespace(pin=["a:1", "b.c:12"], shadow=["a:2"]))
     assert s.model_versions(s.pin) == {"a": "1", "b.c": "12"}
     assert Settings(_env_file=None, pin="a:1,b:2").pin == ["a:1", "b:2"]
+
+
+def test_repository_calls_are_refused_with_several_worker_processes(two_models):
+    with serve_repo(two_models, workers=2) as client:
+        r = client.post(f"/v2/repository/models/{MODEL}/load")
+        assert version_of(client) == "2"
+    assert r.status_code == 400 and "--poll-repo" in r.json()["error"]
