@@ -329,7 +329,7 @@ class ModelRepository:
         """Serve ``name``'s target version: ``version`` (pin), ``"latest"``, or ``None`` (keep
         the policy). A no-op when that version (same file) already serves."""
         versions = self._versions(name)
-        entry = self.entries.setdefault(name, ModelEntry(name))
+        entry = self.entries.setdefault(name, ModelEntry(name, pinned=self._pins.get(name)))
         async with entry.lock:
             pinned = entry.pinned if version is None else (None if version == "latest" else version)
             target = pinned or next(reversed(versions))
@@ -457,7 +457,8 @@ class ModelRepository:
             entry = self.entries.get(name)
             if entry is not None and entry.unloaded:
                 continue
-            target = (entry.pinned if entry else None) or next(reversed(versions), None)
+            pinned = entry.pinned if entry is not None else self._pins.get(name)
+            target = pinned or next(reversed(versions), None)
             if target is None or target not in versions:
                 continue
             if entry is not None and entry.refused.get(target) == stamp(versions[target]):
@@ -484,9 +485,9 @@ class ModelRepository:
 
     # --- the repository extension's index ------------------------------------------------------
 
-    def index(self, ready_only: bool = False) -> list[dict[str, str]]:
+    def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
         on_disk = scan(self.root) if self.root is not None else {}
-        rows: dict[tuple[str, str], dict[str, str]] = {}
+        rows: dict[tuple[str, str], dict[str, Any]] = {}
         for name, versions in on_disk.items():
             for version in versions:
                 rows[(name, version)] = {"name": name, "version": version, "state": "UNAVAILABLE"}
@@ -501,6 +502,7 @@ class ModelRepository:
                         "version": runtime.version,
                         "state": "READY",
                         "reason": role,
+                        "in_flight": runtime.users,
                     }
         order = sorted(rows, key=lambda k: (k[0], int(k[1]) if k[1].isdigit() else 0))
         out = [rows[k] for k in order]

@@ -219,7 +219,12 @@ def test_unload_drains_in_flight_requests(repo):
         thread = threading.Thread(target=slow_request)
         thread.start()
         assert sending.wait(30)
-        time.sleep(0.3)  # headers reached the server: the route holds its version
+
+        def in_flight() -> int:
+            rows = httpx.post(server.url + "/v2/repository/index", timeout=10).json()
+            return sum(r.get("in_flight", 0) for r in rows)
+
+        wait_until(lambda: in_flight() == 1, what="the slow request to hold its version")
         unload = httpx.post(server.url + f"/v2/repository/models/{MODEL}/unload", timeout=60)
         unloaded_at = time.monotonic()
         thread.join(60)

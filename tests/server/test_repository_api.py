@@ -164,7 +164,13 @@ def test_a_plain_model_file_has_no_repository_to_load_from(linear_client):
         assert r.status_code == 400 and "not a repository" in r.json()["error"]
     assert linear_client.get("/v2/models/linear-test/ready").status_code == 200
     assert linear_client.post("/v2/repository/index").json() == [
-        {"name": "linear-test", "version": "7", "state": "READY", "reason": "serving"}
+        {
+            "name": "linear-test",
+            "version": "7",
+            "state": "READY",
+            "reason": "serving",
+            "in_flight": 0,
+        }
     ]
 
 

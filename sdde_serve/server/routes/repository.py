@@ -31,6 +31,7 @@ class IndexEntry(BaseModel):
     version: str
     state: str = Field(description="READY (loaded) or UNAVAILABLE (on disk only)")
     reason: str | None = Field(None, description="serving | shadow | why it failed")
+    in_flight: int | None = Field(None, description="requests running on a loaded version")
 
 
 class LoadParameters(BaseModel):
@@ -58,7 +59,7 @@ class LoadRequest(BaseModel):
 )
 async def index(
     repository: RepositoryDep, request: Annotated[IndexRequest | None, Body()] = None
-) -> list[dict[str, str]]:
+) -> list[dict[str, Any]]:
     return repository.index(ready_only=bool(request and request.ready))
 
 
