@@ -26,15 +26,13 @@ from sdde_serve.server.errors import BodyLimitMiddleware, install_error_handlers
 from sdde_serve.server.feedback import FeedbackStore
 from sdde_serve.server.lifecycle_metrics import LifecycleMetrics
 from sdde_serve.server.metrics import Metrics
-from sdde_serve.server.repository import ModelRepository, open_engine
+from sdde_serve.server.repository import ModelRepository, Preloaded, open_engine
 from sdde_serve.server.routes import feedback as feedback_routes
 from sdde_serve.server.routes import metrics as metrics_routes
 from sdde_serve.server.routes import predict, v2
 from sdde_serve.server.routes import repository as repository_routes
 from sdde_serve.server.settings import Settings
 from sdde_serve.server.shadow import ShadowScorer
-
-Preloaded = dict[str, tuple[str, Engine]]  # model name -> (version, loaded engine)
 
 log = logging.getLogger("sdde.server")
 

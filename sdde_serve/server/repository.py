@@ -50,6 +50,15 @@ class LoadFailed(Exception):
     """A version could not be loaded, verified or warmed up (the message says why)."""
 
 
+@dataclass
+class Preloaded:
+    """Each model's starting version, loaded before the server binds, and the versions refused
+    on the way (newer ones that failed: the app counts and lists them once it runs)."""
+
+    engines: dict[str, tuple[str, Engine]]  # name -> (version, engine)
+    refused: list[tuple[str, str, Path]] = field(default_factory=list)  # (name, version, file)
+
+
 @dataclass(eq=False)
 class ModelRuntime:
     """A loaded, warmed-up model version behind its own batcher."""
@@ -198,7 +207,7 @@ class ModelRepository:
 
     # --- start and stop ------------------------------------------------------------------------
 
-    def preload(self) -> dict[str, tuple[str, Engine]]:
+    def preload(self) -> Preloaded:
         """Load each model's starting version (blocking; before the server binds).
 
         Latest policy: the newest version that loads (failures are logged and counted, and an
@@ -210,7 +219,7 @@ class ModelRepository:
             raise ModelLoadError(
                 f"{self.root}: no models (expected {self.root}/<name>/<version>/{MODEL_FILE})"
             )
-        loaded = {}
+        loaded = Preloaded({})
         for name, versions in models.items():
             pinned = self._pins.get(name)
             if pinned is not None and pinned not in versions:
@@ -219,11 +228,12 @@ class ModelRepository:
             errors = []
             for version in order:
                 try:
-                    loaded[name] = (version, self._load(versions[version]))
+                    loaded.engines[name] = (version, self._load(versions[version]))
                     break
                 except ModelLoadError as exc:
                     errors.append(f"v{version}: {exc}")
-                    self._refuse(name, version, versions[version], str(exc))
+                    log.error("model %s version %s refused: %s", name, version, exc)
+                    loaded.refused.append((name, version, versions[version]))
             else:
                 raise ModelLoadError(f"model {name}: no version loads ({'; '.join(errors)})")
         unknown = set(self._pins) - set(models)
@@ -231,7 +241,7 @@ class ModelRepository:
             raise ModelLoadError(f"--pin names unknown models: {', '.join(sorted(unknown))}")
         return loaded
 
-    async def start(self, engine: Engine | None = None, preloaded: Any = None) -> None:
+    async def start(self, engine: Engine | None = None, preloaded: Preloaded | None = None) -> None:
         """Serve ``engine`` (one file) or the repository (``preloaded``, else loaded now)."""
         if self.root is None:
             if engine is None:
@@ -243,11 +253,14 @@ class ModelRepository:
             return
         if preloaded is None:
             preloaded = await asyncio.to_thread(self.preload)
-        for name, (version, eng) in preloaded.items():
+        for name, (version, eng) in preloaded.engines.items():
             entry = self.entries.setdefault(name, ModelEntry(name, pinned=self._pins.get(name)))
             path = self.root / name / version / MODEL_FILE
             entry.serving = await self._activate(entry, eng, version, stamp(path))
             self._set_role(entry.serving, "serving")
+        for name, version, path in preloaded.refused:  # logged by preload; counted from here
+            self.entries[name].refused[version] = stamp(path)
+            self.lifecycle.load_failures.labels(model=name, version=version).inc()
         for name, version in self._shadows.items():
             if name not in self.entries:
                 log.error("--shadow %s:%s: no such model; no shadow scoring", name, version)

@@ -182,9 +182,21 @@ def test_start_up_falls_back_below_a_corrupt_latest_version_and_checks_pins(
     repo = tmp_path / "repo"
     add_version(repo, "1", versions["1"])
     add_version(repo, "2", versions["corrupt"])
-    preloaded = _preload(Settings(model=repo))["preloaded"]
-    assert list(preloaded) == [MODEL] and preloaded[MODEL][0] == "1"
+    settings = Settings(model=repo, intra_op_threads=1)
+    preloaded = _preload(settings)["preloaded"]
+    assert list(preloaded.engines) == [MODEL] and preloaded.engines[MODEL][0] == "1"
+    assert [(n, v) for n, v, _ in preloaded.refused] == [(MODEL, "2")]
     assert "model digits version 2 refused" in caplog.text
+    # the app that starts from it counts and lists the refusal, and does not retry the same file
+    with TestClient(create_app(settings, preloaded=preloaded)) as client:
+        client.portal.call(client.app.state.sdde.repository.poll_once)  # type: ignore[union-attr]
+        samples = scrape(client.get("/metrics").text)
+        index = client.post("/v2/repository/index").json()
+        assert version_of(client) == "1"
+    assert metric(samples, "sdde_model_load_failures_total", model=MODEL, version="2") == 1
+    assert [(r["version"], r["state"], r.get("reason")) for r in index] == [
+        ("1", "READY", "serving"), ("2", "UNAVAILABLE", "failed to load (see the log)")
+    ]  # fmt: skip
     with pytest.raises(ModelLoadError, match="pinned version 2"):
         shutil.rmtree(repo / MODEL / "2")
         _preload(Settings(model=repo, pin=[f"{MODEL}:2"]))
