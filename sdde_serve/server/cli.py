@@ -131,6 +131,8 @@ def _preload(settings: Settings) -> dict[str, Any]:
 
     assert settings.model is not None
     if not settings.model.is_dir():
+        if settings.pin or settings.shadow or settings.poll_repo_s:
+            raise UserError("--pin, --shadow and --poll-repo need a model repository directory")
         return {"engine": load_engine(settings)}
     from sdde_serve.server.lifecycle_metrics import LifecycleMetrics
     from sdde_serve.server.metrics import Metrics

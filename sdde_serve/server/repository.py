@@ -239,6 +239,11 @@ class ModelRepository:
         unknown = set(self._pins) - set(models)
         if unknown:
             raise ModelLoadError(f"--pin names unknown models: {', '.join(sorted(unknown))}")
+        for name, version in self._shadows.items():  # a typo stops start-up; a bad file doesn't
+            if version not in models.get(name, {}):
+                raise ModelLoadError(
+                    f"--shadow {name}:{version}: no such model version in {self.root}"
+                )
         return loaded
 
     async def start(self, engine: Engine | None = None, preloaded: Preloaded | None = None) -> None:
@@ -267,7 +272,7 @@ class ModelRepository:
                 continue
             try:
                 await self.set_shadow(name, version)
-            except LoadFailed as exc:
+            except (LoadFailed, ApiError) as exc:  # logged and counted; live serving goes on
                 log.error("shadow %s:%s not started: %s", name, version, exc)
 
     async def close(self, timeout: float) -> None:

@@ -202,6 +202,10 @@ def test_start_up_falls_back_below_a_corrupt_latest_version_and_checks_pins(
         _preload(Settings(model=repo, pin=[f"{MODEL}:2"]))
     with pytest.raises(ModelLoadError, match="unknown models: nope"):
         _preload(Settings(model=repo, pin=["nope:1"]))
+    with pytest.raises(ModelLoadError, match="--shadow digits:5: no such model version"):
+        _preload(Settings(model=repo, shadow=[f"{MODEL}:5"]))
+    with pytest.raises(UserError, match="need a model repository"):
+        _preload(Settings(model=versions["1"], shadow=[f"{MODEL}:5"]))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ModelLoadError, match="no models"):
@@ -229,3 +233,14 @@ def test_repository_calls_are_refused_with_several_worker_processes(two_models):
         r = client.post(f"/v2/repository/models/{MODEL}/load")
         assert version_of(client) == "2"
     assert r.status_code == 400 and "--poll-repo" in r.json()["error"]
+
+
+def test_a_shadow_version_that_fails_to_load_leaves_live_serving_alone(two_models, versions):  # noqa: F811
+    add_version(two_models, "3", versions["corrupt"])
+    with serve_repo(two_models, pin=[f"{MODEL}:2"], shadow=[f"{MODEL}:3"]) as client:
+        assert version_of(client) == "2"
+        samples = scrape(client.get("/metrics").text)
+    assert metric(samples, "sdde_model_load_failures_total", model=MODEL, version="3") == 1
+    assert (
+        metric(samples, "sdde_shadow_images_total", model=MODEL, version="3", live_version="2") == 0
+    )
