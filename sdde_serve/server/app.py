@@ -60,6 +60,8 @@ def set_ready(state: ServerState, ready: bool) -> None:
     state.ready = ready and repository is not None and repository.ready()
     if repository is not None:
         for entry in repository.entries.values():
+            if entry.unloaded:
+                continue
             serving = state.ready and entry.serving is not None
             state.metrics.model_ready.labels(model=entry.name).set(int(serving))
 

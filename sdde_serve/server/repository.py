@@ -17,6 +17,7 @@ returned by the load call and counted in ``sdde_model_load_failures_total``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -463,6 +464,10 @@ class ModelRepository:
         self.lifecycle.set_role(runtime.name, runtime.version, role)
 
     def _set_ready(self, entry: ModelEntry) -> None:
+        if entry.unloaded:  # not served on purpose: no series, so SddeModelNotReady stays quiet
+            with contextlib.suppress(KeyError):
+                self.metrics.model_ready.remove(entry.name)
+            return
         self.metrics.model_ready.labels(model=entry.name).set(int(entry.serving is not None))
 
     # --- polling -------------------------------------------------------------------------------

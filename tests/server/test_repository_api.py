@@ -244,3 +244,16 @@ def test_a_shadow_version_that_fails_to_load_leaves_live_serving_alone(two_model
     assert (
         metric(samples, "sdde_shadow_images_total", model=MODEL, version="3", live_version="2") == 0
     )
+
+
+def test_an_unloaded_model_has_no_readiness_series_until_loaded_again(two_models):
+    with serve_repo(two_models) as client:
+        client.post(f"/v2/repository/models/{OTHER}/unload")
+        unloaded = scrape(client.get("/metrics").text)
+        still = client.get("/v2/health/ready").status_code
+        client.post(f"/v2/repository/models/{OTHER}/load")
+        loaded = scrape(client.get("/metrics").text)
+    # a model unloaded on purpose must not look "not ready" (SddeModelNotReady would page)
+    assert ("sdde_model_ready", (("model", OTHER),)) not in unloaded
+    assert metric(unloaded, "sdde_model_ready", model=MODEL) == 1 and still == 200
+    assert metric(loaded, "sdde_model_ready", model=OTHER) == 1
