@@ -49,6 +49,7 @@ def version_of(client: TestClient, url: str = f"/v1/models/{MODEL}:predict") -> 
 
 def test_every_model_is_served_at_its_latest_version_by_name(two_models):
     with serve_repo(two_models) as client:
+        extensions = client.get("/v2").json()["extensions"]
         digits = client.get(f"/v2/models/{MODEL}").json()
         other = client.get(f"/v2/models/{OTHER}/versions/4").json()
         ready = {
@@ -72,6 +73,7 @@ def test_every_model_is_served_at_its_latest_version_by_name(two_models):
         assert version_of(client) == "2"
         assert version_of(client, f"/v1/models/{OTHER}:predict") == "4"
         samples = scrape(client.get("/metrics").text)
+    assert extensions == ["binary_tensor_data", "model_repository"]
     assert digits["name"] == MODEL and digits["versions"] == ["2"]
     assert other["name"] == OTHER and other["versions"] == ["4"]
     assert ready == {

@@ -174,8 +174,11 @@ async def model_ready(name: ModelName, state: StateDep, version: str | None = No
 
 
 @router.get("", response_model=ServerMetadata, dependencies=[AuthDep], summary="Server metadata")
-async def server_metadata() -> ServerMetadata:
-    return ServerMetadata(name="sdde-serve", version=__version__, extensions=["binary_tensor_data"])
+async def server_metadata(state: StateDep) -> ServerMetadata:
+    extensions = ["binary_tensor_data"]
+    if state.repository is not None and state.repository.root is not None:
+        extensions.append("model_repository")  # as Triton reports its repository API
+    return ServerMetadata(name="sdde-serve", version=__version__, extensions=extensions)
 
 
 @router.get(
