@@ -285,8 +285,15 @@ class ModelRepository:
     # --- loading -------------------------------------------------------------------------------
 
     async def _activate(
-        self, entry: ModelEntry, engine: Engine, version: str, file_stamp: Stamp | None
+        self,
+        entry: ModelEntry,
+        engine: Engine,
+        version: str,
+        file_stamp: Stamp | None,
+        shadow: bool = False,
     ) -> ModelRuntime:
+        """Warm up ``engine`` and start its batcher. A shadow's batcher records no batch metrics
+        and it gets no ``sdde_model_info``: the live series describe live traffic only."""
         s = self.settings
         sizes = tuple(sorted({1, s.max_batch_size}))
         await asyncio.to_thread(engine.warmup, sizes)
@@ -295,14 +302,17 @@ class ModelRepository:
             max_batch_size=s.max_batch_size,
             max_delay_s=s.max_queue_delay_ms / 1000.0,
             max_queue_size=s.max_queue_size,
-            metrics=self.metrics,
+            metrics=None if shadow else self.metrics,
             model=entry.name,
         )
         batcher.start()
         runtime = ModelRuntime(
             engine.manifest, list(engine.providers), batcher, entry.name, version, file_stamp
         )
-        self.metrics.set_model(engine.manifest, engine.providers, name=entry.name, version=version)
+        if not shadow:
+            self.metrics.set_model(
+                engine.manifest, engine.providers, name=entry.name, version=version
+            )
         self.lifecycle.loaded(entry.name, version)
         return runtime
 
@@ -332,10 +342,12 @@ class ModelRepository:
             raise ApiError(404, f"model {name!r} is not in the repository {self.root}")
         return versions
 
-    async def _load_version(self, entry: ModelEntry, version: str, path: Path) -> ModelRuntime:
+    async def _load_version(
+        self, entry: ModelEntry, version: str, path: Path, shadow: bool = False
+    ) -> ModelRuntime:
         try:
             engine = await asyncio.to_thread(self._load, path)
-            return await self._activate(entry, engine, version, stamp(path))
+            return await self._activate(entry, engine, version, stamp(path), shadow)
         except Exception as exc:  # ModelLoadError, or onnxruntime failing at warm-up
             if isinstance(exc, ModelLoadError):
                 reason = str(exc)
@@ -359,13 +371,13 @@ class ModelRepository:
             if old is not None and old.version == target and old.stamp == stamp(path):
                 entry.pinned, entry.unloaded = pinned, False
                 return {"name": name, "version": target, "state": "READY", "changed": False}
-            shadow = entry.shadow
-            if shadow is not None and shadow.version == target and shadow.stamp == stamp(path):
-                # promote the shadow: already loaded, verified and warm
-                new, entry.shadow, entry.shadow_version = shadow, None, None
-            else:
-                new = await self._load_new(entry, target, path, old)
+            new = await self._load_new(entry, target, path, old)
             entry.serving = new  # the switch: new requests resolve to `new` from here on
+            shadow = entry.shadow
+            if shadow is not None and shadow.version == target:
+                # the candidate went live (loaded afresh, with the live metrics): shadowing ends
+                entry.shadow = entry.shadow_version = None
+                self._retire(shadow)
             entry.pinned, entry.unloaded = pinned, False
             entry.refused.pop(target, None)
             self._set_role(new, "serving")
@@ -412,7 +424,9 @@ class ModelRepository:
                 if entry.serving is not None and entry.serving.version == version:
                     raise ApiError(400, f"version {version} of {name} is the serving version")
                 if old is None or old.version != version:
-                    entry.shadow = await self._load_version(entry, version, versions[version])
+                    entry.shadow = await self._load_version(
+                        entry, version, versions[version], shadow=True
+                    )
                     self._set_role(entry.shadow, "shadow")
                 entry.shadow_version = version
             if old is not None and old is not entry.shadow:

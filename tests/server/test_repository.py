@@ -323,4 +323,7 @@ def test_shadow_scoring_counts_agreement_and_never_changes_responses(tmp_path, v
         len(IMAGES) + 1
     )
     assert metric(samples, "sdde_model_version_info", model=MODEL, version="2", role="shadow") == 1
+    # the live series count live traffic only: the shadow's engine calls are not in them
+    assert metric(samples, "sdde_batch_size_sum", model=MODEL) == total
+    assert metric(plain_samples, "sdde_batch_size_sum", model=MODEL) == total
     assert metric(plain_samples, "sdde_shadow_images_total", **key) == 0

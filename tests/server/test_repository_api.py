@@ -125,7 +125,7 @@ def test_pin_roll_forward_and_back_with_the_load_api(two_models):
     assert [(r["name"], r["version"]) for r in ready_only] == [(MODEL, "1"), (OTHER, "4")]
 
 
-def test_shadow_set_through_the_api_is_promoted_without_reloading(two_models):
+def test_shadow_set_through_the_api_goes_live_and_stops_shadowing(two_models):
     load = f"/v2/repository/models/{MODEL}/load"
     with serve_repo(two_models, pin=[f"{MODEL}:1"]) as client:
         shadow = client.post(load, json={"parameters": {"shadow": "2"}})
@@ -142,8 +142,9 @@ def test_shadow_set_through_the_api_is_promoted_without_reloading(two_models):
     assert [(r["version"], r.get("reason")) for r in index if r["name"] == MODEL] == [
         ("2", "serving")
     ]
-    # version 2 was loaded once (as the shadow) and promoted as it was
-    assert metric(samples, "sdde_model_loads_total", model=MODEL, version="2") == 1
+    # version 2 was loaded as the shadow, then afresh as the live version (the shadow's batches
+    # stay out of the live series)
+    assert metric(samples, "sdde_model_loads_total", model=MODEL, version="2") == 2
     assert metric(samples, "sdde_model_version_info", model=MODEL, version="2", role="serving") == 1
     assert ("sdde_model_version_info", (("model", MODEL), ("role", "shadow"), ("version", "2"))) \
         not in samples  # fmt: skip
