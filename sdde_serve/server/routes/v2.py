@@ -133,7 +133,9 @@ class ServerMetadata(BaseModel):
     extensions: list[str]
 
 
-ModelName = Annotated[str, Path(description="the manifest's model name")]
+ModelName = Annotated[
+    str, Path(description="the model name (repository directory, else the manifest's)")
+]
 
 
 def _check_model(runtime: ModelRuntime, name: str, version: str | None = None) -> None:
