@@ -19,8 +19,9 @@ So this module re-implements the corruptions with the **CIFAR-10-C severity para
 CIFAR-10-C/ImageNet-C "common" set without ``snow`` and ``frost``: frost blends in photographs
 of frost that the package ships, snow ImageMagick's motion blur of a synthetic layer); speckle
 noise and Gaussian blur are the reference's extra ("validation") corruptions and are opt-in.
-Length parameters (blur radii, pixel shifts) are CIFAR-10-C's for 32 px and scale with
-``min(H, W) / 32``; the elastic transform's are fractions of the image side, as in the reference.
+Length parameters (blur radii, pixel shifts) are CIFAR-10-C's pixel values for images up to 45 px
+(MNIST's 28, the digits' 8) and scale by the power of two nearest to ``min(H, W) / 32`` above;
+the elastic transform's are fractions of the image side, as in the reference.
 
 Every corruption is deterministic for ``(seed, name, severity)``: it draws from its own
 ``numpy.random.Generator`` (never the global state), so the corrupted set does not depend on which
@@ -128,12 +129,13 @@ def bilinear_sample(x: np.ndarray, yy: np.ndarray, xx: np.ndarray, mode: str) ->
 
 
 def _scale(x: np.ndarray) -> float:
-    """The power of two nearest to ``min(H, W) / 32``: exactly 1 for MNIST/CIFAR sizes (24-45 px).
+    """1 up to 45 px (CIFAR-10-C's pixel values), else the power of two nearest to side / 32.
 
-    Continuous scaling would change the reference's discrete kernels for no reason (a defocus
-    radius of 1 px keeps its 4 neighbours; 0.875 px keeps none).
+    Never below 1: on 8×8 images a scaled-down blur would be no blur at all. And a power of two
+    rather than side / 32, so MNIST's 28 px keep the reference's discrete kernels (a defocus
+    radius of 1 px takes in the 4 neighbours; 0.875 px would take in none).
     """
-    return float(2.0 ** round(np.log2(min(x.shape[-2:]) / REFERENCE_SIZE)))
+    return float(max(1.0, 2.0 ** round(np.log2(min(x.shape[-2:]) / REFERENCE_SIZE))))
 
 
 # --- noise ---------------------------------------------------------------------------------------
