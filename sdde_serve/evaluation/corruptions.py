@@ -423,9 +423,12 @@ def families(names: list[str] | tuple[str, ...]) -> dict[str, list[str]]:
     return {f: members for f, members in out.items() if members}
 
 
-def corruption_seed(seed: int, name: str, severity: int) -> np.random.SeedSequence:
+CHUNK = 256  # images corrupted at once: bounds the float64 working memory of large sets
+
+
+def corruption_seed(seed: int, name: str, severity: int, chunk: int = 0) -> np.random.SeedSequence:
     # crc32, not hash(): Python salts str hashes per process
-    return np.random.SeedSequence([int(seed), zlib.crc32(name.encode()), int(severity)])
+    return np.random.SeedSequence([int(seed), zlib.crc32(name.encode()), int(severity), chunk])
 
 
 def corrupt(images: np.ndarray, name: str, severity: int, *, seed: int = 0) -> np.ndarray:
@@ -445,10 +448,14 @@ def corrupt(images: np.ndarray, name: str, severity: int, *, seed: int = 0) -> n
         raise ValueError(f"images must be uint8 or float in [0, 1], got {images.dtype}")
     if severity == 0 or len(images) == 0:
         return images.copy()
-    x = images.astype(np.float64) / 255 if is_uint8 else images.astype(np.float64)
     spec = CORRUPTIONS[name]
-    rng = np.random.default_rng(corruption_seed(seed, name, severity))
-    out = np.clip(spec.fn(x, spec.params[severity - 1], rng), 0.0, 1.0)
-    if is_uint8:
-        return np.rint(out * 255).astype(np.uint8)
-    return out.astype(images.dtype)
+    out = np.empty_like(images)
+    # one random stream per chunk of CHUNK images: the result does not depend on memory, and
+    # the first images of a set are corrupted the same whatever follows them
+    for chunk, start in enumerate(range(0, len(images), CHUNK)):
+        part = images[start : start + CHUNK]
+        x = part.astype(np.float64) / 255 if is_uint8 else part.astype(np.float64)
+        rng = np.random.default_rng(corruption_seed(seed, name, severity, chunk))
+        y = np.clip(spec.fn(x, spec.params[severity - 1], rng), 0.0, 1.0)
+        out[start : start + CHUNK] = np.rint(y * 255) if is_uint8 else y
+    return out

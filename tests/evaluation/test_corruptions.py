@@ -75,6 +75,16 @@ def test_seed_streams_do_not_depend_on_what_ran_before() -> None:
     assert corr.corruption_seed(0, "fog", 1).entropy != corr.corruption_seed(0, "fog", 2).entropy
 
 
+def test_chunks_have_their_own_streams(monkeypatch) -> None:
+    monkeypatch.setattr(corr, "CHUNK", 3)
+    x = np.repeat(_images((1, 1, 8, 8)), 7, axis=0)  # seven copies of one image
+    for name in ("gaussian_noise", "elastic_transform", "fog"):
+        full = corr.corrupt(x, name, 3, seed=1)
+        # prefix-stable: the first chunks do not depend on the images after them
+        np.testing.assert_array_equal(corr.corrupt(x[:6], name, 3, seed=1), full[:6])
+        assert not np.array_equal(full[:3], full[3:6])  # and chunks draw different numbers
+
+
 def test_bad_arguments() -> None:
     x = _images((1, 1, 8, 8))
     with pytest.raises(ValueError, match="unknown corruption"):
