@@ -151,7 +151,33 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
             }
             rows.append(row)
         sweep[which] = rows
+    sweep["gains"] = gains(sweeps)
     return {"shift": shift, "members_sweep": sweep}
+
+
+GAIN_METRICS = {
+    "accuracy": lambda r: r["accuracy"],
+    "nll": lambda r: r["nll"],
+    "ece": lambda r: r["ece"],
+    **{
+        f"{g}_auroc_{sc}": (lambda r, g=g, sc=sc: r["ood"]["groups"][g][sc]["auroc"])
+        for g in SWEEP_GROUPS
+        for sc in SWEEP_SCORES
+    },
+}
+
+
+def gains(sweeps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What member k adds: the change from k - 1 to k of the random-subset mean, per seed."""
+    out = []
+    for i in range(1, len(sweeps[0]["k"])):
+        row: dict[str, Any] = {"k": sweeps[0]["k"][i]}
+        for key, get in GAIN_METRICS.items():
+            row[key] = _ms(
+                [get(s["random"][i]["mean"]) - get(s["random"][i - 1]["mean"]) for s in sweeps]
+            )
+        out.append(row)
+    return out
 
 
 # --- tables -------------------------------------------------------------------------------------
@@ -246,6 +272,29 @@ def tables(agg: dict[str, dict[str, Any]]) -> str:
         "Members sweep: near and validation OOD AUROC by score (random subsets)",
         ["k"]
         + [f"{m.upper()} {g} {s}" for m in methods for g in ("near", "val") for s in SWEEP_SCORES],
+        rows,
+    )
+    rows = []
+    for i in range(len(agg[methods[0]]["members_sweep"]["gains"])):
+        row = [str(agg[methods[0]]["members_sweep"]["gains"][i]["k"])]
+        for m in methods:
+            g = agg[m]["members_sweep"]["gains"][i]
+            row += [
+                _f(g["accuracy"]),
+                _f(g["nll"], 1.0, 4),
+                _f(g["ece"]),
+                _f(g["near_auroc_mal"]),
+                _f(g["val_auroc_mal"]),
+            ]
+        rows.append(row)
+    table(
+        "Members sweep: what the k-th member adds (change of the random-subset mean from k - 1)",
+        ["k"]
+        + [
+            f"{m.upper()} {h}"
+            for m in methods
+            for h in ("Δacc", "ΔNLL", "ΔECE", "Δnear AUROC MAL", "Δval AUROC MAL")
+        ],
         rows,
     )
     text = "\n".join(out)
