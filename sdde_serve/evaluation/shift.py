@@ -130,7 +130,9 @@ def evaluate_shift(
         raise UserError(f"--shift needs labelled ID test data ({id_data.name} has none)")
     unknown = [c for c in config.corruptions if c not in corr.CORRUPTIONS]
     if unknown or not config.corruptions:
-        raise UserError(f"--corruptions: unknown or no corruptions {unknown}")
+        raise UserError(f"--corruptions: none given, or unknown: {', '.join(unknown)}")
+    if not config.severities or not set(config.severities) <= set(corr.SEVERITIES):
+        raise UserError(f"--severities {config.severities}: severities run from 1 to 5")
     data = id_data
     if 0 < config.max_images < len(id_data):
         rng = np.random.default_rng(config.seed)
