@@ -13,6 +13,7 @@ from sdde_serve import calibration as cal
 from sdde_serve.cli import main as sdde_main
 from sdde_serve.data import load_dataset
 from sdde_serve.engine import Engine
+from sdde_serve.errors import UserError
 from sdde_serve.evaluation import corruptions as corr
 from sdde_serve.evaluation.evaluate import evaluate
 from sdde_serve.evaluation.metrics import auroc
@@ -102,6 +103,9 @@ def test_deterministic_and_subsampled(linear_shift) -> None:
     )
     small = evaluate_shift(engine, data, ShiftConfig(("contrast",), (1,), max_images=50))
     assert small["n"] == 50
+    for bad in (ShiftConfig(("contrast",), (0, 1)), ShiftConfig(("snow",)), ShiftConfig(())):
+        with pytest.raises(UserError):
+            evaluate_shift(engine, data, bad)
 
 
 def test_cli_shift_and_sweep_render_for_the_tiny_model(tiny_model: Path, tmp_path: Path) -> None:
