@@ -201,6 +201,7 @@ def tables(agg: dict[str, dict[str, Any]]) -> str:
     sev = list(agg[methods[0]]["shift"]["per_severity"])
     for metric, scale, digits in (
         ("accuracy", 100.0, 2),
+        ("confidence", 100.0, 2),
         ("ece", 100.0, 2),
         ("nll", 1.0, 4),
         ("brier", 1.0, 4),

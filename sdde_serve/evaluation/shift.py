@@ -29,16 +29,17 @@ from sdde_serve.evaluation.metrics import auroc
 from sdde_serve.manifest import Manifest
 
 SCHEMA_KEY = "shift"
-METRICS = ("accuracy", "nll", "ece", "brier", "flag_rate", "auroc_correct")
+METRICS = ("accuracy", "confidence", "nll", "ece", "brier", "flag_rate", "auroc_correct")
 LABELS = {
     "accuracy": "accuracy (%)",
+    "confidence": "mean confidence (%)",
     "nll": "NLL",
     "ece": "ECE (%)",
     "brier": "Brier",
     "flag_rate": "OOD-flag rate (%)",
     "auroc_correct": "AUROC correct vs wrong (%)",
 }
-PERCENT = {"accuracy", "ece", "flag_rate", "auroc_correct"}
+PERCENT = {"accuracy", "confidence", "ece", "flag_rate", "auroc_correct"}
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,16 @@ def deployed_score(out: EngineOutput, manifest: Manifest) -> np.ndarray:
 def shift_metrics(
     probs: np.ndarray, labels: np.ndarray, scores: np.ndarray, threshold: float
 ) -> dict[str, float | None]:
-    """The six numbers of one (corruption, severity) cell; AUROC is None without errors."""
+    """The numbers of one (corruption, severity) cell; AUROC is None without errors.
+
+    ``confidence`` (mean max probability) next to ``accuracy`` tells over- from under-confidence,
+    which ECE alone does not.
+    """
     correct = np.asarray(probs).argmax(axis=1) == labels
     separable = 0 < correct.sum() < len(correct)
     return {
         "accuracy": cal.accuracy(probs, labels),
+        "confidence": float(np.asarray(probs).max(axis=1).mean()),
         "nll": cal.nll(probs, labels),
         "ece": cal.ece(probs, labels, n_bins=15),
         "brier": cal.brier(probs, labels),
@@ -382,7 +388,8 @@ def summary(shift: dict[str, Any] | None) -> list[str]:
     return [
         f"shift {label:>6}: "
         + "  ".join(
-            f"{k} {_fmt(k, cell[k])}" for k in ("accuracy", "ece", "flag_rate", "auroc_correct")
+            f"{k} {_fmt(k, cell[k])}"
+            for k in ("accuracy", "confidence", "ece", "flag_rate", "auroc_correct")
         )
         for label, cell in cells
     ]

@@ -39,6 +39,7 @@ def test_shift_metrics_by_hand() -> None:
     scores = np.array([3.0, 0.5, 2.0, 1.0])
     m = shift_metrics(probs, labels, scores, threshold=1.5)
     assert m["accuracy"] == 0.75
+    assert m["confidence"] == pytest.approx(np.mean([0.9, 0.6, 0.7, 0.8]))
     assert m["flag_rate"] == 0.5  # scores 0.5 and 1.0 are below 1.5
     assert m["auroc_correct"] == 1.0  # the one wrong answer has the lowest score
     assert m["nll"] == pytest.approx(-np.mean(np.log([0.9, 0.4, 0.7, 0.8])))
@@ -61,6 +62,7 @@ def test_every_cell_matches_numpy(linear_shift) -> None:
             correct = ref["probs"].argmax(1) == data.labels
             cell = shift["per_corruption"][name][str(s)]
             assert cell["accuracy"] == pytest.approx(correct.mean())
+            assert cell["confidence"] == pytest.approx(ref["probs"].max(1).mean(), rel=1e-5)
             assert cell["nll"] == pytest.approx(cal.nll(ref["probs"], data.labels), rel=1e-5)
             assert cell["ece"] == pytest.approx(cal.ece(ref["probs"], data.labels), abs=1e-5)
             assert cell["brier"] == pytest.approx(cal.brier(ref["probs"], data.labels), rel=1e-5)
