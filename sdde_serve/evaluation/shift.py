@@ -144,6 +144,11 @@ def evaluate_shift(
         rng = np.random.default_rng(config.seed)
         data = id_data.subset(np.sort(rng.permutation(len(id_data))[: config.max_images]))
     labels = np.asarray(data.labels, np.int64)
+    if labels.min() < 0 or labels.max() >= manifest.num_classes:
+        raise UserError(
+            f"{id_data.name}: labels run from {labels.min()} to {labels.max()} "
+            f"but the model has {manifest.num_classes} classes"
+        )
     threshold = float(manifest.ood.threshold)
 
     def make(name: str, severity: int) -> np.ndarray:

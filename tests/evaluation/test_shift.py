@@ -11,7 +11,7 @@ import pytest
 
 from sdde_serve import calibration as cal
 from sdde_serve.cli import main as sdde_main
-from sdde_serve.data import load_dataset
+from sdde_serve.data import ArrayDataset, load_dataset
 from sdde_serve.engine import Engine
 from sdde_serve.errors import UserError
 from sdde_serve.evaluation import corruptions as corr
@@ -108,6 +108,9 @@ def test_deterministic_and_subsampled(linear_shift) -> None:
     for bad in (ShiftConfig(("contrast",), (0, 1)), ShiftConfig(("snow",)), ShiftConfig(())):
         with pytest.raises(UserError):
             evaluate_shift(engine, data, bad)
+    wrong = ArrayDataset("ten", data.images, data.labels + 6, [])
+    with pytest.raises(UserError, match="the model has 4 classes"):
+        evaluate_shift(engine, wrong, CONFIG)
 
 
 def test_cli_shift_and_sweep_render_for_the_tiny_model(tiny_model: Path, tmp_path: Path) -> None:
