@@ -200,12 +200,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         default=None,
         help="labelled validation data (default split: test) on which --members-sweep refits T "
-        "for each subset; without it every subset uses the manifest's T",
+        "for each subset; without it every subset uses the manifest's T"
+        "%(default).0s",  # no "(default: None)" appended
     )
     parser.add_argument(
-        "--sweep-subsets", type=int, default=5, help="random member subsets per size k"
+        "--sweep-subsets", type=int, default=5, metavar="N", help="random member subsets per size k"
     )
-    parser.add_argument("--sweep-seed", type=int, default=0, help="seed of the random subsets")
+    parser.add_argument(
+        "--sweep-seed", type=int, default=0, metavar="N", help="seed of the random subsets"
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> SweepConfig | None:

@@ -205,16 +205,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--corruptions",
         default="default",
+        metavar="LIST",
         help="comma list of corruptions or families (noise, blur, weather, digital); 'default' "
         f"= {len(corr.DEFAULT_CORRUPTIONS)} of the 15 CIFAR-10-C ones (no snow, frost), 'all' "
         "adds speckle_noise and gaussian_blur",
     )
-    parser.add_argument("--severities", default="1,2,3,4,5", help="comma list of severities 1..5")
-    parser.add_argument("--shift-seed", type=int, default=0, help="seed of the corruptions")
+    parser.add_argument(
+        "--severities", default="1,2,3,4,5", metavar="LIST", help="comma list of severities 1..5"
+    )
+    parser.add_argument(
+        "--shift-seed", type=int, default=0, metavar="N", help="seed of the corruptions"
+    )
     parser.add_argument(
         "--shift-images",
         type=int,
         default=0,
+        metavar="N",
         help="corrupt a seeded random subset of this many ID test images (0: all)",
     )
 
