@@ -50,9 +50,9 @@ SCORE_DOCS = {
     "minmax": "min over the subset's members of each member's max logit",
 }
 NOT_SUBSETTABLE = {
-    "knn": "a feature-space score (distance to training features of the members' pre-logit "
-    "activations): the graph outputs one score for the whole ensemble, not per-member logits, "
-    "so it cannot be recomputed for a member subset"
+    "knn": "a feature-space score, the distance of the members' pre-logit features to the "
+    "training features; the graph outputs it as one score for the whole ensemble, and member "
+    "logits cannot reproduce it for a subset"
 }
 
 
