@@ -61,11 +61,12 @@ OUTPUTS: dict[str, tuple[str, Callable[[int, int], list[int]], OutputFn]] = {
     "msp": ("FP32", lambda n, c: [], lambda o, p: o.msp),
     "ood_score": ("FP32", lambda n, c: [], lambda o, p: np.array([x.ood_score for x in p])),
     "is_ood": ("BOOL", lambda n, c: [], lambda o, p: np.array([x.is_ood for x in p])),
-    # NaN for models exported without calibration scores (they have no p-value)
+    # p-values lie in (0, 1]; -1 (as `label` for a rejected image) for models exported without
+    # calibration scores, which have none (JSON has no NaN)
     "ood_p_value": (
         "FP32",
         lambda n, c: [],
-        lambda o, p: np.array([np.nan if x.ood_p_value is None else x.ood_p_value for x in p]),
+        lambda o, p: np.array([-1.0 if x.ood_p_value is None else x.ood_p_value for x in p]),
     ),
     "label": (
         "INT64",
