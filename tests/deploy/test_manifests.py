@@ -237,6 +237,8 @@ REQUIRED_PANELS = {
     "Errors": "sdde:request_errors:ratio_rate5m",
     "Latency p50 / p99": "sdde_request_duration_seconds_bucket",
     "Batch size": "sdde_batch_size_bucket",
+    "OOD p-values vs uniform": "sdde_ood_p_value_bucket",
+    "Share of p-values below alpha": "sdde:ood_p_below_alpha:bound5m",
 }
 
 
