@@ -148,6 +148,16 @@ def run_model(run_dir: Path, work: Path, data: dict[str, Any], threads: int) -> 
         "stored calibration scores differ from the graph's validation MAL"
     )
     test_mal = np.asarray(test_out.mal, np.float64)
+    from scipy import stats
+
+    # are the calibration scores and the test scores one distribution? (exchangeability check)
+    ks = {
+        split: {"statistic": float(r.statistic), "p_value": float(r.pvalue)}
+        for split, r in (
+            ("validation_split", stats.ks_2samp(val_out.mal, test_mal)),
+            ("large_calibration", stats.ks_2samp(large_out.mal, test_mal)),
+        )
+    }
     return {
         "run": run_dir.name,
         "export_s": round(export_s, 1),
@@ -156,12 +166,14 @@ def run_model(run_dir: Path, work: Path, data: dict[str, Any], threads: int) -> 
         "validation_split": {
             **temperature_block(rule_val, test_out.logits, test_labels),
             "conformal": false_flags(np.asarray(val_out.mal), test_mal, ood_mal),
+            "ks_calibration_vs_test_mal": ks["validation_split"],
         },
         "large_calibration": {
             **temperature_block(
                 rule_summary(large_out.logits, large_labels), test_out.logits, test_labels
             ),
             "conformal": false_flags(np.asarray(large_out.mal), test_mal, ood_mal),
+            "ks_calibration_vs_test_mal": ks["large_calibration"],
         },
         "overconfident": {
             split: temperature_block(

@@ -43,8 +43,9 @@ if TYPE_CHECKING:  # onnx loads lazily (manifest.py does the same)
     import onnx
 
 HELP = (
-    "refit the temperature and the OOD threshold of an exported model on labelled data "
-    "(onnxruntime + numpy; rewrites the file atomically)"
+    "refit the temperature (applied only when cross-validation shows it helps) and the "
+    "conformal OOD calibration set and threshold of an exported model on labelled held-out "
+    "data (onnxruntime + numpy; rewrites the file atomically)"
 )
 SCORE_KINDS = tuple(cal.SCORES)
 # `sdde` shows defaults in --help; a zero-width "%(default)" field stops it from appending

@@ -73,8 +73,9 @@ def bootstrap_interval(
     values = np.asarray(values, np.float64)
     rng = np.random.default_rng(seed)
     means = np.empty(draws)
-    for start in range(0, draws, 256):  # chunks bound memory at 256 x n
-        stop = min(start + 256, draws)
+    chunk = max(1, 4_000_000 // len(values))  # draws per chunk: ~32 MB of indices at any n
+    for start in range(0, draws, chunk):
+        stop = min(start + chunk, draws)
         idx = rng.integers(0, len(values), size=(stop - start, len(values)))
         means[start:stop] = values[idx].mean(axis=1)
     tail = (1.0 - confidence) / 2.0
