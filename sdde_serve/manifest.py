@@ -90,7 +90,7 @@ class TemperatureRule(_Model):
     cv_nll_t1: float | None = None
     cv_nll_fitted: float | None = None
     gain: float | None = None  # cv_nll_t1 - cv_nll_fitted
-    gain_interval: list[float] | None = None  # 95% bootstrap interval of the gain
+    gain_interval: list[float] | None = None  # 90% bootstrap interval (low: 1-sided 95%)
 
 
 class CalibrationInfo(_Model):

@@ -92,8 +92,11 @@ def test_bootstrap_interval_covers_the_mean_and_shrinks_with_n() -> None:
     lo_s, hi_s = bootstrap_interval(small)
     lo_l, hi_l = bootstrap_interval(large)
     assert lo_s < small.mean() < hi_s and lo_l < large.mean() < hi_l
-    # the half-width is ~1.96 sd / sqrt(n)
-    assert abs((hi_l - lo_l) / 2 - 1.96 * large.std() / np.sqrt(5000)) < 0.01
+    # the default is a 90% interval (its lower end a one-sided 95% bound): half-width ~1.645 se
+    se = large.std() / np.sqrt(5000)
+    assert abs((hi_l - lo_l) / 2 - 1.645 * se) < 0.1 * se
+    lo95, hi95 = bootstrap_interval(large, confidence=0.95)
+    assert abs((hi95 - lo95) / 2 - 1.96 * se) < 0.1 * se
     assert hi_s - lo_s > 5 * (hi_l - lo_l)
 
 
