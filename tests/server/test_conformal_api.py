@@ -127,3 +127,32 @@ def test_p_value_metrics_count_against_the_models_alpha(conformal_engine) -> Non
         assert delta("sdde_ood_p_value_bucket", model=model, le=le) == 2 * (p <= float(le)).sum()
     assert delta("sdde_ood_p_below_alpha_total", model=model) == 2 * (p < 0.05).sum()
     assert metric(after, "sdde_ood_alpha", model=model) == 0.05
+
+
+def test_a_repository_serves_p_values_under_the_served_names(
+    tmp_path, conformal_model, linear_model
+) -> None:
+    """Repository mode: the p-value series and the alpha override follow the served name (not
+    the manifest's), and a model file without calibration scores sits beside one with them."""
+    from fastapi.testclient import TestClient
+
+    from sdde_serve.server.app import create_app
+    from sdde_serve.server.settings import Settings
+    from tests.server.test_repository import add_version
+
+    repo = tmp_path / "repo"
+    add_version(repo, "1", conformal_model[0], name="conf")
+    add_version(repo, "3", linear_model[0], name="plain")
+    _, p = _reference(Engine(conformal_model[0]))
+    app = create_app(Settings(model=repo, intra_op_threads=1))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        conf = client.post("/v1/models/conf:predict?alpha=0.5", files=multipart(PNGS))
+        plain = client.post("/v1/models/plain:predict?alpha=0.5", files=multipart(PNGS[:1]))
+        samples = scrape(client.get("/metrics").text)
+    assert conf.status_code == 200, conf.text
+    assert [r["is_ood"] for r in conf.json()["predictions"]] == list(p < 0.5)
+    assert plain.status_code == 422 and "'plain'" in plain.json()["error"]
+    assert metric(samples, "sdde_ood_p_value_count", model="conf") == len(p)
+    assert metric(samples, "sdde_ood_p_below_alpha_total", model="conf") == (p < 0.05).sum()
+    assert metric(samples, "sdde_ood_alpha", model="conf") == 0.05
+    assert ("sdde_ood_alpha", (("model", "plain"),)) not in samples
