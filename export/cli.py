@@ -67,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from export import export_run
+    from sdde_serve.calibrate_cmd import decision_lines
 
     manifest = export_run(
         args.run_dir,
@@ -91,10 +92,8 @@ def main(args: argparse.Namespace) -> int:
         f"NLL {cal.before.nll:.4f} -> {cal.after.nll:.4f}, "
         f"ECE {cal.before.ece:.4f} -> {cal.after.ece:.4f} at T = {cal.temperature:.4f}"
     )
-    print(
-        f"  OOD: {manifest.ood.score} < {manifest.ood.threshold:.6g} "
-        f"(accepts {manifest.ood.id_acceptance:.1%} of validation images)"
-    )
+    for line in decision_lines(cal, manifest.ood):
+        print(f"  {line}")
     if cal.warning:
         print(f"warning: {cal.warning}")
     if args.triton_repo is not None:

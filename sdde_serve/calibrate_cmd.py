@@ -13,6 +13,7 @@ paths fit T and the threshold the same way, on the graph's own outputs.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,11 +21,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sdde_serve import calibration as cal
+from sdde_serve import conformal
 from sdde_serve.errors import UserError
 from sdde_serve.manifest import (
     CalibrationInfo,
     CalibrationMetrics,
     OODSpec,
+    TemperatureFold,
+    TemperatureRule,
     load_onnx,
     now_iso,
     read_manifest,
@@ -33,13 +37,15 @@ from sdde_serve.manifest import (
     weights_sha256,
     write_manifest,
 )
+from sdde_serve.temperature import TemperatureDecision, choose_temperature
 
 if TYPE_CHECKING:  # onnx loads lazily (manifest.py does the same)
     import onnx
 
 HELP = (
-    "refit the temperature and the OOD threshold of an exported model on labelled data "
-    "(onnxruntime + numpy; rewrites the file atomically)"
+    "refit the temperature (applied only when cross-validation shows it helps) and the "
+    "conformal OOD calibration set and threshold of an exported model on labelled held-out "
+    "data (onnxruntime + numpy; rewrites the file atomically)"
 )
 SCORE_KINDS = tuple(cal.SCORES)
 # `sdde` shows defaults in --help; a zero-width "%(default)" field stops it from appending
@@ -62,12 +68,16 @@ def fit_calibration(
     score: str,
     scores_at: Callable[[float], np.ndarray] | None = None,
 ) -> tuple[CalibrationInfo, OODSpec]:
-    """Fit T on member logits ``[n, N, L]`` and the OOD threshold for ``id_acceptance``.
+    """Choose T on member logits ``[n, N, L]`` and fit the conformal OOD rule at ``id_acceptance``.
 
     T minimises the NLL of ``mean_m softmax(z_m / T)`` (one T for all members, applied before
-    averaging, searched over log T: ``sdde_serve.calibration.fit_temperature``). The threshold is
-    chosen on the same images *after* T is applied (MSP depends on T; MAL does not), so that
-    ``score >= threshold`` accepts ``id_acceptance`` of them. ``scores_at(T)``, when given,
+    averaging, searched over log T: ``sdde_serve.calibration.fit_temperature``) and is applied
+    only when K-fold cross-validation shows it lowers the held-out NLL beyond noise
+    (``sdde_serve.temperature.choose_temperature``; else T = 1, with the reason in
+    ``info.rule``). The OOD scores are taken on the same images *after* T is applied (MSP
+    depends on T; MAL does not), stored sorted as the conformal calibration set, and the
+    threshold derives from alpha = 1 - ``id_acceptance`` (:func:`conformal_ood_spec`).
+    ``scores_at(T)``, when given,
     returns the scores as the deployed graph computes them at temperature T (float32), so the
     boundary image is accepted by the graph itself, not only by a float64 recomputation.
     """
@@ -84,16 +94,24 @@ def fit_calibration(
     if not 0.0 < id_acceptance <= 1.0:
         raise UserError(f"--id-acceptance must be in (0, 1], got {id_acceptance}")
     before = cal.ensemble_probs(logits, 1.0)
-    temperature = cal.fit_temperature(logits, labels)
+    decision = choose_temperature(logits, labels)
+    temperature = decision.temperature
     after = cal.ensemble_probs(logits, temperature)
     scores = cal.ood_score(score, logits, after) if scores_at is None else scores_at(temperature)
-    threshold = cal.threshold_for_acceptance(scores, id_acceptance)
-    warning = None
-    if cal.temperature_at_bound(temperature):
-        warning = (
-            f"T = {temperature:.4g} is on the search bound: the NLL keeps falling, as it does when "
-            f"(nearly) every one of the {len(labels)} images is classified correctly by every "
-            "member; refit on more or harder held-out data with `sdde calibrate`"
+    ood = conformal_ood_spec(scores, score=score, id_acceptance=id_acceptance)
+    warnings = []
+    if cal.temperature_at_bound(decision.fitted):
+        warnings.append(
+            f"the fitted T = {decision.fitted:.4g} is on the search bound: the NLL keeps falling, "
+            f"as it does when (nearly) every one of the {len(labels)} images is classified "
+            "correctly by every member; T = 1 kept. Refit on more or harder held-out data with "
+            "`sdde calibrate`"
+        )
+    if conformal.flag_index(len(labels), ood.alpha) == 0 and ood.alpha > 0:
+        warnings.append(
+            f"{len(labels)} calibration images are too few to flag anything at alpha = "
+            f"{ood.alpha:g} (the smallest p-value is 1/(n + 1) = {1 / (len(labels) + 1):.3g}); "
+            "calibrate on more held-out images"
         )
     info = CalibrationInfo(
         data=data,
@@ -102,9 +120,41 @@ def fit_calibration(
         fitted_at=now_iso(),
         before=metrics(before, labels),
         after=metrics(after, labels),
-        warning=warning,
+        warning="; ".join(warnings) or None,
+        rule=temperature_rule(decision),
     )
-    return info, OODSpec(score=score, threshold=threshold, id_acceptance=id_acceptance)
+    return info, ood
+
+
+def temperature_rule(d: TemperatureDecision) -> TemperatureRule:
+    """The manifest's record of the cross-validated temperature rule."""
+    folds = [TemperatureFold(**vars(f)) for f in d.folds]
+    return TemperatureRule(
+        applied=d.applied,
+        reason=d.reason,
+        fitted=d.fitted,
+        errors=d.errors,
+        folds=folds,
+        cv_nll_t1=None if not folds else d.cv_nll_t1,
+        cv_nll_fitted=None if not folds else d.cv_nll_fitted,
+        gain=None if not folds else d.gain,
+        gain_interval=None if not folds else list(d.gain_interval),
+    )
+
+
+def conformal_ood_spec(scores: np.ndarray, *, score: str, id_acceptance: float) -> OODSpec:
+    """The OOD rule from the deployed scores of held-out in-distribution images.
+
+    The scores are stored sorted (the conformal calibration set) and the threshold derives from
+    alpha = 1 - id_acceptance so that ``score < threshold`` is exactly ``p_value < alpha``
+    (sdde_serve/conformal.py); with too few images to flag anything at alpha it is the lowest
+    float (nothing is flagged).
+    """
+    stored = conformal.sorted_scores(scores)
+    spec = OODSpec(score=score, threshold=0.0, id_acceptance=id_acceptance)
+    threshold = conformal.threshold_for_alpha(stored, spec.alpha)
+    threshold = max(threshold, -sys.float_info.max)  # JSON has no -inf
+    return spec.model_copy(update={"threshold": threshold, "calibration_scores": stored})
 
 
 def run_graph(
@@ -245,8 +295,22 @@ def main(args: argparse.Namespace) -> int:
     print(f"  accuracy     {a.accuracy:.4f}")
     print(f"  NLL          {b.nll:.4f} -> {a.nll:.4f}")
     print(f"  ECE          {b.ece:.4f} -> {a.ece:.4f}")
-    accepts = f"accepts {ood.id_acceptance:.1%} of these images"
-    print(f"  OOD          {ood.score} < {ood.threshold:.6g} ({accepts})")
+    for line in decision_lines(info, ood):
+        print(f"  {line}")
     if info.warning:
         print(f"warning: {info.warning}")
     return 0
+
+
+def decision_lines(info: CalibrationInfo, ood: OODSpec) -> list[str]:
+    """What ``sdde calibrate`` and ``sdde export`` print about T and the OOD rule."""
+    lines = []
+    if info.rule is not None:
+        lines.append(f"T rule       {info.rule.reason}")
+    n = len(ood.calibration_scores or [])
+    rate = conformal.expected_false_flag_rate(n, ood.alpha) if n else float("nan")
+    lines.append(
+        f"OOD          {ood.score} < {ood.threshold:.6g}  <=>  p-value < alpha = {ood.alpha:g} "
+        f"({n} calibration scores; in-distribution false-flag rate {rate:.2%} <= alpha)"
+    )
+    return lines

@@ -51,12 +51,46 @@ class OODSpec(_Model):
     threshold: float
     id_acceptance: float = Field(0.95, gt=0.0, le=1.0)
     higher_is_in_distribution: Literal[True] = True
+    # Sorted deployed scores of the held-out in-distribution images the threshold was fitted on:
+    # the calibration set of the split-conformal p-value (sdde_serve/conformal.py). Absent in
+    # files exported before p-values existed: those serve no p-value and keep `score < threshold`.
+    calibration_scores: list[float] | None = None
+
+    @property
+    def alpha(self) -> float:
+        """Nominal false-flag rate ``1 - id_acceptance``.
+
+        Rounded to 12 digits: in floats 1 - 0.95 is 0.05 + 4e-17, which would flag a p-value
+        of exactly 0.05.
+        """
+        return round(1.0 - self.id_acceptance, 12)
 
 
 class CalibrationMetrics(_Model):
     accuracy: float
     nll: float
     ece: float
+
+
+class TemperatureFold(_Model):
+    n: int
+    temperature: float  # fitted on the other folds
+    nll_t1: float  # held-out NLL at T = 1
+    nll_fitted: float  # held-out NLL at the fold's T
+
+
+class TemperatureRule(_Model):
+    """Evidence of the cross-validated temperature rule (sdde_serve/temperature.py)."""
+
+    applied: bool  # whether the fitted T was applied (else T = 1)
+    reason: str
+    fitted: float  # T fitted on all calibration images
+    errors: int  # calibration images the ensemble misclassifies at T = 1
+    folds: list[TemperatureFold] = Field(default_factory=list)
+    cv_nll_t1: float | None = None
+    cv_nll_fitted: float | None = None
+    gain: float | None = None  # cv_nll_t1 - cv_nll_fitted
+    gain_interval: list[float] | None = None  # 90% bootstrap interval (low: 1-sided 95%)
 
 
 class CalibrationInfo(_Model):
@@ -68,6 +102,8 @@ class CalibrationInfo(_Model):
     after: CalibrationMetrics  # T fitted
     # set when the fit is not to be trusted (T on the search bound: data nearly separable)
     warning: str | None = None
+    # how T was chosen; absent in files exported before the cross-validated rule
+    rule: TemperatureRule | None = None
 
 
 class Manifest(_Model):

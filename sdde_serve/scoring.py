@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
 
-from sdde_serve.calibration import member_agreement, ood_score
+from sdde_serve import conformal
+from sdde_serve.calibration import member_agreement
 from sdde_serve.engine import EngineOutput
 from sdde_serve.manifest import Manifest
 
@@ -31,6 +33,14 @@ class Prediction(BaseModel):
     ood_score: float = Field(description="higher = more in-distribution")
     score_kind: str = Field(description="'mal' (max average logit) or 'msp'")
     threshold: float = Field(description="is_ood = ood_score < threshold")
+    ood_p_value: float | None = Field(
+        None,
+        description="split-conformal p-value (1 + #{calibration scores <= ood_score}) / (n + 1); "
+        "absent for models exported without calibration scores",
+    )
+    alpha: float | None = Field(
+        None, description="is_ood = ood_p_value < alpha (absent without calibration scores)"
+    )
     is_ood: bool
     rejected: bool = False
     reason: str | None = None
@@ -54,21 +64,40 @@ def make_predictions(
     top_k: int = 3,
     policy: OODPolicy = "flag",
     include_probs: bool = False,
+    alpha: float | None = None,
 ) -> list[Prediction]:
+    """One :class:`Prediction` per image of ``out``.
+
+    ``alpha`` overrides the manifest's (``1 - id_acceptance``) for this call; it needs a model
+    with calibration scores (:func:`ood_rule`).
+    """
     if policy not in OOD_POLICIES:
         raise ValueError(f"OOD policy must be one of {OOD_POLICIES}, got {policy!r}")
-    kind, threshold = manifest.ood.score, manifest.ood.threshold
-    scores = ood_score(kind, out.logits, out.probs)
+    kind, threshold, alpha = ood_rule(manifest, alpha)
+    scores = conformal.deployed_scores(manifest, out)
+    cal_scores = manifest.ood.calibration_scores
+    p_values = None if cal_scores is None else conformal.p_values(cal_scores, scores)
     agreement = member_agreement(out.logits, out.probs)
     k = max(1, min(top_k, manifest.num_classes))
     order = np.argsort(-out.probs, axis=1, kind="stable")[:, :k]
     predictions = []
     for i in range(len(out)):
         score = float(scores[i])
+        # score < threshold is p_value < alpha (the threshold derives from alpha); comparing
+        # scores avoids deciding on the rounding of (1 + c) / (n + 1) against alpha
         is_ood = bool(score < threshold)
-        common = {"ood_score": score, "score_kind": kind, "threshold": threshold, "is_ood": is_ood}
+        common = {
+            "ood_score": score,
+            "score_kind": kind,
+            "threshold": threshold,
+            "is_ood": is_ood,
+            "ood_p_value": None if p_values is None else float(p_values[i]),
+            "alpha": alpha,
+        }
         if is_ood and policy == "reject":
             reason = f"out of distribution: {kind} score {score:.4g} < threshold {threshold:.4g}"
+            if common["ood_p_value"] is not None:
+                reason += f" (p-value {common['ood_p_value']:.4g} < alpha {alpha:g})"
             predictions.append(Prediction(**common, rejected=True, reason=reason))
             continue
         label = int(order[i, 0])
@@ -91,3 +120,29 @@ def make_predictions(
             )
         )
     return predictions
+
+
+class NoCalibrationScores(ValueError):
+    """An alpha was asked of a model exported without calibration scores."""
+
+
+def ood_rule(manifest: Manifest, alpha: float | None = None) -> tuple[str, float, float | None]:
+    """(score kind, threshold, alpha) of the OOD decision, with an optional alpha override.
+
+    Models exported before p-values existed carry no calibration scores: they keep the stored
+    threshold and have no alpha; asking them for an alpha raises :class:`NoCalibrationScores`.
+    """
+    ood = manifest.ood
+    if ood.calibration_scores is None:
+        if alpha is not None:
+            raise NoCalibrationScores(
+                f"model {manifest.name!r} stores no calibration scores (exported before "
+                "p-values): it cannot apply an alpha; refit it with `sdde calibrate`"
+            )
+        return ood.score, ood.threshold, None
+    if alpha is None or alpha == ood.alpha:
+        return ood.score, ood.threshold, ood.alpha
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+    threshold = conformal.threshold_for_alpha(ood.calibration_scores, alpha)
+    return ood.score, max(threshold, -sys.float_info.max), alpha

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # Tests are tiny and share two cores with the servers and workers they start: one thread per
@@ -54,3 +55,26 @@ def linear_model(tmp_path_factory: pytest.TempPathFactory):
     from tests.onnx_factory import make_linear_ensemble
 
     return make_linear_ensemble(tmp_path_factory.mktemp("linear") / "linear.onnx")
+
+
+CONFORMAL_CAL_N = 199  # alpha (n + 1) = 10 at alpha = 0.05: the threshold is an exact order stat
+
+
+def uniform_images(n: int, seed: int) -> np.ndarray:
+    """Seeded uniform-noise images for the linear model: exchangeable draws of one distribution."""
+    return np.random.default_rng(seed).random((n, 1, 8, 8), dtype=np.float32)
+
+
+@pytest.fixture(scope="session")
+def conformal_model(tmp_path_factory: pytest.TempPathFactory):
+    """(path, weights) of the linear ensemble with conformal calibration scores: the graph's own
+    MAL on ``CONFORMAL_CAL_N`` seeded uniform images (seed 100)."""
+    from sdde_serve.engine import Engine
+    from tests.onnx_factory import make_linear_ensemble
+
+    root = tmp_path_factory.mktemp("conformal")
+    plain, _ = make_linear_ensemble(root / "plain.onnx")
+    scores = Engine(plain).run(uniform_images(CONFORMAL_CAL_N, seed=100)).mal
+    return make_linear_ensemble(
+        root / "conformal.onnx", calibration_scores=sorted(float(s) for s in scores)
+    )

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from sdde_serve.calibrate_cmd import conformal_ood_spec
 from sdde_serve.calibration import ensemble_probs, mal, msp
 from sdde_serve.manifest import (
     CalibrationInfo,
@@ -37,8 +38,14 @@ def make_linear_ensemble(
     threshold: float = 0.5,
     score: str = "mal",
     seed: int = 0,
+    calibration_scores: list[float] | None = None,
 ) -> tuple[Path, dict[str, np.ndarray]]:
-    """Write the model to ``path``; returns it and the weights for :func:`reference_outputs`."""
+    """Write the model to ``path``; returns it and the weights for :func:`reference_outputs`.
+
+    Without ``calibration_scores`` the manifest is that of a file exported before conformal
+    p-values (no p-values, ``score < threshold``); with them (sorted), the threshold derives
+    from alpha = 0.05 as export computes it.
+    """
     rng = np.random.default_rng(seed)
     d = channels * size * size
     weights = {
@@ -103,7 +110,9 @@ def make_linear_ensemble(
         members=members,
         method="hand-made",
         temperature=temperature,
-        ood=OODSpec(score=score, threshold=threshold, id_acceptance=0.95),
+        ood=OODSpec(score=score, threshold=threshold, id_acceptance=0.95)
+        if calibration_scores is None
+        else conformal_ood_spec(np.asarray(calibration_scores), score=score, id_acceptance=0.95),
         calibration=CalibrationInfo(
             data="none",
             n=0,

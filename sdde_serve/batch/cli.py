@@ -23,9 +23,10 @@ from typing import Any
 from sdde_serve.errors import UserError
 from sdde_serve.scoring import OOD_POLICIES
 
+from .fdr import BHResult, apply_bh
 from .inputs import check_inputs, iter_inputs
 from .pipeline import JobResult, ScoreOptions, run_job
-from .writers import JobFiles, check_format, result_columns
+from .writers import JobFiles, check_format, journal_path, parts_dir, result_columns
 
 HELP = (
     "score image files offline with the server's preprocessing and OOD rule: one row per image, "
@@ -80,6 +81,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--resume", action="store_true", help="continue an interrupted job (same inputs/options)"
+    )
+    parser.add_argument(
+        "--fdr",
+        type=float,
+        default=None,
+        metavar="Q",
+        help="after the job, apply Benjamini-Hochberg at false discovery rate Q over all its "
+        "p-values and add an ood_bh column: flagged images of which at most a share Q are "
+        "expected to be in-distribution (needs a model with calibration scores)" + "%(default).0s",
     )
     backend = parser.add_mutually_exclusive_group()
     backend.add_argument(
@@ -176,6 +186,8 @@ def summarize(
 
 
 def _validate(args: argparse.Namespace) -> ScoreOptions:
+    if args.fdr is not None and not 0.0 < args.fdr < 1.0:
+        raise UserError(f"--fdr must be in (0, 1), got {args.fdr}")
     for flag, value, low in (
         ("--batch-size", args.batch_size, 1),
         ("--workers", args.workers, 1),
@@ -247,6 +259,34 @@ def _main(args: argparse.Namespace) -> int:
     )
 
 
+def finished_without_journal(out: Path) -> bool:
+    """A finished job's output (its journal is removed when it completes)."""
+    return out.exists() and not journal_path(out).exists() and not parts_dir(out).exists()
+
+
+def bh_summary(bh: BHResult) -> dict[str, Any]:
+    return {"fdr": bh.q, "ood_bh": bh.flagged, "bh_cutoff": bh.cutoff}
+
+
+def bh_line(bh: BHResult) -> str:
+    return (
+        f"Benjamini-Hochberg at FDR {bh.q:g}: {bh.flagged} of {bh.m} images flagged "
+        f"(ood_bh: p-value <= {max(bh.cutoff, 0.0):.4g})"
+    )
+
+
+def bh_only(out: Path, columns: list[Any], q: float) -> int:
+    """``--resume --fdr`` on a finished job: (re)run the BH pass alone (idempotent)."""
+    bh = apply_bh(out, columns, q)
+    path = summary_path(out)
+    if path.exists():
+        summary = json.loads(path.read_text())
+        summary.update(bh_summary(bh))
+        _write_json_atomic(path, summary)
+    print(f"{out}: the job had finished; {bh_line(bh)}")
+    return EXIT_OK
+
+
 def job_header(manifest: Any, opts: ScoreOptions) -> dict[str, Any]:
     """What must not change between a run and its ``--resume`` (checked by the journal)."""
     return {
@@ -273,6 +313,14 @@ def run_and_report(
 ) -> int:
     """Open the job's files, run ``job(files, progress)``, finish, print and write the summary."""
     columns = result_columns(manifest.classes, probs=opts.probs, top_k=opts.top_k > 0)
+    fdr = getattr(args, "fdr", None)
+    if fdr is not None and manifest.ood.calibration_scores is None:
+        raise UserError(
+            f"--fdr needs p-values, but model {manifest.name!r} stores no calibration scores "
+            "(exported before p-values); refit it with `sdde calibrate`"
+        )
+    if fdr is not None and args.resume and finished_without_journal(out):
+        return bh_only(out, columns, fdr)
     files = JobFiles(out, errors, columns, job_header(manifest, opts), resume=args.resume)
     resumed = files.resumed is not None
     progress = Progress(args.inputs, enabled=sys.stderr.isatty())
@@ -300,6 +348,7 @@ def run_and_report(
     finally:
         progress.close()
     files.finish()
+    bh = apply_bh(out, columns, fdr) if fdr is not None else None
     summary = summarize(
         result,
         model=manifest.name,
@@ -309,10 +358,14 @@ def run_and_report(
         backend=backend,
         resumed=resumed,
     )
+    if bh is not None:
+        summary.update(bh_summary(bh))
     _write_json_atomic(summary_path(out), summary)
     print(
         f"scored {summary['images_scored']} images, {summary['failed']} failed, "
         f"OOD rate {100 * summary['ood_rate']:.1f}%, {summary['images_per_s']} images/s "
         f"-> {out}" + (f" (errors: {errors})" if summary["failed"] else "")
     )
+    if bh is not None:
+        print(bh_line(bh))
     return EXIT_SOME_FAILED if summary["failed"] else EXIT_OK

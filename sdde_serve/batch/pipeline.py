@@ -100,6 +100,7 @@ def prediction_row(path: str, p: Prediction, *, top_k: bool, probs: bool) -> dic
         "class_name": p.class_name,
         "confidence": p.confidence,
         "ood_score": p.ood_score,
+        "ood_p_value": p.ood_p_value,
         "is_ood": p.is_ood,
         "rejected": p.rejected,
         "agreement": p.agreement,

@@ -58,6 +58,7 @@ def result_columns(classes: Sequence[str], *, probs: bool, top_k: bool = False) 
         Column("class_name", "str"),
         Column("confidence", "float"),
         Column("ood_score", "float"),
+        Column("ood_p_value", "float"),  # empty for models without calibration scores
         Column("is_ood", "bool"),
         Column("rejected", "bool"),
         Column("agreement", "float"),
@@ -307,6 +308,8 @@ _KINDS = {
     "label": "int",
     "confidence": "float",
     "ood_score": "float",
+    "ood_p_value": "float",
+    "ood_bh": "bool",
     "agreement": "float",
     "is_ood": "bool",
     "rejected": "bool",

@@ -147,6 +147,16 @@ def main(args: argparse.Namespace) -> int:
             f"{name:>16}: AUROC MAL {100 * mal['auroc']:.2f}  MSP {100 * msp['auroc']:.2f}  "
             f"FPR@95 MAL {100 * mal['fpr95']:.2f}  MSP {100 * msp['fpr95']:.2f}"
         )
+    c = m["conformal"]
+    if c is None:
+        print("p-values: none (the model stores no calibration scores)")
+    else:
+        a = c["at_alpha"]
+        print(
+            f"ID false-flag rate at alpha = {c['alpha']:g}: {100 * a['id_false_flag_rate']:.2f}% "
+            f"(nominal {100 * c['alpha']:.2f}%, exact {100 * a['expected']:.2f}% "
+            f"+- {100 * a['noise_sd']:.2f}% noise; n = {c['n_calibration']} calibration scores)"
+        )
     for line in (
         *shift.summary(m.get(shift.SCHEMA_KEY)),
         *members.summary(m.get(members.SCHEMA_KEY)),

@@ -17,6 +17,7 @@ from sdde_serve.data import ArrayDataset
 from sdde_serve.engine import Engine, EngineOutput
 from sdde_serve.errors import UserError
 from sdde_serve.evaluation import cams as cam_metrics
+from sdde_serve.evaluation.conformal_eval import conformal_metrics
 from sdde_serve.evaluation.diversity import diversity_metrics
 from sdde_serve.evaluation.metrics import OOD_METRICS, mean_metrics, ood_metrics
 
@@ -76,6 +77,7 @@ class Evaluation:
     probs_after: np.ndarray  # the manifest's T
     groups: dict[str, list[str]] = field(default_factory=dict)
     classes: list[str] = field(default_factory=list)
+    calibration_scores: list[float] | None = None  # the manifest's (conformal p-values)
 
 
 def parse_named_specs(items: list[str] | None, flag: str) -> dict[str, str]:
@@ -287,10 +289,22 @@ def evaluate(
         },
         "ood": {"metrics": list(OOD_METRICS), "sets": per_set, "groups": per_group},
         "operating_point": operating_point,
+        # p-values of the deployed score (None for models without calibration scores)
+        "conformal": conformal_metrics(
+            manifest, id_set.scores[kind], {s.name: s.scores[kind] for s in ood_sets}
+        ),
         "diversity": diversity,
         "cams": cam_result,
         "graph_check": graph_check,
     }
     return Evaluation(
-        metrics, id_set, ood_sets, labels, probs_before, probs_after, groups, list(manifest.classes)
+        metrics,
+        id_set,
+        ood_sets,
+        labels,
+        probs_before,
+        probs_after,
+        groups,
+        list(manifest.classes),
+        calibration_scores=manifest.ood.calibration_scores,
     )

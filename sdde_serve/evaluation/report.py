@@ -15,6 +15,7 @@ import numpy as np
 
 from sdde_serve import calibration as cal
 from sdde_serve.errors import UserError
+from sdde_serve.evaluation import conformal_eval
 from sdde_serve.evaluation.cams import pairwise_cosine_per_image
 from sdde_serve.evaluation.evaluate import PRIMARY_SCORES, SCORES, Evaluation
 from sdde_serve.evaluation.sections import section_markdown, section_plots
@@ -227,6 +228,12 @@ def write_plots(evaluation: Evaluation, out: Path) -> list[Path]:
     grid = plot_cam_grid(evaluation, out / "cams.png")
     if grid is not None:
         written.append(grid)
+    cal_scores = evaluation.calibration_scores
+    if evaluation.metrics.get("conformal") and cal_scores is not None:
+        kind = evaluation.metrics["conformal"]["score"]
+        p_values = conformal_eval.p_values_of(evaluation, cal_scores, kind)
+        qq = out / "p_values_qq.png"
+        written.append(conformal_eval.plot_p_value_qq(evaluation, p_values, qq))
     written += section_plots(evaluation.metrics, out)  # --shift, --members-sweep
     return written
 
@@ -315,6 +322,7 @@ def render_markdown(evaluation: Evaluation, plots: list[Path]) -> str:
             + ".",
             "",
         ]
+    lines += conformal_eval.markdown(m.get("conformal"))
     div = m["diversity"]
     lines += [
         "## Diversity (ID test data; Kuncheva & Whitaker 2003, pair-averaged)",

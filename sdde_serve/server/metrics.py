@@ -32,6 +32,17 @@ SCORE_BUCKETS = {
 }  # fmt: skip
 
 
+# p-values: fine near 0 (where alpha lives), then even steps so that the distribution can be
+# compared with the uniform one it follows on in-distribution traffic; alpha itself is added
+P_VALUE_BUCKETS = (
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0,
+)  # fmt: skip
+
+
+def p_value_buckets(alpha: float) -> list[float]:
+    return sorted({*P_VALUE_BUCKETS, float(alpha)} - {0.0})
+
+
 def score_buckets(kind: str, threshold: float) -> list[float]:
     """The score's buckets plus the threshold itself, so the histogram can count
     ``score < threshold`` exactly (``le`` equal to the threshold is the boundary)."""
@@ -107,6 +118,21 @@ class Metrics:
             registry=r,
         )
         self._ood_score: Histogram | None = None
+        self._p_value: Histogram | None = None
+        self.p_below_alpha = Counter(
+            "sdde_ood_p_below_alpha_total",
+            "Images whose conformal p-value is below the model's alpha (whatever a request set)",
+            ["model"],
+            registry=r,
+        )
+        self.alpha = Gauge(
+            "sdde_ood_alpha",
+            "The model's alpha = 1 - id_acceptance: the promised in-distribution false-flag rate",
+            ["model"],
+            registry=r,
+        )
+        # the model's own threshold (p-value < its alpha <=> score < it), per model
+        self._alpha_threshold: dict[str, float] = {}
 
     def _info_labels(
         self, manifest: Manifest, providers: Sequence[str], name: str | None, version: str | None
@@ -161,14 +187,40 @@ class Metrics:
         for family in (self.queue_wait, self.engine_duration, self.batch_size, self.confidence):
             family.labels(model=name)
         self._ood_score.labels(model=name)
+        self._set_p_values(manifest, name)
         self.model_ready.labels(model=name)  # set by whoever knows readiness (app, repository)
         self.queue_depth.labels(model=name).set(0)
 
+    def _set_p_values(self, manifest: Manifest, name: str) -> None:
+        """p-value series of the model served as ``name``, for models with calibration scores
+        (older files have none). The buckets hold the first such model's alpha; the counter of
+        p-values below alpha and the alpha gauge are exact for every model."""
+        if manifest.ood.calibration_scores is None:
+            self._alpha_threshold.pop(name, None)  # a hot swap to an older file
+            return
+        if self._p_value is None:
+            self._p_value = Histogram(
+                "sdde_ood_p_value",
+                "Conformal OOD p-value per image (uniform on in-distribution traffic)",
+                ["model"],
+                buckets=p_value_buckets(manifest.ood.alpha),
+                registry=self.registry,
+            )
+        self._p_value.labels(model=name)
+        self.p_below_alpha.labels(model=name)
+        self.alpha.labels(model=name).set(manifest.ood.alpha)
+        self._alpha_threshold[name] = manifest.ood.threshold
+
     def observe_predictions(self, model: str, predictions: Iterable[Prediction]) -> None:
         assert self._ood_score is not None, "set_model() first"
+        threshold = self._alpha_threshold.get(model)
         for p in predictions:
             self.predictions.labels(model=model, outcome=p.outcome).inc()
             self._ood_score.labels(model=model).observe(p.ood_score)
+            if p.ood_p_value is not None and self._p_value is not None and threshold is not None:
+                self._p_value.labels(model=model).observe(p.ood_p_value)
+                if p.ood_score < threshold:  # p-value < the model's alpha
+                    self.p_below_alpha.labels(model=model).inc()
             if p.confidence is not None:
                 self.confidence.labels(model=model).observe(p.confidence)
             if p.outcome == "in_distribution" and p.class_name is not None:

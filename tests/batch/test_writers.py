@@ -38,6 +38,7 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
                 "class_name": None if rejected else CLASSES[label],
                 "confidence": None if rejected else float(probs[label]),
                 "ood_score": float(np.float32(rng.normal(3, 2))),
+                "ood_p_value": (i + 1) / 24,
                 "is_ood": bool(rejected or i % 3 == 0),
                 "rejected": rejected,
                 "agreement": None if rejected else float(rng.integers(0, 4) / 3),

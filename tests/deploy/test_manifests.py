@@ -246,6 +246,8 @@ REQUIRED_PANELS = {
     "Shadow vs live: latency p99": "sdde_shadow_duration_seconds_bucket",
     "Live accuracy (delayed labels)": "sdde:live_accuracy:ratio_rate1h",
     "Live calibration: ECE and NLL": "sdde:live_ece:ratio_rate1h",
+    "OOD p-values vs uniform": "sdde_ood_p_value_bucket",
+    "Share of p-values below alpha": "sdde:ood_p_below_alpha:bound5m",
 }
 
 

@@ -226,6 +226,7 @@ def test_tiny_model_report_with_all_plots(tiny_model: Path, tiny_run: Path, tmp_
         "roc_mal.png",
         "roc_msp.png",
         "cams.png",
+        "p_values_qq.png",
     }
     for p in written:
         if p.suffix == ".png":

@@ -39,6 +39,9 @@ class PredictRequest(BaseModel):
     )
     top_k: int | None = Field(None, ge=1, le=1000, description="classes listed in top_k")
     probabilities: bool | None = Field(None, description="include the full calibrated vector")
+    alpha: float | None = Field(
+        None, ge=0.0, lt=1.0, description="override the model's alpha: is_ood = ood_p_value < alpha"
+    )
 
 
 class ImagePrediction(Prediction):
@@ -62,6 +65,7 @@ _FORM_SCHEMA: dict[str, Any] = {
         "ood_policy": {"type": "string", "enum": ["flag", "reject"]},
         "top_k": {"type": "integer", "minimum": 1, "maximum": 1000},
         "probabilities": {"type": "boolean"},
+        "alpha": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
     },
 }
 _REQUEST_BODY: dict[str, Any] = {
@@ -80,7 +84,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"description": "JSON body or query does not match the schema"},
     503: {"description": "not ready, queue full or timed out (Retry-After)"},
 }
-_FORM_FIELDS = {"ood_policy", "top_k", "probabilities"}
+_FORM_FIELDS = {"ood_policy", "top_k", "probabilities", "alpha"}
 
 
 @dataclass
@@ -170,6 +174,26 @@ def _resolve(
     return policy, top_k, bool(probs)
 
 
+def _alpha(options: dict[str, Any], alpha_q: float | None, runtime: ModelRuntime) -> float | None:
+    """The request's alpha override (body/form, else query), checked against the model."""
+    alpha = _option(options, "alpha", alpha_q)
+    if alpha is None:
+        return None
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        raise ApiError(422, f"alpha must be a number, got {alpha!r}") from None
+    if not 0.0 <= alpha < 1.0:
+        raise ApiError(422, f"alpha must be in [0, 1), got {alpha}")
+    if runtime.manifest.ood.calibration_scores is None:
+        raise ApiError(
+            422,
+            f"model {runtime.name!r} stores no calibration scores (exported before "
+            "p-values): it cannot apply an alpha; refit it with `sdde calibrate`",
+        )
+    return alpha
+
+
 async def decode_all(
     files: list[tuple[str | None, bytes]], runtime: ModelRuntime, state: ServerState
 ) -> np.ndarray:
@@ -225,6 +249,10 @@ async def predict(
     ] = None,
     top_k: Annotated[int | None, Query(ge=1, le=1000)] = None,
     probabilities: Annotated[bool, Query(description="include the full vector")] = False,
+    alpha: Annotated[
+        float | None,
+        Query(ge=0.0, lt=1.0, description="override the model's alpha (is_ood = p-value < alpha)"),
+    ] = None,
 ) -> Response:
     started = time.perf_counter()
     settings = state.settings
@@ -240,11 +268,14 @@ async def predict(
                 f"{settings.max_images_per_request} per request",
             )
         policy, k, include_probs = _resolve(parsed.options, state, ood_policy, top_k, probabilities)
+        alpha_used = _alpha(parsed.options, alpha, runtime)
         images = await decode_all(parsed.files, runtime, state)
     remaining = settings.request_timeout_s - (time.perf_counter() - started)
     out = await batcher.submit(images, timeout=max(remaining, 0.001))
     manifest = runtime.manifest
-    preds = make_predictions(out, manifest, top_k=k, policy=policy, include_probs=include_probs)
+    preds = make_predictions(
+        out, manifest, top_k=k, policy=policy, include_probs=include_probs, alpha=alpha_used
+    )
     state.metrics.observe_predictions(runtime.name, preds)
     ids, background = after_predict(state, runtime, images, out, preds)
     answer = PredictResponse.model_construct(  # built from validated parts: no re-validation

@@ -6,7 +6,7 @@ extension: the header's length is in ``Inference-Header-Content-Length``, the te
 ``parameters.binary_data_size``). Outputs (all by default): see :data:`OUTPUTS`. An output is
 returned as bytes when it asks ``binary_data: true`` or the request sets ``binary_data_output``.
 The per-request parameter ``ood_policy`` (``flag``/``reject``) sets ``label`` to -1 for rejected
-images.
+images; ``alpha`` overrides the model's (``is_ood = ood_p_value < alpha``).
 """
 
 from __future__ import annotations
@@ -63,6 +63,13 @@ OUTPUTS: dict[str, tuple[str, Callable[[int, int], list[int]], OutputFn]] = {
     "msp": ("FP32", lambda n, c: [], lambda o, p: o.msp),
     "ood_score": ("FP32", lambda n, c: [], lambda o, p: np.array([x.ood_score for x in p])),
     "is_ood": ("BOOL", lambda n, c: [], lambda o, p: np.array([x.is_ood for x in p])),
+    # p-values lie in (0, 1]; -1 (as `label` for a rejected image) for models exported without
+    # calibration scores, which have none (JSON has no NaN)
+    "ood_p_value": (
+        "FP32",
+        lambda n, c: [],
+        lambda o, p: np.array([-1.0 if x.ood_p_value is None else x.ood_p_value for x in p]),
+    ),
     "label": (
         "INT64",
         lambda n, c: [],
@@ -220,6 +227,8 @@ async def model_metadata(
             "members": members,
             "ood_score": m.ood.score,
             "ood_threshold": m.ood.threshold,
+            # absent for models without calibration scores (no p-values)
+            **({"ood_alpha": m.ood.alpha} if m.ood.calibration_scores is not None else {}),
             "temperature": m.temperature,
             "input_range": "[0, 1]",
         },
@@ -330,6 +339,22 @@ def _policy(req: InferenceRequest, state: ServerState) -> str:
     return policy
 
 
+def _alpha(req: InferenceRequest, runtime: ModelRuntime) -> float | None:
+    """The request parameter ``alpha`` (is_ood = ood_p_value < alpha), checked."""
+    alpha = (req.parameters or {}).get("alpha")
+    if alpha is None:
+        return None
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0.0 <= alpha < 1.0:
+        raise ApiError(400, f"parameter alpha must be a number in [0, 1), got {alpha!r}")
+    if runtime.manifest.ood.calibration_scores is None:
+        raise ApiError(
+            400,
+            f"model {runtime.name!r} stores no calibration scores (exported before "
+            "p-values): it cannot apply an alpha; refit it with `sdde calibrate`",
+        )
+    return float(alpha)
+
+
 @router.post(
     "/models/{name}/infer",
     response_model=InferenceResponse,
@@ -375,9 +400,10 @@ async def infer(
             req, images = parse()
         wanted = _requested(req)
         policy = _policy(req, state)
+        alpha = _alpha(req, runtime)
     out = await runtime.batcher.submit(images, timeout=state.settings.request_timeout_s)
     manifest = runtime.manifest
-    preds = make_predictions(out, manifest, top_k=1, policy=policy)  # type: ignore[arg-type]
+    preds = make_predictions(out, manifest, top_k=1, policy=policy, alpha=alpha)  # type: ignore[arg-type]
     state.metrics.observe_predictions(runtime.name, preds)
     ids, background = after_predict(state, runtime, images, out, preds)
 
