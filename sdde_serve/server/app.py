@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdde_serve import __version__
 from sdde_serve.engine import Engine
-from sdde_serve.preprocess import ImageLimits
+from sdde_serve.preprocess import ImageLimits, PixelBudget
 from sdde_serve.server.batcher import Batcher
 from sdde_serve.server.deps import ModelRuntime, ServerState
 from sdde_serve.server.errors import BodyLimitMiddleware, install_error_handlers
@@ -66,7 +66,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     state = ServerState(
         settings=settings,
         metrics=metrics,
-        limits=ImageLimits(max_bytes=settings.max_body_bytes, max_pixels=settings.max_image_pixels),
+        limits=ImageLimits(
+            max_bytes=settings.max_image_bytes,  # None: derived from the pixel limit
+            max_pixels=settings.max_image_pixels,  # None: derived from the model's input
+            max_request_pixels=settings.max_request_pixels,
+        ),
         api_keys=[k.encode() for k in settings.all_api_keys()],
     )
 
@@ -78,6 +82,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             settings.decode_threads, thread_name_prefix="sdde-decode"
         )
         manifest = eng.manifest
+        # large images decode one at a time (bounded memory); small ones in parallel
+        state.decode_budget = PixelBudget(state.limits.pixels(manifest.input))
         metrics.set_model(manifest, eng.providers)
         batcher = Batcher(
             eng.run,
@@ -105,6 +111,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             manifest.ood.threshold,
             ", ".join(eng.providers),
         )
+        if not state.api_keys:
+            log.warning(
+                "NO API KEYS CONFIGURED: /v1 and /v2 inference and metadata are open to anyone "
+                "who can reach %s:%s (set --api-key or --api-keys-file)",
+                settings.host,
+                settings.port,
+            )
         try:
             yield
         finally:

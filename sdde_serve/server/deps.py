@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from sdde_serve.manifest import Manifest
-from sdde_serve.preprocess import ImageLimits
+from sdde_serve.preprocess import ImageLimits, PixelBudget
 from sdde_serve.server.batcher import Batcher, Unavailable
 from sdde_serve.server.errors import ApiError
 from sdde_serve.server.metrics import Metrics
@@ -35,6 +35,7 @@ class ServerState:
     metrics: Metrics
     limits: ImageLimits
     decode_pool: ThreadPoolExecutor | None = None  # created by the lifespan
+    decode_budget: PixelBudget | None = None  # created by the lifespan (needs the model)
     api_keys: list[bytes] = field(default_factory=list)
     runtime: ModelRuntime | None = None
     ready: bool = False

@@ -53,8 +53,24 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         32 * 1024 * 1024, ge=1, description="request bodies above this get 413"
     )
-    max_image_pixels: int = Field(
-        40_000_000, ge=1, description="decompression-bomb guard: width x height per image"
+    max_image_pixels: int | None = Field(
+        None,
+        ge=1,
+        description="decode-cost guard: width x height per image, read from the header before "
+        "decoding (default: 2,097,152, a Full-HD frame, or 256 x the model's input if larger)",
+    )
+    max_image_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="encoded bytes per image (default: 4 x the pixel limit, at least 8 MiB)",
+    )
+    max_request_pixels: int | None = Field(
+        None, ge=1, description="width x height summed over one request (default: 4 x per image)"
+    )
+    max_json_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1,
+        description="JSON bodies (/v1 base64, the v2 header) above this get 413 before parsing",
     )
     max_images_per_request: int = Field(256, ge=1, description="images in one request")
     top_k: int = Field(3, ge=1, description="default number of classes in top_k")
@@ -66,7 +82,7 @@ class Settings(BaseSettings):
     )
     decode_threads: int = Field(2, ge=1, description="threads decoding images off the loop")
     drain_timeout_s: float = Field(
-        30.0, ge=0.0, description="on SIGTERM, longest wait for in-flight requests"
+        30.0, gt=0.0, description="on SIGTERM, longest wait for in-flight requests (seconds)"
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="log level (debug adds uvicorn's access log)"
@@ -93,9 +109,16 @@ class Settings(BaseSettings):
                 text = self.api_keys_file.read_text()
             except OSError as exc:
                 raise UserError(f"{self.api_keys_file}: cannot read API keys ({exc})") from None
-            keys += [
+            from_file = [
                 line.strip()
                 for line in text.splitlines()
-                if line.strip() and not line.startswith("#")
+                if line.strip() and not line.strip().startswith("#")
             ]
+            if not from_file:
+                # an empty mounted secret must not silently turn authentication off
+                raise UserError(
+                    f"{self.api_keys_file}: the API keys file holds no key; refusing to start "
+                    "open (remove --api-keys-file to serve without authentication)"
+                )
+            keys += from_file
         return keys
