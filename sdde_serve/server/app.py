@@ -52,6 +52,7 @@ def load_engine(settings: Settings) -> Engine:
         intra_op_threads=settings.intra_op_threads,
         require_gpu=settings.require_gpu,
         spin_wait=settings.spin_wait,
+        expect_sha256=settings.expect_sha256,
     )
 
 

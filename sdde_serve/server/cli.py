@@ -52,6 +52,7 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--max-images-per-request": ("max_images_per_request", {"type": int}),
     "--top-k": ("top_k", {"type": int}),
     "--require-gpu": ("require_gpu", {"action": "store_true"}),
+    "--expect-sha256": ("expect_sha256", {"metavar": "HEX"}),
     "--spin-wait": ("spin_wait", {"action": argparse.BooleanOptionalAction}),
     "--decode-threads": ("decode_threads", {"type": int}),
     "--drain-timeout": ("drain_timeout_s", {"type": float}),

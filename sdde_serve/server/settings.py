@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     )
     max_images_per_request: int = Field(256, ge=1, description="images in one request")
     top_k: int = Field(3, ge=1, description="default number of classes in top_k")
+    expect_sha256: str | None = Field(
+        None,
+        description="refuse to start unless the model file's SHA-256 (sha256sum MODEL) is this",
+    )
     require_gpu: bool = Field(False, description="fail at start-up unless a GPU provider loads")
     spin_wait: bool = Field(
         True,
