@@ -114,21 +114,22 @@ def v2_json(batch: int, side: int, outputs: list[str] | None = None) -> dict:
     return {"content": json.dumps(body).encode(), "headers": {"content-type": "application/json"}}
 
 
-def v2_binary(batch: int, side: int) -> dict:
+def v2_binary(batch: int, side: int, outputs: list[str] | None = None) -> dict:
     x = np.zeros((batch, 1, side, side), np.float32).tobytes()
-    head = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "images",
-                    "shape": [batch, 1, side, side],
-                    "datatype": "FP32",
-                    "parameters": {"binary_data_size": len(x)},
-                }
-            ],
-            "parameters": {"binary_data_output": True},
-        }
-    ).encode()
+    request: dict = {
+        "inputs": [
+            {
+                "name": "images",
+                "shape": [batch, 1, side, side],
+                "datatype": "FP32",
+                "parameters": {"binary_data_size": len(x)},
+            }
+        ],
+        "parameters": {"binary_data_output": outputs is None},
+    }
+    if outputs is not None:
+        request["outputs"] = [{"name": n} for n in outputs]
+    head = json.dumps(request).encode()
     return {
         "content": head + x,
         "headers": {
@@ -225,10 +226,16 @@ def corpus(side: int = 28, max_images: int = 256) -> list[Hostile]:
             lambda: multipart([small] * max_images),
         ),
         Hostile(
-            "v2: 300 copies of logits",
+            "v2: 300 copies of logits (JSON input)",
             "POST",
             infer,
             lambda: v2_json(max_images, side, ["logits"] * 300),
+        ),
+        Hostile(
+            "v2: 300 copies of logits (binary input)",
+            "POST",
+            infer,
+            lambda: v2_binary(max_images, side, ["logits"] * 300),
         ),
         Hostile(
             f"v2: JSON input of {max_images} images, all outputs",
