@@ -57,6 +57,7 @@ _TRANSPOSE = {  # EXIF orientation -> the transpose that shows the image upright
     8: Image.Transpose.ROTATE_90,
 }
 _ORIENTATION = 0x0112
+_SWAPS_AXES = (5, 6, 7, 8)
 
 
 @dataclass(frozen=True)
@@ -192,8 +193,9 @@ def check_request_pixels(
 
 
 def _reduce_factor(size: tuple[int, int], spec: InputSpec) -> int:
-    """The integer factor that brings an image down to at least twice the model's size."""
-    return max(1, min(size[0] // (2 * spec.width), size[1] // (2 * spec.height)))
+    """The integer factor that keeps an image at least twice the model's size on both axes, in
+    either orientation (EXIF may swap them)."""
+    return max(1, min(size) // (2 * max(spec.width, spec.height)))
 
 
 def _sixteen_to_l(img: Image.Image) -> Image.Image:
@@ -213,9 +215,10 @@ def _sixteen_to_l(img: Image.Image) -> Image.Image:
     return Image.fromarray(q.astype(np.uint8), mode="L")
 
 
-def _to_l_or_rgb(img: Image.Image, spec: InputSpec) -> Image.Image:
+def _to_l_or_rgb(img: Image.Image, spec: InputSpec) -> tuple[Image.Image, int]:
     """Mode conversions (module docstring), after an integer reduction in the native mode where
-    Pillow has one, so the full-size image is never copied into a wider mode."""
+    Pillow has one, so the full-size image is never copied into a wider mode. Returns the image
+    and the reduction factor applied (1: none)."""
     mode = img.mode
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -229,13 +232,30 @@ def _to_l_or_rgb(img: Image.Image, spec: InputSpec) -> Image.Image:
     factor = _reduce_factor(img.size, spec)
     if factor > 1 and mode in ("L", "RGB", "RGBA", "LA", "CMYK", "YCbCr"):
         img = img.reduce(factor)  # box average; RGBA/LA premultiplied, as compositing needs
+    else:
+        factor = 1
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        return Image.alpha_composite(background, rgba).convert("RGB"), factor
     if mode in ("L", "RGB"):
-        return img
-    return img.convert("RGB")  # 1, CMYK, YCbCr, LAB, HSV
+        return img, factor
+    return img.convert("RGB"), factor  # 1, CMYK, YCbCr, LAB, HSV
+
+
+def _finish_reduced(
+    img: Image.Image, full: tuple[int, int], factor: int, spec: InputSpec, swap: bool
+) -> Image.Image:
+    """The bilinear resize to the model's size of an image reduced by ``factor``.
+
+    ``reduce`` rounds the size up, so its last row and column average a partial block; resizing
+    from the box the full image covers (``w / factor``), as Pillow's own ``reducing_gap`` does,
+    keeps the result equal to a direct resize of the full image up to rounding.
+    """
+    img = img.convert("L" if spec.channels == 1 else "RGB")
+    size = (spec.height, spec.width) if swap else (spec.width, spec.height)
+    box = (0.0, 0.0, full[0] / factor, full[1] / factor)
+    return img.resize(size, Image.Resampling.BILINEAR, box=box)
 
 
 def decode_image(
@@ -263,7 +283,10 @@ def decode_image(
                 img.draft(img.mode, (2 * spec.width, 2 * spec.height))
             img.load()  # decodes now: truncated or corrupt data fails here
             orientation = img.getexif().get(_ORIENTATION)
-            img = _to_l_or_rgb(img, spec)
+            full = img.size
+            img, factor = _to_l_or_rgb(img, spec)
+            if factor > 1:
+                img = _finish_reduced(img, full, factor, spec, swap=orientation in _SWAPS_AXES)
         if orientation in _TRANSPOSE:
             img = img.transpose(_TRANSPOSE[orientation])
     return to_model_array(img, spec.channels, spec.height, spec.width)

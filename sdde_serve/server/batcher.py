@@ -114,7 +114,8 @@ class Batcher:
                 await self._task
             self._task = None
         self._fail_queued(DrainingError("server stopped before this request was computed"))
-        self._executor.shutdown(wait=True)
+        # waits for an engine call still running, off the loop: the failed requests answer now
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     def _fail_queued(self, exc: Exception) -> None:
         items = [self._carry] if self._carry is not None else []
