@@ -283,7 +283,10 @@ def _probe_loop(url: str, interval_s: float, worst, stop) -> None:
     with httpx.Client(base_url=url, timeout=30) as client:
         while not stop.is_set():
             started = time.perf_counter()
-            ok = client.get("/v2/health/live").status_code == 200
+            try:
+                ok = client.get("/v2/health/live").status_code == 200
+            except httpx.HTTPError:  # no answer within the client's timeout
+                ok = False
             took = time.perf_counter() - started if ok else float("inf")
             with worst.get_lock():
                 worst.value = max(worst.value, took)
@@ -342,7 +345,7 @@ def measure(
     url: str, pid: int, model: str, requests: list[Hostile], side: int = 28
 ) -> list[Measured]:
     results = []
-    with httpx.Client(base_url=url, timeout=60) as client:
+    with httpx.Client(base_url=url, timeout=120) as client:
         warm_up(client, model, side)
         time.sleep(0.2)
         # the warmed server's RSS; where the peak cannot be reset, its peak (cumulative then)
@@ -355,15 +358,19 @@ def measure(
                 before = status_mb(pid, "VmRSS")
                 reset_peak(pid)
                 started = time.perf_counter()
-                r = client.request(h.method, h.path.format(model=model), **kwargs)
+                try:
+                    r = client.request(h.method, h.path.format(model=model), **kwargs)
+                    status = r.status_code
+                    reason = r.json().get("error", "") if status != 200 else ""
+                except httpx.HTTPError as exc:  # e.g. no answer in time: recorded, not fatal
+                    status, reason = 0, f"{type(exc).__name__}"
                 seconds = time.perf_counter() - started
                 time.sleep(0.05)  # a probe sent during the request has answered by now
                 after = status_mb(pid, "VmHWM")
-                reason = r.json().get("error", "") if r.status_code != 200 else ""
                 results.append(
                     Measured(
                         h.name,
-                        r.status_code,
+                        status,
                         round(seconds, 3),
                         round(after - warm, 1),
                         round(before - warm, 1),
@@ -422,7 +429,11 @@ def main() -> None:
         rows = measure(url, proc.pid, manifest.name, corpus(manifest.input.height))
     finally:
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:  # a server that cannot drain: measured all the same
+            proc.kill()
+            proc.wait()
     for r in rows:
         print(
             f"{r.name:50s} {r.status}  {r.seconds:6.3f} s  peak +{r.peak_over_warm_mb:6.1f} MB "
