@@ -155,3 +155,33 @@ def test_a_sub_second_drain_timeout_ends_shutdown_with_a_request_in_flight(linea
     finally:
         server.stop()
     assert took < 15
+
+
+def test_the_signal_handler_defers_the_gauge_to_the_event_loop(linear_engine):
+    """A signal handler interrupts the main thread anywhere, possibly inside a Prometheus update
+    holding the (non-reentrant) metrics lock: it only flips the plain readiness flag."""
+    import asyncio
+    import signal
+
+    import uvicorn
+
+    from sdde_serve.server.cli import DrainingServer
+    from tests.server.conftest import metric, scrape
+
+    with serve(linear_engine) as client:
+        state = client.app.state.sdde
+        server = DrainingServer(uvicorn.Config(client.app), state)
+
+        def gauge() -> float:
+            return metric(
+                scrape(client.get("/metrics").text), "sdde_model_ready", model="linear-test"
+            )
+
+        async def main() -> tuple[bool, float, float]:
+            server.handle_exit(signal.SIGTERM, None)  # as from a signal, while this loop runs
+            flag, before = state.ready, gauge()
+            await asyncio.sleep(0)  # the loop runs the deferred update
+            return flag, before, gauge()
+
+        flag, before, after = asyncio.run(main())
+    assert flag is False and before == 1 and after == 0
