@@ -220,6 +220,12 @@ def corpus(side: int = 28, max_images: int = 256) -> list[Hostile]:
             lambda: raw(b"\x89PNG" + b"\0" * (31 * MB)),
         ),
         Hostile(
+            "multipart: 4 files of 7.5 MB junk",
+            "POST",
+            predict,
+            lambda: multipart([b"\x89PNG" + bytes(15 * MB // 2)] * 4),
+        ),
+        Hostile(
             f"multipart: {max_images} small PNGs",
             "POST",
             predict,
