@@ -84,6 +84,21 @@ def png16(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
+def png_text_bomb(chunks: int = 64, size: int = MB) -> bytes:
+    """An 8x8 PNG whose metadata holds ``chunks`` zTXt chunks of ``size`` bytes each once
+    decompressed (a few KB on the wire), read by Pillow while opening the file."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    png = encode(Image.new("L", (8, 8), 0))
+    text = b"".join(
+        chunk(b"zTXt", b"k%d\0\0" % i + zlib.compress(b"a" * size, 9)) for i in range(chunks)
+    )
+    return png[:33] + text + png[33:]  # after the signature and IHDR
+
+
 def webp(width: int, height: int, mode: str = "RGBA") -> bytes:
     img = Image.new(mode, (width, height), (200, 10, 10, 128) if mode == "RGBA" else 0)
     return encode(img, "WEBP", lossless=True, method=0, quality=0)
@@ -188,6 +203,7 @@ def corpus(side: int = 28, max_images: int = 256) -> list[Hostile]:
             predict,
             lambda: raw(png16(at_limit, at_limit)),
         ),
+        Hostile("png: 64 MB of zTXt metadata", "POST", predict, lambda: raw(png_text_bomb())),
         Hostile("webp: 3000x3000 bomb", "POST", predict, lambda: raw(webp(3000, 3000, "L"))),
         Hostile(
             "webp: RGBA at the pixel limit",

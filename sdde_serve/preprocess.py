@@ -24,7 +24,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from sdde_serve.data import to_model_array
 from sdde_serve.manifest import InputSpec
@@ -46,6 +46,12 @@ PIXELS_PER_MODEL_PIXEL = 256
 MIN_DEFAULT_BYTES = 8 * 1024 * 1024
 # Per request, by default: this many images at the per-image limit.
 REQUEST_PIXEL_IMAGES = 4
+
+# Pillow keeps up to 64 MB of decompressed PNG text (zTXt/iTXt chunks) per file, read while the
+# file is opened, before any size check: a few KB on the wire cost 65 MB (measured). The model
+# never reads metadata; 1 MiB leaves room for real EXIF/XMP. Process-wide, like Pillow's own
+# MAX_IMAGE_PIXELS.
+PngImagePlugin.MAX_TEXT_MEMORY = 1024 * 1024
 
 _TRANSPOSE = {  # EXIF orientation -> the transpose that shows the image upright
     2: Image.Transpose.FLIP_LEFT_RIGHT,

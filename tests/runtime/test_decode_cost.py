@@ -135,3 +135,13 @@ def test_exif_orientation_after_reduction_equals_transposing_the_full_image(orie
     got = decode_image(data, spec)
     assert got.shape == (1, 32, 16)
     assert np.abs(got - expected).max() < 0.025
+
+
+def test_png_text_metadata_is_bounded_while_opening():
+    """Pillow reads zTXt chunks before any size check: 64 MB of text in a few KB."""
+    from benchmarks.hostile_requests import png_text_bomb
+
+    with pytest.raises(ImageError, match="text chunks"):
+        decode_image(png_text_bomb(chunks=3, size=1024 * 1024), GRAY28)
+    small = png_text_bomb(chunks=2, size=1000)  # ordinary metadata still decodes
+    assert decode_image(small, GRAY28).shape == (1, 28, 28)
