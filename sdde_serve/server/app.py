@@ -147,6 +147,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 def app_from_env() -> FastAPI:
     """``uvicorn --factory sdde_serve.server.app:app_from_env``: settings from ``SDDE_*`` only
     (how ``sdde serve --workers N`` starts each worker process)."""
+    from sdde_serve.server.memory import bound_allocator
+
+    bound_allocator()  # each worker process, like the single-process server
     return create_app(Settings())
 
 
