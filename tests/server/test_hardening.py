@@ -7,6 +7,7 @@ import base64
 import json
 import logging
 import socket
+import sys
 import time
 
 import numpy as np
@@ -185,3 +186,14 @@ def test_the_signal_handler_defers_the_gauge_to_the_event_loop(linear_engine):
 
         flag, before, after = asyncio.run(main())
     assert flag is False and before == 1 and after == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_the_allocator_returns_freed_decode_buffers():
+    import platform
+
+    from sdde_serve.server.memory import bound_allocator
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    assert bound_allocator() is True
