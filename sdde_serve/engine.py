@@ -1,8 +1,9 @@
 """The inference engine: one onnxruntime session over the fused ensemble graph.
 
-Loading checks everything up front (file readable, manifest valid, weights match the manifest's
-SHA-256, graph I/O as expected) and fails with :class:`ModelLoadError`, one clear line, so a
-server or batch job never starts half-working.
+Loading checks everything up front (file readable, manifest valid, the graph consistent with its
+manifest: hashes, temperature, inputs, outputs and their shapes, see
+:mod:`sdde_serve.model_checks`; optionally the file's pinned SHA-256) and fails with
+:class:`ModelLoadError`, one clear line, so a server or batch job never starts half-working.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from sdde_serve.errors import UserError
-from sdde_serve.manifest import Manifest, load_onnx, read_manifest, weights_sha256
+from sdde_serve.manifest import Manifest, read_manifest
+from sdde_serve.model_checks import (
+    ModelLoadError,
+    check_digest,
+    check_file,
+    check_outputs,
+    read_model,
+)
 
 log = logging.getLogger("sdde.engine")
 
@@ -22,8 +30,7 @@ REQUIRED_OUTPUTS = ("logits", "probs", "mal", "msp")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider")
 
 
-class ModelLoadError(UserError):
-    """The model file cannot be served (missing, corrupt, tampered, wrong graph)."""
+__all__ = ["Engine", "EngineOutput", "ModelLoadError"]
 
 
 @dataclass
@@ -110,22 +117,19 @@ class Engine:
         require_gpu: bool = False,
         verify_weights: bool = True,
         spin_wait: bool = True,
+        expect_sha256: str | None = None,
     ) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
+        proto, self.sha256 = read_model(self.path)  # sha256: of the file's bytes
+        check_digest(self.path, self.sha256, expect_sha256)  # pinned: before anything else
         try:
-            proto = load_onnx(self.path)
             self.manifest: Manifest = read_manifest(proto, source=str(self.path))
         except UserError as exc:
             raise ModelLoadError(str(exc)) from None
         if verify_weights:
-            actual = weights_sha256(proto)
-            if actual != self.manifest.weights_sha256:
-                raise ModelLoadError(
-                    f"{self.path}: weights do not match the manifest's SHA-256 "
-                    f"(manifest {self.manifest.weights_sha256[:12]}…, file {actual[:12]}…)"
-                )
+            check_file(proto, self.manifest, self.path)
         options = ort.SessionOptions()
         # explicit threads: 0 lets onnxruntime use one per physical core; servers pin this to the
         # CPU request so replicas on one node don't oversubscribe
@@ -172,14 +176,28 @@ class Engine:
         self._fetch = [*REQUIRED_OUTPUTS, *(["cams"] if "cams" in self.output_names else [])]
         spec = self.manifest.input
         self.input_shape = (spec.channels, spec.height, spec.width)
+        self._probe()
         log.info(
-            "loaded %s (%s v%s, %d members) on %s",
+            "loaded %s (%s v%s, %d members, sha256 %s) on %s",
             self.path,
             self.manifest.name,
             self.manifest.version,
             self.manifest.members,
+            self.sha256,
             ", ".join(self.providers),
         )
+
+    def _probe(self) -> None:
+        """One blank image through every output: shapes must be the manifest's, else the
+        server would report ready and answer 500."""
+        blank = np.zeros((1, *self.input_shape), np.float32)
+        try:
+            values = self.session.run(self.output_names, {self.input_name: blank})
+        except Exception as exc:  # onnxruntime's own error types
+            raise ModelLoadError(
+                f"{self.path}: the graph fails on a blank {list(blank.shape)} input ({exc})"
+            ) from None
+        check_outputs(dict(zip(self.output_names, values, strict=True)), self.manifest, self.path)
 
     @property
     def has_cams(self) -> bool:

@@ -123,6 +123,9 @@ class Manifest(_Model):
     ood: OODSpec
     calibration: CalibrationInfo
     weights_sha256: str
+    # SHA-256 of the graph's structure (graph_sha256()); stamped by write_manifest, absent in
+    # files written before it existed
+    graph_sha256: str | None = None
     created_at: str = Field(default_factory=lambda: now_iso())
     training_config: dict[str, Any] = Field(default_factory=dict)
 
@@ -182,10 +185,15 @@ def read_manifest(model: onnx.ModelProto, *, source: str = "model") -> Manifest:
 
 
 def write_manifest(model: onnx.ModelProto, manifest: Manifest) -> None:
-    """Store ``manifest`` in ``model.metadata_props`` (replacing an older one)."""
+    """Store ``manifest`` in ``model.metadata_props`` (replacing an older one).
+
+    The manifest is stamped with the :func:`graph_sha256` of ``model`` as it is now, so every
+    writer (export, calibrate, any later graph rewrite) records the graph it sits in.
+    """
+    stamped = manifest.model_copy(update={"graph_sha256": graph_sha256(model)})
     keep = [(p.key, p.value) for p in model.metadata_props if p.key != MANIFEST_KEY]
     del model.metadata_props[:]
-    for key, value in [*keep, (MANIFEST_KEY, manifest.to_json())]:
+    for key, value in [*keep, (MANIFEST_KEY, stamped.to_json())]:
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
 
@@ -208,6 +216,27 @@ def weights_sha256(model: onnx.ModelProto) -> str:
         h.update(str(arr.dtype.newbyteorder("<")).encode())
         h.update(str(arr.shape).encode())
         h.update(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+    return h.hexdigest()
+
+
+def graph_sha256(model: onnx.ModelProto) -> str:
+    """SHA-256 of what the graph computes, apart from its weights: every node in order (op type,
+    domain, inputs, outputs, attributes), the graph's inputs and outputs (names, types, shapes),
+    the initializers' names, types and shapes, and the opset imports.
+
+    The weights' values are :func:`weights_sha256`'s; ``temperature`` is checked against the
+    manifest. Metadata (the manifest itself) is not part of it: the manifest records this hash.
+    """
+    h = hashlib.sha256()
+    for opset in sorted((o.domain, o.version) for o in model.opset_import):
+        h.update(f"opset {opset[0]} {opset[1]}\n".encode())
+    graph = model.graph
+    for part, items in (("input", graph.input), ("output", graph.output), ("node", graph.node)):
+        for item in items:
+            data = item.SerializeToString(deterministic=True)
+            h.update(f"{part} {len(data)}\n".encode() + data)
+    for init in sorted(graph.initializer, key=lambda t: t.name):
+        h.update(f"init {init.name} {init.data_type} {list(init.dims)}\n".encode())
     return h.hexdigest()
 
 

@@ -16,11 +16,15 @@ Conversions (documented in docs/conventions.md):
 from __future__ import annotations
 
 import io
+import threading
+import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from sdde_serve.data import to_model_array
 from sdde_serve.manifest import InputSpec
@@ -30,63 +34,133 @@ class ImageError(ValueError):
     """The bytes are not an image we can use; ``str(exc)`` is the reason for the client."""
 
 
+# Formats decoded at all (Pillow's ``Image.open(..., formats=...)``): the ones
+# :data:`sdde_serve.data.IMAGE_SUFFIXES` names. Every other plugin (EPS, which runs Ghostscript;
+# PSD, ICNS, FITS, ...) is never tried on untrusted bytes.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
+# Per-image pixel limit when none is configured: a Full-HD frame (1920x1080 fits), or 256 times
+# the model's input for larger models. Measured peak cost of one image at this limit: ~16 MB
+# (RGBA) above the decoded pixels themselves, see docs/server.md.
+MIN_DEFAULT_PIXELS = 2**21
+PIXELS_PER_MODEL_PIXEL = 256
+MIN_DEFAULT_BYTES = 8 * 1024 * 1024
+# Per request, by default: this many images at the per-image limit.
+REQUEST_PIXEL_IMAGES = 4
+
+# Pillow keeps up to 64 MB of decompressed PNG text (zTXt/iTXt chunks) per file, read while the
+# file is opened, before any size check: a few KB on the wire cost 65 MB (measured). The model
+# never reads metadata; 1 MiB leaves room for real EXIF/XMP. Process-wide, like Pillow's own
+# MAX_IMAGE_PIXELS.
+PngImagePlugin.MAX_TEXT_MEMORY = 1024 * 1024
+
+_TRANSPOSE = {  # EXIF orientation -> the transpose that shows the image upright
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_ORIENTATION = 0x0112
+_SWAPS_AXES = (5, 6, 7, 8)
+
+
 @dataclass(frozen=True)
 class ImageLimits:
-    max_bytes: int = 20 * 1024 * 1024
-    # decompression-bomb guard: checked from the header, before any pixel is decoded
-    max_pixels: int = 40_000_000
+    """What one image (and one request) may cost to decode; ``None`` = derived from the model."""
+
+    # encoded size; None: 4 bytes per allowed pixel (an RGBA bitmap's size), at least 8 MiB
+    max_bytes: int | None = None
+    # decompression-bomb guard, checked from the header before any pixel is decoded
+    max_pixels: int | None = None
+    # the sum over the images of one request (server), checked from the headers as well
+    max_request_pixels: int | None = None
+    formats: tuple[str, ...] = ACCEPTED_FORMATS
+
+    def bytes_limit(self, spec: InputSpec) -> int:
+        """The per-image limit on encoded bytes for a model reading ``spec``."""
+        if self.max_bytes is not None:
+            return self.max_bytes
+        return max(MIN_DEFAULT_BYTES, 4 * self.pixels(spec))
+
+    def pixels(self, spec: InputSpec) -> int:
+        """The per-image pixel limit for a model reading ``spec``."""
+        if self.max_pixels is not None:
+            return self.max_pixels
+        return max(MIN_DEFAULT_PIXELS, PIXELS_PER_MODEL_PIXEL * spec.height * spec.width)
+
+    def request_pixels(self, spec: InputSpec) -> int:
+        if self.max_request_pixels is not None:
+            return self.max_request_pixels
+        return REQUEST_PIXEL_IMAGES * self.pixels(spec)
 
 
-def _to_l_or_rgb(img: Image.Image) -> Image.Image:
-    mode = img.mode
-    if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        mode = img.mode
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode.startswith("I;16") or mode == "I":
-        arr = np.asarray(img.convert("I"), dtype=np.float64) / 257.0
-        return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), mode="L")
-    if mode == "F":
-        arr = np.asarray(img, dtype=np.float64) * 255.0
-        return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), mode="L")
-    if mode in ("L", "RGB"):
-        return img
-    return img.convert("RGB")  # 1, CMYK, YCbCr, LAB, HSV
+class PixelBudget:
+    """Pixels being decoded at once, across the threads of one process.
 
-
-def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits | None = None) -> np.ndarray:
-    """Decode one encoded image into float32 ``[C, H, W]`` in [0, 1] for the model.
-
-    Raises :class:`ImageError` with a client-facing reason for anything unusable.
+    Each decode holds its image's pixel count while it runs, so concurrent decodes of large
+    images wait for each other (memory stays at about one large image's decode cost) while small
+    images still decode in parallel. An image larger than the whole budget runs alone.
     """
-    limits = limits or ImageLimits()
+
+    def __init__(self, pixels: int) -> None:
+        self.pixels = pixels
+        self._used = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int, deadline: float | None = None) -> Iterator[None]:
+        pixels = min(pixels, self.pixels)
+        with self._cond:
+            while self._used + pixels > self.pixels:
+                timeout = None if deadline is None else deadline - time.monotonic()
+                if timeout is not None and timeout <= 0:
+                    raise TimeoutError("waited past the deadline for decode capacity")
+                self._cond.wait(timeout)
+            self._used += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used -= pixels
+                self._cond.notify_all()
+
+
+def _open(data: bytes, spec: InputSpec, limits: ImageLimits) -> Image.Image:
+    """Read the header only: format, size and the pixel limit; nothing is decoded yet."""
     if not data:
         raise ImageError("empty image")
-    if len(data) > limits.max_bytes:
-        raise ImageError(f"image of {len(data)} bytes exceeds the limit of {limits.max_bytes}")
+    max_bytes = limits.bytes_limit(spec)
+    if len(data) > max_bytes:
+        raise ImageError(f"image of {len(data)} bytes exceeds the limit of {max_bytes}")
+    img = Image.open(io.BytesIO(data), formats=limits.formats)
+    width, height = img.size
+    if width == 0 or height == 0:
+        raise ImageError(f"image has zero size ({width}x{height})")
+    limit = limits.pixels(spec)
+    if width * height > limit:
+        raise ImageError(f"image of {width}x{height} pixels exceeds the limit of {limit}")
+    return img
+
+
+@contextmanager
+def _client_errors() -> Iterator[None]:
+    """Every way Pillow fails on bad bytes, as an :class:`ImageError` (never a server error)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width == 0 or height == 0:
-                raise ImageError(f"image has zero size ({width}x{height})")
-            if width * height > limits.max_pixels:
-                raise ImageError(
-                    f"image of {width}x{height} pixels exceeds the limit of {limits.max_pixels}"
-                )
-            img.load()  # decodes now: truncated or corrupt data fails here
-            img = ImageOps.exif_transpose(img)
-            img = _to_l_or_rgb(img)
-    except ImageError:
+            yield
+    except (ImageError, TimeoutError):
         raise
     except UnidentifiedImageError:
-        raise ImageError("not a recognised image format") from None
+        raise ImageError(
+            f"not a recognised image format (accepted: {', '.join(ACCEPTED_FORMATS)})"
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError("image exceeds the decompression-bomb pixel limit") from None
+    except MemoryError:
+        raise ImageError("image too large to decode") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         # Pillow reports truncation and corrupt streams as OSError/SyntaxError
         raise ImageError(f"corrupt or truncated image ({str(exc)[:120]})") from None
@@ -94,4 +168,131 @@ def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits | None = None
         # Some Pillow plugins fail on hostile files with TypeError, struct.error, IndexError...:
         # still the client's bad bytes, never a server error
         raise ImageError(f"cannot decode image ({type(exc).__name__})") from None
+
+
+def image_pixels(data: bytes, spec: InputSpec, limits: ImageLimits) -> int:
+    """Width x height from the header (format and per-image limit checked), without decoding."""
+    with _client_errors():
+        width, height = _open(data, spec, limits).size
+    return width * height
+
+
+def check_request_pixels(
+    images: list[tuple[str, bytes]], spec: InputSpec, limits: ImageLimits
+) -> None:
+    """Refuse a request whose images (``(label, bytes)``) together exceed the pixel budget.
+
+    Reads headers only (microseconds each), so a request of many large images is refused before
+    any of them costs a decode. Raises :class:`ImageError` naming the first bad image or the total.
+    """
+    budget = limits.request_pixels(spec)
+    total = 0
+    for label, data in images:
+        try:
+            total += image_pixels(data, spec, limits)
+        except ImageError as exc:
+            raise ImageError(f"{label}: {exc}") from None
+    if total > budget:
+        raise ImageError(
+            f"the images hold {total} pixels together, over the limit of {budget} per request"
+        )
+
+
+def _reduce_factor(size: tuple[int, int], spec: InputSpec) -> int:
+    """The integer factor that keeps an image at least twice the model's size on both axes, in
+    either orientation (EXIF may swap them)."""
+    return max(1, min(size) // (2 * max(spec.width, spec.height)))
+
+
+def _sixteen_to_l(img: Image.Image) -> Image.Image:
+    """16/32-bit integer gray -> 8-bit by dividing by 257 with rounding, in integers.
+
+    ``round(v / 257)`` is ``v // 257`` plus one when the remainder exceeds 128 (257 is odd: no
+    ties); unsigned 16-bit stays in 16 bits, so a 2 MP image costs a few 4 MB arrays instead of
+    the float64 copies (8 bytes a pixel each) a float division would make.
+    """
+    arr = np.asarray(img)
+    if arr.dtype.kind == "u" and arr.dtype.itemsize <= 2:
+        arr = arr.astype(np.uint16, copy=False)
+    else:  # mode I: signed 32-bit, clipped to the 16-bit range first
+        arr = np.clip(arr, 0, 65535).astype(np.uint16)
+    q = arr // 257
+    q += (arr - q * 257) > 128
+    return Image.fromarray(q.astype(np.uint8), mode="L")
+
+
+def _to_l_or_rgb(img: Image.Image, spec: InputSpec) -> tuple[Image.Image, int]:
+    """Mode conversions (module docstring), after an integer reduction in the native mode where
+    Pillow has one, so the full-size image is never copied into a wider mode. Returns the image
+    and the reduction factor applied (1: none)."""
+    mode = img.mode
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        img, mode = _sixteen_to_l(img), "L"
+    elif mode == "F":
+        arr = np.asarray(img, dtype=np.float32) * np.float32(255.0)
+        img = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), mode="L")
+        mode = "L"
+    factor = _reduce_factor(img.size, spec)
+    if factor > 1 and mode in ("L", "RGB", "RGBA", "LA", "CMYK", "YCbCr"):
+        img = img.reduce(factor)  # box average; RGBA/LA premultiplied, as compositing needs
+    else:
+        factor = 1
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB"), factor
+    if mode in ("L", "RGB"):
+        return img, factor
+    return img.convert("RGB"), factor  # 1, CMYK, YCbCr, LAB, HSV
+
+
+def _finish_reduced(
+    img: Image.Image, full: tuple[int, int], factor: int, spec: InputSpec, swap: bool
+) -> Image.Image:
+    """The bilinear resize to the model's size of an image reduced by ``factor``.
+
+    ``reduce`` rounds the size up, so its last row and column average a partial block; resizing
+    from the box the full image covers (``w / factor``), as Pillow's own ``reducing_gap`` does,
+    keeps the result equal to a direct resize of the full image up to rounding.
+    """
+    img = img.convert("L" if spec.channels == 1 else "RGB")
+    size = (spec.height, spec.width) if swap else (spec.width, spec.height)
+    box = (0.0, 0.0, full[0] / factor, full[1] / factor)
+    return img.resize(size, Image.Resampling.BILINEAR, box=box)
+
+
+def decode_image(
+    data: bytes,
+    spec: InputSpec,
+    limits: ImageLimits | None = None,
+    budget: PixelBudget | None = None,
+    deadline: float | None = None,
+) -> np.ndarray:
+    """Decode one encoded image into float32 ``[C, H, W]`` in [0, 1] for the model.
+
+    Decode cost is bounded before any pixel is decoded: accepted formats only, the byte limit and
+    the pixel limit read from the header, and (with ``budget``) the pixels decoded at once by the
+    process; ``deadline`` (``time.monotonic()``) stops a decode still waiting for the budget. A
+    JPEG is decoded straight at a reduced scale (``draft``: libjpeg's 1/2, 1/4, 1/8 DCT scaling)
+    when it is much larger than the model's input. Raises :class:`ImageError` with a
+    client-facing reason for anything unusable (``TimeoutError`` past the deadline).
+    """
+    limits = limits or ImageLimits()
+    with _client_errors():
+        img = _open(data, spec, limits)
+        with budget.hold(img.size[0] * img.size[1], deadline) if budget else nullcontext():
+            if img.format == "JPEG":
+                # keeps at least twice the model's size, like the reduction below
+                img.draft(img.mode, (2 * spec.width, 2 * spec.height))
+            img.load()  # decodes now: truncated or corrupt data fails here
+            orientation = img.getexif().get(_ORIENTATION)
+            full = img.size
+            img, factor = _to_l_or_rgb(img, spec)
+            if factor > 1:
+                img = _finish_reduced(img, full, factor, spec, swap=orientation in _SWAPS_AXES)
+        if orientation in _TRANSPOSE:
+            img = img.transpose(_TRANSPOSE[orientation])
     return to_model_array(img, spec.channels, spec.height, spec.width)

@@ -56,10 +56,18 @@ METAVARS: dict[str, str] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (``batch_size`` -> ``--batch-size``), defaults from it."""
+    """One flag per TrainConfig field (``batch_size`` -> ``--batch-size``), defaults from it.
+
+    Absent flags stay absent from the namespace (``argparse.SUPPRESS``): ``--resume`` must know
+    which flags the user passed, since only those may change the recorded run.
+    """
     for f in fields(TrainConfig):
         default = f.default if f.default is not MISSING else None
-        kwargs: dict[str, Any] = {"default": default, "help": FIELD_HELP[f.name], "dest": f.name}
+        kwargs: dict[str, Any] = {
+            "default": argparse.SUPPRESS,
+            "help": f"{FIELD_HELP[f.name]} [default: {default!r}]",
+            "dest": f.name,
+        }
         if f.type == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -71,8 +79,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--" + flag(f.name), **kwargs)
 
 
+def given_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields whose flags were passed."""
+    names = {f.name for f in fields(TrainConfig)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    """Flags over TrainConfig's defaults; with ``--resume``, over the recorded run's config."""
+    given = given_flags(args)
+    if given.get("resume"):
+        from training.run import resume_config  # imports torch: only when resuming
+
+        return resume_config(given)
+    return TrainConfig(**given)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -164,6 +164,34 @@ def check_fresh_out(out: Path) -> None:
         raise UserError(f"--out {out} exists and is not empty; choose another directory")
 
 
+def resume_config(given: dict[str, Any]) -> TrainConfig:
+    """The config of ``sdde train --resume``: the recorded run, changed only by the flags the
+    user actually passed (``given``; argparse defaults are not flags).
+
+    Flags in ``RESUME_OVERRIDABLE`` replace the recorded values; any other flag must equal the
+    recorded value, else one line names them (a different ``--method`` is refused, not ignored).
+    """
+    out = Path(given.get("out") or TrainConfig().out)
+    if not (out / CONFIG).exists():
+        raise UserError(f"--resume: {out / CONFIG} is missing (nothing to resume)")
+    recorded = recorded_config(out)
+    changed = [
+        name
+        for name, value in given.items()
+        if name not in RESUME_OVERRIDABLE and name != "out" and value != getattr(recorded, name)
+    ]
+    if changed:
+        flags = ", ".join(
+            f"--{n.replace('_', '-')} {given[n]!r} (run: {getattr(recorded, n)!r})" for n in changed
+        )
+        raise UserError(f"--resume continues the recorded run; these flags differ from it: {flags}")
+    merged = recorded.to_dict()
+    merged.update({k: v for k, v in given.items() if k in RESUME_OVERRIDABLE})
+    merged["out"] = str(out)
+    merged["resume"] = True
+    return TrainConfig.from_dict(merged)
+
+
 def load_resume(cfg: TrainConfig, out: Path) -> tuple[TrainConfig, dict[str, Any]]:
     """The recorded config (with the overridable fields taken from ``cfg``) and the state."""
     recorded = recorded_config(out)

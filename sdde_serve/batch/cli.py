@@ -91,6 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "p-values and add an ood_bh column: flagged images of which at most a share Q are "
         "expected to be in-distribution (needs a model with calibration scores)" + "%(default).0s",
     )
+    parser.add_argument(
+        "--expect-sha256",
+        metavar="HEX",
+        default=None,
+        help="refuse to start unless the model file's SHA-256 (sha256sum MODEL) is HEX",
+    )
     backend = parser.add_mutually_exclusive_group()
     backend.add_argument(
         "--url",
@@ -225,6 +231,11 @@ def _main(args: argparse.Namespace) -> int:
     check_format(out)
     check_format(errors)
     check_inputs(args.inputs)
+    if args.expect_sha256 and (args.url or args.ray is not None):
+        # the local engine checks it itself; the other backends read the file here
+        from sdde_serve.model_checks import check_digest, read_model
+
+        check_digest(Path(args.model), read_model(Path(args.model))[1], args.expect_sha256)
 
     if args.ray is not None:
         from .ray_backend import run_ray_job
@@ -243,7 +254,9 @@ def _main(args: argparse.Namespace) -> int:
     else:
         from sdde_serve.engine import Engine
 
-        backend = Engine(args.model, intra_op_threads=args.threads)
+        backend = Engine(
+            args.model, intra_op_threads=args.threads, expect_sha256=args.expect_sha256
+        )
         manifest = backend.manifest
         kind = "local:" + ",".join(backend.providers)
     return run_and_report(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import fnmatch
 import glob
+import io
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -53,7 +54,7 @@ def check_inputs(specs: Iterable[str]) -> None:
 
 def _expand(spec: str, stdin: TextIO | None) -> Iterator[str]:
     if spec == "-":
-        yield from _read_lines(stdin if stdin is not None else sys.stdin, base=None)
+        yield from _read_lines(stdin if stdin is not None else _stdin(), base=None)
     elif os.path.isdir(spec):
         yield from walk_images(spec)
     elif os.path.isfile(spec) and spec.lower().endswith(LIST_SUFFIXES):
@@ -84,11 +85,17 @@ def walk_images(root: str) -> Iterator[str]:
 def read_list_file(path: str) -> Iterator[str]:
     """Paths listed in a text or CSV file, relative ones taken from the file's directory."""
     base = os.path.dirname(path)
-    with open(path, encoding="utf-8", newline="") as fh:
+    # file names are bytes: one that is not UTF-8 is kept (as os.fsdecode would), not fatal
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
         if path.lower().endswith(".csv"):
             yield from _read_csv(fh, base)
         else:
             yield from _read_lines(fh, base)
+
+
+def _stdin() -> TextIO:
+    """Standard input as text that keeps non-UTF-8 file names (surrogateescape, like os)."""
+    return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape")
 
 
 def _join(base: str | None, p: str) -> str:

@@ -86,7 +86,7 @@ def load_image(path: str, spec: InputSpec, limits: ImageLimits) -> np.ndarray:
     """Read and decode one file; every failure is an :class:`ImageError` with the reason."""
     try:
         with open(path, "rb") as fh:
-            data = fh.read(limits.max_bytes + 1)
+            data = fh.read(limits.bytes_limit(spec) + 1)
     except OSError as exc:
         raise ImageError(f"unreadable: {exc.strerror or exc}") from None
     return decode_image(data, spec, limits)

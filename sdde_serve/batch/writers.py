@@ -22,6 +22,7 @@ The journal is removed when the job completes.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -93,17 +94,51 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class _AppendSink:
-    """Text formats appended in whole lines; the committed state is the file's byte size."""
+def _committed_prefix(path: Path, size: int, sha256: str | None) -> Any:
+    """Check that ``path`` still holds the ``size`` committed bytes (and their SHA-256 when the
+    journal has it); returns the running hash of that prefix, to be continued by later commits.
 
-    def __init__(self, path: Path, columns: list[Column], state: dict[str, int] | None) -> None:
+    Cutting a file back to the committed size must never *extend* it: ``ftruncate`` pads a file
+    that was deleted or shortened with NUL bytes, which a resume would then silently keep.
+    """
+    actual = path.stat().st_size if path.exists() else -1
+    if actual < size:
+        state = "is missing" if actual < 0 else f"has {actual} bytes"
+        raise UserError(
+            f"cannot resume: {path} {state} but the journal committed {size}; the file was "
+            "deleted, moved or cut short since: start again without --resume"
+        )
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        left = size
+        while left:
+            block = fh.read(min(left, 1 << 20))
+            if not block:
+                break
+            h.update(block)
+            left -= len(block)
+    if sha256 is not None and h.hexdigest() != sha256:
+        raise UserError(
+            f"cannot resume: the first {size} bytes of {path} differ from what the journal "
+            "committed (the file was edited or replaced): start again without --resume"
+        )
+    return h
+
+
+class _AppendSink:
+    """Text formats appended in whole lines; the committed state is the file's byte size and
+    the SHA-256 of those bytes."""
+
+    def __init__(self, path: Path, columns: list[Column], state: dict[str, Any] | None) -> None:
         self.path, self.columns = path, columns
         if state is None:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             self._size = 0
+            self._hash = hashlib.sha256()
         else:
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
             self._size = int(state["bytes"])
+            self._hash = _committed_prefix(path, self._size, state.get("sha256"))
+            self._fd = os.open(path, os.O_WRONLY)
             os.ftruncate(self._fd, self._size)  # drop anything written after the last commit
             os.fsync(self._fd)
         self._pending: list[str] = [self.header()] if self._size == 0 else []
@@ -128,7 +163,8 @@ class _AppendSink:
             view = view[n:]
         os.fsync(self._fd)
         self._size += len(data)
-        return {"bytes": self._size}
+        self._hash.update(data)
+        return {"bytes": self._size, "sha256": self._hash.hexdigest()}
 
     def finish(self) -> None:
         pass
@@ -151,9 +187,50 @@ def _csv_names(columns: list[Column]) -> list[str]:
     return names
 
 
+# A cell starting with one of these is a formula to Excel, LibreOffice and Google Sheets
+# (CSV injection, OWASP): such text cells get a leading apostrophe, which spreadsheets hide.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "|", "%")
+
+
+def csv_text(value: str) -> str:
+    """A text cell that a spreadsheet shows as text, never runs (undone by :func:`_from_csv`).
+    A leading apostrophe is doubled, so the escape is lossless."""
+    return "'" + value if value.startswith((*_FORMULA_START, "'")) else value
+
+
+def escape_path(path: str) -> str:
+    """``path`` as UTF-8 text: unchanged when it is valid UTF-8; otherwise (a file name whose
+    bytes are not UTF-8, which Python carries as lone surrogates) each undecodable byte is
+    written ``\\xNN`` and each backslash doubled, so :func:`unescape_path` restores the bytes."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        raw = path.encode("utf-8", "surrogateescape")
+        return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
+def unescape_path(text: str) -> bytes:
+    """The file name bytes of an :func:`escape_path` result that was escaped."""
+    out, i, raw = bytearray(), 0, text.encode("utf-8")
+    while i < len(raw):
+        if raw[i : i + 2] == b"\\\\":
+            out += b"\\"
+            i += 2
+        elif raw[i : i + 2] == b"\\x" and i + 4 <= len(raw):
+            out.append(int(raw[i + 2 : i + 4], 16))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return bytes(out)
+
+
 def _csv_cell(value: Any, kind: str) -> str:
     if value is None:
         return ""
+    if kind == "str":
+        return csv_text(str(value))
     if kind == "bool":
         return "true" if value else "false"
     if kind == "topk":
@@ -227,6 +304,15 @@ class ParquetSink:
             self._parts = 0
         else:
             self._parts = int(state["parts"])
+            missing = [
+                i for i in range(self._parts) if not (self.parts_dir / _part_name(i)).is_file()
+            ]
+            if missing:
+                raise UserError(
+                    f"cannot resume: {self.parts_dir} lacks {len(missing)} of the "
+                    f"{self._parts} committed parts (first: {_part_name(missing[0])}): start "
+                    "again without --resume"
+                )
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         for f in self.parts_dir.iterdir():  # parts after the last commit, unfinished temporaries
             if not f.name.endswith(".parquet") or _part_index(f) >= self._parts:
@@ -240,7 +326,7 @@ class ParquetSink:
         if self._pending:
             pa = _pyarrow()
             table = pa.Table.from_pylist(self._pending, schema=self.schema)
-            final = self.parts_dir / f"part-{self._parts:06d}.parquet"
+            final = self.parts_dir / _part_name(self._parts)
             tmp = final.with_name(final.name + ".tmp")
             pa.parquet.write_table(table, tmp)
             _fsync_file(tmp)
@@ -256,7 +342,7 @@ class ParquetSink:
         # streaming merge: one part in memory at a time, each becomes a row group
         with pa.parquet.ParquetWriter(tmp, self.schema) as writer:
             for i in range(self._parts):
-                writer.write_table(pa.parquet.read_table(self.parts_dir / f"part-{i:06d}.parquet"))
+                writer.write_table(pa.parquet.read_table(self.parts_dir / _part_name(i)))
         _fsync_file(tmp)
         os.replace(tmp, self.path)
         fsync_dir(self.path.parent)
@@ -264,6 +350,10 @@ class ParquetSink:
 
     def close(self) -> None:
         pass
+
+
+def _part_name(i: int) -> str:
+    return f"part-{i:06d}.parquet"
 
 
 def parts_dir(path: Path) -> Path:
@@ -328,7 +418,7 @@ def _from_csv(value: str, kind: str) -> Any:
         return value == "true"
     if kind == "topk":
         return json.loads(value)
-    return value
+    return value[1:] if value.startswith("'") else value  # csv_text's escape
 
 
 def read_rows(path: str | Path) -> Iterator[dict[str, Any]]:
@@ -406,6 +496,16 @@ def read_journal(path: Path) -> tuple[dict[str, Any] | None, Commit | None]:
     return header, last
 
 
+def _text_paths(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows whose ``path`` every format can store (see :func:`escape_path`)."""
+    return [
+        {**r, "path": escape_path(r["path"])}
+        if isinstance(r.get("path"), str) and not r["path"].isascii()
+        else r
+        for r in rows
+    ]
+
+
 class JobFiles:
     """The output file, the errors file and the journal of one job, committed together."""
 
@@ -423,7 +523,9 @@ class JobFiles:
         if out.resolve() == errors.resolve():
             raise UserError(f"the errors file must differ from the output ({out})")
         self.out, self.errors, self.journal = out, errors, journal_path(out)
-        header = {"schema": JOURNAL_SCHEMA, **header}
+        # the errors file is part of the job: resuming with another --errors would lose the first
+        # run's failures from the file the user reads
+        header = {"schema": JOURNAL_SCHEMA, **header, "errors_file": os.path.abspath(errors)}
         old_header, last = read_journal(self.journal) if resume else (None, None)
         if resume and old_header is None and (out.exists() or parts_dir(out).exists()):
             raise UserError(
@@ -455,8 +557,8 @@ class JobFiles:
         fsync_dir(self.journal.parent)
 
     def write(self, rows: list[dict[str, Any]], errors: list[dict[str, Any]]) -> None:
-        self.out_sink.write(rows)
-        self.err_sink.write(errors)
+        self.out_sink.write(_text_paths(rows))
+        self.err_sink.write(_text_paths(errors))
 
     def commit(self, n: int, sha: str, counts: dict[str, int]) -> None:
         """Make everything written so far durable, then record it in the journal."""

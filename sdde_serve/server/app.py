@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdde_serve import __version__
 from sdde_serve.engine import Engine
-from sdde_serve.preprocess import ImageLimits
+from sdde_serve.preprocess import ImageLimits, PixelBudget
 from sdde_serve.server.deps import ServerState
 from sdde_serve.server.errors import BodyLimitMiddleware, install_error_handlers
 from sdde_serve.server.feedback import FeedbackStore
@@ -85,7 +85,11 @@ def create_app(
     state = ServerState(
         settings=settings,
         metrics=metrics,
-        limits=ImageLimits(max_bytes=settings.max_body_bytes, max_pixels=settings.max_image_pixels),
+        limits=ImageLimits(
+            max_bytes=settings.max_image_bytes,  # None: derived from the pixel limit
+            max_pixels=settings.max_image_pixels,  # None: derived from the model's input
+            max_request_pixels=settings.max_request_pixels,
+        ),
         api_keys=[k.encode() for k in settings.all_api_keys()],
         lifecycle=lifecycle,
         feedback=feedback,
@@ -108,6 +112,22 @@ def create_app(
             max_pending=settings.shadow_max_pending,
             timeout_s=settings.request_timeout_s,
         )
+        # large images decode one at a time (bounded memory), small ones in parallel: one budget
+        # for the process, sized by the largest per-image limit of the models served at start
+        state.decode_budget = PixelBudget(
+            max(
+                state.limits.pixels(entry.serving.manifest.input)
+                for entry in repository.entries.values()
+                if entry.serving is not None
+            )
+        )
+        if not state.api_keys:
+            log.warning(
+                "NO API KEYS CONFIGURED: /v1 and /v2 inference and metadata are open to anyone "
+                "who can reach %s:%s (set --api-key or --api-keys-file)",
+                settings.host,
+                settings.port,
+            )
         set_ready(state, True)
         for entry in repository.entries.values():
             runtime = entry.serving
@@ -161,6 +181,9 @@ def create_app(
 def app_from_env() -> FastAPI:
     """``uvicorn --factory sdde_serve.server.app:app_from_env``: settings from ``SDDE_*`` only
     (how ``sdde serve --workers N`` starts each worker process)."""
+    from sdde_serve.server.memory import bound_allocator
+
+    bound_allocator()  # each worker process, like the single-process server
     return create_app(Settings())
 
 

@@ -50,11 +50,17 @@ class DrainingError(Unavailable):
     retry_after = 5
 
 
+class TooManyImagesError(ValueError):
+    """The request alone is larger than the whole queue: it could never be accepted (HTTP 413,
+    not a 503 that tells the client to retry)."""
+
+
 @dataclass
 class _Item:
     images: np.ndarray
     future: asyncio.Future[EngineOutput]
     enqueued: float = field(default_factory=time.perf_counter)
+    counted: bool = True  # its images are still in ``_pending``
 
 
 class Batcher:
@@ -93,7 +99,11 @@ class Batcher:
             self._task = asyncio.get_running_loop().create_task(self._worker(), name="batcher")
 
     async def close(self, timeout: float = 30.0) -> None:
-        """Refuse new work, finish what was accepted (up to ``timeout`` s), stop the worker."""
+        """Refuse new work, finish what was accepted (up to ``timeout`` s), stop the worker.
+
+        Requests still queued when the worker stops fail at once with :class:`DrainingError`
+        instead of waiting out their own timeouts.
+        """
         self._closing = True
         deadline = time.monotonic() + timeout
         while self._in_flight and time.monotonic() < deadline:
@@ -103,7 +113,20 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        self._executor.shutdown(wait=True)
+        self._fail_queued(DrainingError("server stopped before this request was computed"))
+        # waits for an engine call still running, off the loop: the failed requests answer now
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+    def _fail_queued(self, exc: Exception) -> None:
+        items = [self._carry] if self._carry is not None else []
+        self._carry = None
+        while not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        for item in items:
+            self._release(item)
+            if not item.future.done():
+                item.future.set_exception(exc)
+        self._gauge()
 
     @property
     def queue_depth(self) -> int:
@@ -127,6 +150,11 @@ class Batcher:
         k = len(images)
         if k == 0:
             raise ValueError("no images")
+        if k > self.max_queue_size:
+            raise TooManyImagesError(
+                f"{k} images exceed the queue's capacity of {self.max_queue_size} "
+                "(max_queue_size): send fewer per request"
+            )
         if self._pending + k > self.max_queue_size:
             raise QueueFullError(
                 f"queue full ({self._pending} images waiting, limit {self.max_queue_size})"
@@ -147,8 +175,10 @@ class Batcher:
             try:
                 done = await asyncio.wait_for(asyncio.gather(*futures), timeout)
             except asyncio.TimeoutError:
-                for f in futures:
-                    f.cancel()  # still queued: the worker skips it
+                for item in items:
+                    item.future.cancel()  # still queued: the worker skips it
+                    self._release(item)  # and its capacity is free for others now
+                self._gauge()
                 raise RequestTimeoutError(f"request timed out after {timeout:g} s") from None
             return done[0] if len(done) == 1 else EngineOutput.concat(list(done))
         finally:
@@ -160,9 +190,15 @@ class Batcher:
         if self._metrics is not None:
             self._metrics.queue_depth.labels(model=self._model).set(self._pending)
 
+    def _release(self, item: _Item) -> None:
+        """Stop counting ``item`` in the queue depth (once: on dequeue or when it gives up)."""
+        if item.counted:
+            item.counted = False
+            self._pending -= len(item.images)
+
     def _take(self, item: _Item) -> bool:
         """Account for an item leaving the queue; False if its request already gave up."""
-        self._pending -= len(item.images)
+        self._release(item)
         return not item.future.done()
 
     async def _next(self, timeout: float | None) -> _Item | None:

@@ -12,6 +12,7 @@ closes, in-flight requests finish (at most ``--drain-timeout`` seconds), then th
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
@@ -45,9 +46,13 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--api-keys-file": ("api_keys_file", {}),
     "--max-body-bytes": ("max_body_bytes", {"type": int}),
     "--max-image-pixels": ("max_image_pixels", {"type": int}),
+    "--max-image-bytes": ("max_image_bytes", {"type": int}),
+    "--max-request-pixels": ("max_request_pixels", {"type": int}),
+    "--max-json-bytes": ("max_json_bytes", {"type": int}),
     "--max-images-per-request": ("max_images_per_request", {"type": int}),
     "--top-k": ("top_k", {"type": int}),
     "--require-gpu": ("require_gpu", {"action": "store_true"}),
+    "--expect-sha256": ("expect_sha256", {"metavar": "HEX"}),
     "--spin-wait": ("spin_wait", {"action": argparse.BooleanOptionalAction}),
     "--decode-threads": ("decode_threads", {"type": int}),
     "--drain-timeout": ("drain_timeout_s", {"type": float}),
@@ -108,6 +113,12 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def drain_seconds(settings: Settings) -> float:
+    """uvicorn's graceful-shutdown limit. Passed as given: ``int()`` truncated values below 1 s
+    to 0, which uvicorn reads as "no limit" (shutdown then waited forever)."""
+    return settings.drain_timeout_s
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, turning readiness off first on SIGTERM/SIGINT: load balancers stop
     sending while uvicorn closes the listener and waits for in-flight requests."""
@@ -117,11 +128,23 @@ class DrainingServer(uvicorn.Server):
         self.state = state
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        from sdde_serve.server.app import set_ready
-
-        set_ready(self.state, False)
-        log.info("%s: readiness off, draining", signal.Signals(sig).name)
+        # Signal context: the handler interrupts the main thread between bytecodes, possibly
+        # inside a Prometheus update holding its (non-reentrant) lock. Only a plain attribute is
+        # written here (the probe reads it); the gauge is updated from the event loop.
+        self.state.ready = False
+        name = signal.Signals(sig).name
+        try:
+            asyncio.get_running_loop().call_soon_threadsafe(_readiness_off, self.state, name)
+        except RuntimeError:  # called outside the loop's thread (not from a signal): at once
+            _readiness_off(self.state, name)
         super().handle_exit(sig, frame)
+
+
+def _readiness_off(state: ServerState, signal_name: str) -> None:
+    from sdde_serve.server.app import set_ready
+
+    set_ready(state, False)
+    log.info("%s: readiness off, draining", signal_name)
 
 
 def _preload(settings: Settings) -> dict[str, Any]:
@@ -154,7 +177,7 @@ def _serve_one(settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+        timeout_graceful_shutdown=drain_seconds(settings),
         access_log=settings.log_level == "debug",
     )
     server = DrainingServer(config, state)
@@ -177,7 +200,7 @@ def _serve_many(settings: Settings) -> int:
         port=settings.port,
         workers=settings.workers,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+        timeout_graceful_shutdown=drain_seconds(settings),
         access_log=settings.log_level == "debug",
     )
     return 0
@@ -187,7 +210,15 @@ def main(args: argparse.Namespace) -> int:
     settings = build_settings(args)
     if settings.model is None:
         raise UserError("no model given: sdde serve MODEL.onnx|REPO_DIR (or set SDDE_MODEL)")
-    settings.all_api_keys()  # an unreadable key file fails now, not at the first request
+    if settings.expect_sha256 and settings.model.is_dir():
+        raise UserError(
+            "--expect-sha256 pins one model file; a repository's versions are each checked "
+            "against their own manifests"
+        )
+    settings.all_api_keys()  # an unreadable or empty key file fails now, not later
+    from sdde_serve.server.memory import bound_allocator
+
+    bound_allocator()  # before the engine and the thread pools allocate anything
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
-from sdde_serve.preprocess import ImageLimits
+from sdde_serve.preprocess import ImageLimits, PixelBudget
 from sdde_serve.server.errors import ApiError
 from sdde_serve.server.feedback import FeedbackStore
 from sdde_serve.server.lifecycle_metrics import LifecycleMetrics
@@ -33,6 +33,7 @@ class ServerState:
     metrics: Metrics
     limits: ImageLimits
     decode_pool: ThreadPoolExecutor | None = None  # created by the lifespan
+    decode_budget: PixelBudget | None = None  # created by the lifespan (needs the model)
     api_keys: list[bytes] = field(default_factory=list)
     ready: bool = False
     repository: ModelRepository | None = None  # created by create_app, filled by the lifespan

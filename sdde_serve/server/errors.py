@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sdde_serve.server.batcher import Unavailable
+from sdde_serve.server.batcher import TooManyImagesError, Unavailable
 
 log = logging.getLogger("sdde.server")
 
@@ -59,6 +59,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Unavailable)
     async def _unavailable(request: Request, exc: Unavailable) -> JSONResponse:
         return error_response(503, str(exc), {"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(TooManyImagesError)
+    async def _too_many(request: Request, exc: TooManyImagesError) -> JSONResponse:
+        return error_response(413, str(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -57,11 +57,31 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         32 * 1024 * 1024, ge=1, description="request bodies above this get 413"
     )
-    max_image_pixels: int = Field(
-        40_000_000, ge=1, description="decompression-bomb guard: width x height per image"
+    max_image_pixels: int | None = Field(
+        None,
+        ge=1,
+        description="decode-cost guard: width x height per image, read from the header before "
+        "decoding (default: 2,097,152, a Full-HD frame, or 256 x the model's input if larger)",
+    )
+    max_image_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="encoded bytes per image (default: 4 x the pixel limit, at least 8 MiB)",
+    )
+    max_request_pixels: int | None = Field(
+        None, ge=1, description="width x height summed over one request (default: 4 x per image)"
+    )
+    max_json_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1,
+        description="JSON bodies (/v1 base64, the v2 header) above this get 413 before parsing",
     )
     max_images_per_request: int = Field(256, ge=1, description="images in one request")
     top_k: int = Field(3, ge=1, description="default number of classes in top_k")
+    expect_sha256: str | None = Field(
+        None,
+        description="refuse to start unless the model file's SHA-256 (sha256sum MODEL) is this",
+    )
     require_gpu: bool = Field(False, description="fail at start-up unless a GPU provider loads")
     spin_wait: bool = Field(
         True,
@@ -70,7 +90,7 @@ class Settings(BaseSettings):
     )
     decode_threads: int = Field(2, ge=1, description="threads decoding images off the loop")
     drain_timeout_s: float = Field(
-        30.0, ge=0.0, description="on SIGTERM, longest wait for in-flight requests"
+        30.0, gt=0.0, description="on SIGTERM, longest wait for in-flight requests (seconds)"
     )
     pin: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -133,9 +153,16 @@ class Settings(BaseSettings):
                 text = self.api_keys_file.read_text()
             except OSError as exc:
                 raise UserError(f"{self.api_keys_file}: cannot read API keys ({exc})") from None
-            keys += [
+            from_file = [
                 line.strip()
                 for line in text.splitlines()
-                if line.strip() and not line.startswith("#")
+                if line.strip() and not line.strip().startswith("#")
             ]
+            if not from_file:
+                # an empty mounted secret must not silently turn authentication off
+                raise UserError(
+                    f"{self.api_keys_file}: the API keys file holds no key; refusing to start "
+                    "open (remove --api-keys-file to serve without authentication)"
+                )
+            keys += from_file
         return keys

@@ -167,3 +167,41 @@ def test_failed_job_exits_2_and_resumes(tmp_path: Path, linear_model, capsys) ->
     assert [r["path"] for r in read_rows(out)] == good
     summary = (tmp_path / "o.summary.json").read_text()
     assert '"images_scored": 40' in summary and '"processed_this_run": 28' in summary
+
+
+def test_a_non_utf8_file_name_is_scored_and_written_escaped(tmp_path: Path, linear_model) -> None:
+    """Before: the row could not be encoded, the commit failed, and so did every resume."""
+    from sdde_serve.batch.writers import unescape_path
+
+    model, _ = linear_model
+    images = tmp_path / "images"
+    good = write_images(images, 3)
+    raw = os.fsencode(images) + b"/caf\xe9.png"  # a Latin-1 name: not UTF-8
+    os.rename(good[0], raw)
+    out, errors = tmp_path / "out.csv", tmp_path / "errors.jsonl"
+    assert score(model, images, "-o", out, "--errors", errors) == 0
+    paths = [r["path"] for r in read_rows(out)]
+    assert len(paths) == 3 and unescape_path(next(p for p in paths if "\\x" in p)) == raw
+
+
+def test_resume_refuses_a_deleted_output_instead_of_writing_nul_bytes(
+    tmp_path: Path, linear_model, capsys
+) -> None:
+    from sdde_serve.batch.writers import JobFiles
+
+    model, _ = linear_model
+    images = write_images(tmp_path / "images", 6)
+    out = tmp_path / "out.jsonl"
+    # a job stopped after its first commit: the journal remains, as after a crash
+    real_finish = JobFiles.finish
+    JobFiles.finish = JobFiles.close  # type: ignore[method-assign]
+    try:
+        assert score(model, *images, "-o", out) == 0
+    finally:
+        JobFiles.finish = real_finish  # type: ignore[method-assign]
+    assert journal_path(out).exists()
+    out.unlink()
+    capsys.readouterr()
+    assert score(model, *images, "-o", out, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "is missing" in err and not out.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from sdde_serve.batch.writers import (
     read_journal,
     read_rows,
     result_columns,
+    unescape_path,
 )
 from sdde_serve.errors import UserError
 
@@ -115,8 +117,15 @@ def test_job_files_resume_and_settings_check(tmp_path: Path) -> None:
     with open(journal_path(out), "a") as fh:
         fh.write('{"n": 99, "sha"')  # a torn journal line is ignored
     header, last = read_journal(journal_path(out))
-    assert header == {"schema": "sdde-score-journal/1", "model": "m", "probs": False}
+    assert header == {
+        "schema": "sdde-score-journal/1",
+        "model": "m",
+        "probs": False,
+        "errors_file": str(err),
+    }
     assert last is not None and (last.n, last.sha) == (4, "sha-4")
+    with pytest.raises(UserError, match="settings changed \\(errors_file\\)"):
+        JobFiles(out, tmp_path / "elsewhere.csv", cols, {"model": "m", "probs": False}, resume=True)
 
     with pytest.raises(UserError, match="settings changed \\(probs\\)"):
         JobFiles(out, err, cols, {"model": "m", "probs": True}, resume=True)
@@ -145,3 +154,79 @@ def test_errors_file_schema(tmp_path: Path) -> None:
 def test_unknown_extension_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="unknown output format"):
         open_sink(tmp_path / "out.xlsx", ERROR_COLUMNS)
+
+
+def _crashed_job(tmp_path: Path, suffix: str) -> tuple[Path, Path, list]:
+    """A job that committed two rows and one error, then stopped (the journal remains)."""
+    out, err = tmp_path / f"o{suffix}", tmp_path / f"o.errors{suffix}"
+    cols = result_columns(CLASSES, probs=False)
+    rows = [{k: v for k, v in r.items() if k not in ("probs", "top_k")} for r in make_rows(2)]
+    files = JobFiles(out, err, cols, {"model": "m"}, resume=False)
+    files.write(rows, [{"path": "bad.png", "reason": "corrupt"}])
+    files.commit(3, "sha-3", {"scored": 2, "failed": 1})
+    files.close()
+    return out, err, cols
+
+
+@pytest.mark.parametrize("damage", ["deleted", "shortened", "edited", "errors deleted"])
+def test_resume_refuses_files_that_lost_committed_bytes(tmp_path: Path, damage: str) -> None:
+    """Cutting back to the committed size must never pad a deleted or shortened file with NULs."""
+    out, err, cols = _crashed_job(tmp_path, ".jsonl")
+    target = err if damage == "errors deleted" else out
+    data = target.read_bytes()
+    if damage in ("deleted", "errors deleted"):
+        target.unlink()
+    elif damage == "shortened":
+        target.write_bytes(data[:-5])
+    else:  # same size, other bytes
+        target.write_bytes(data.replace(b'"label"', b'"LABEL"', 1))
+    with pytest.raises(UserError, match="cannot resume") as info:
+        JobFiles(out, err, cols, {"model": "m"}, resume=True)
+    assert str(target) in str(info.value) and "\n" not in str(info.value)
+    if target.exists():
+        assert b"\0" not in target.read_bytes()
+
+
+def test_resume_refuses_missing_parquet_parts(tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow")
+    out, err, cols = _crashed_job(tmp_path, ".parquet")
+    (parts_dir(out) / "part-000000.parquet").unlink()
+    with pytest.raises(UserError, match="lacks 1 of the 1 committed parts"):
+        JobFiles(out, err, cols, {"model": "m"}, resume=True)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_non_utf8_file_names_are_written_escaped_and_losslessly(tmp_path: Path, suffix) -> None:
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    raw = b"dir/caf\xe9 \\ \xff.png"  # Latin-1 bytes: not UTF-8
+    name = os.fsdecode(raw)
+    out, err = tmp_path / f"o{suffix}", tmp_path / f"e{suffix}"
+    cols = result_columns(CLASSES, probs=False)
+    row = {k: v for k, v in make_rows(1)[0].items() if k not in ("probs", "top_k")}
+    files = JobFiles(out, err, cols, {"model": "m"}, resume=False)
+    files.write([{**row, "path": name}], [{"path": name, "reason": "corrupt"}])
+    files.commit(2, "sha", {"scored": 1, "failed": 1})
+    files.write([{**row, "path": "ok-é.png"}], [])  # valid UTF-8 stays as it is
+    files.commit(3, "sha", {"scored": 2, "failed": 1})
+    files.finish()
+    written = [r["path"] for r in read_rows(out)]
+    assert written == ["dir/caf\\xe9 \\\\ \\xff.png", "ok-é.png"]
+    assert unescape_path(written[0]) == raw
+    assert [r["path"] for r in read_rows(err)] == [written[0]]
+
+
+def test_csv_text_cells_cannot_be_formulas(tmp_path: Path) -> None:
+    out = tmp_path / "o.csv"
+    cols = result_columns(["=1+1", "ok"], probs=False)
+    row = {k: v for k, v in make_rows(1)[0].items() if k not in ("probs", "top_k")}
+    paths = ['=HYPERLINK("http://x")', "+1", "-2", "@SUM(A1)", "'quoted", "plain.png"]
+    sink = open_sink(out, cols)
+    sink.write([{**row, "path": p, "class_name": "=1+1"} for p in paths])
+    sink.commit()
+    sink.close()
+    cells = [line.split(",")[0] for line in out.read_text().splitlines()[1:]]
+    assert all(not c.lstrip('"').startswith(("=", "+", "-", "@")) for c in cells)
+    assert cells[-2:] == ["''quoted", "plain.png"]
+    back = list(read_rows(out))
+    assert [r["path"] for r in back] == paths and {r["class_name"] for r in back} == {"=1+1"}

@@ -349,15 +349,18 @@ def test_api_keys(linear_engine, tmp_path):
         meta = client.get("/v2/models/linear-test")
         meta_ok = client.get("/v2/models/linear-test", headers={"Authorization": "bearer k1"})
         infer = client.post("/v2/models/linear-test/infer", json={"inputs": []})
+        # model readiness names the model: behind the key (unknown names must not be probed)
+        model_ready = client.get("/v2/models/linear-test/ready")
+        model_ready_ok = client.get("/v2/models/x/ready", headers={"Authorization": "Bearer k1"})
         open_paths = [
-            client.get(p).status_code
-            for p in ("/v2/health/live", "/v2/health/ready", "/v2/models/linear-test/ready")
+            client.get(p).status_code for p in ("/v2/health/live", "/v2/health/ready")
         ] + [client.get("/metrics").status_code]
-    for r in (none, wrong, basic, meta, infer):
+    assert model_ready_ok.status_code == 404
+    for r in (none, wrong, basic, meta, infer, model_ready):
         assert r.status_code == 401 and r.json() == {"error": "missing or invalid API key"}
     assert none.headers["www-authenticate"].startswith("Bearer")
     assert [r.status_code for r in good] == [200, 200, 200] and meta_ok.status_code == 200
-    assert open_paths == [200, 200, 200, 200]
+    assert open_paths == [200, 200, 200]
 
 
 # --- metrics move by exactly the predictions made ---------------------------------------------

@@ -15,6 +15,7 @@ from sdde_serve.server.batcher import (
     DrainingError,
     QueueFullError,
     RequestTimeoutError,
+    TooManyImagesError,
 )
 from sdde_serve.server.metrics import Metrics
 
@@ -245,3 +246,62 @@ def test_metrics_count_batches_images_and_waits():
     assert get("sdde_engine_duration_seconds_count", {"model": "m"}) == len(engine.batches)
     assert get("sdde_queue_wait_seconds_count", {"model": "m"}) == 5  # one per request
     assert get("sdde_queue_depth", {"model": "m"}) == 0
+
+
+def test_a_timed_out_request_frees_its_queue_capacity_at_once():
+    engine = FakeEngine()
+
+    async def main():
+        b = Batcher(engine.run, max_batch_size=2, max_delay_s=0.0, max_queue_size=4)
+        b.start()
+        engine.gate.clear()
+        running = asyncio.ensure_future(b.submit(images(0, 0)))  # held by the engine
+        await asyncio.sleep(0.01)
+        with pytest.raises(RequestTimeoutError):
+            await b.submit(images(1, 1, 1, 1), timeout=0.02)  # filled the queue, then gave up
+        depth = b.queue_depth  # before: 4 until the worker dequeued the dead request
+        late = asyncio.ensure_future(b.submit(images(2, 2, 2, 2)))  # before: QueueFullError
+        await asyncio.sleep(0.01)
+        engine.gate.set()
+        await running
+        out = await late
+        await b.close()
+        return depth, out
+
+    depth, out = run(main())
+    assert depth == 0 and out.mal.tolist() == [2, 2, 2, 2]
+
+
+def test_close_fails_queued_requests_at_once_instead_of_at_their_timeout():
+    engine = FakeEngine()
+
+    async def main():
+        b = Batcher(engine.run, max_batch_size=1, max_delay_s=0.0, max_queue_size=8)
+        b.start()
+        engine.gate.clear()
+        running = asyncio.ensure_future(b.submit(images(0), timeout=30))
+        await asyncio.sleep(0.01)
+        queued = asyncio.ensure_future(b.submit(images(1), timeout=30))
+        await asyncio.sleep(0.01)
+        closing = asyncio.ensure_future(b.close(timeout=0.05))
+        await asyncio.sleep(0.2)  # the drain gave up; the queued request must know already
+        assert queued.done()
+        engine.gate.set()
+        await closing
+        return await asyncio.gather(running, queued, return_exceptions=True)
+
+    _, queued = run(main())
+    assert isinstance(queued, DrainingError) and "stopped" in str(queued)
+
+
+def test_a_request_larger_than_the_whole_queue_is_refused_as_too_large():
+    engine = FakeEngine()
+
+    async def main():
+        b = Batcher(engine.run, max_batch_size=2, max_delay_s=0.0, max_queue_size=4)
+        b.start()
+        with pytest.raises(TooManyImagesError, match="max_queue_size"):
+            await b.submit(images(*range(5)))  # idle server: not a retryable 503
+        await b.close()
+
+    run(main())

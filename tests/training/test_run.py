@@ -118,3 +118,35 @@ def test_broken_run_directories_raise_one_clear_line(run_dir, tmp_path, breakage
 def test_unknown_checkpoint_name(run_dir):
     with pytest.raises(UserError, match="checkpoint must be one of best, last"):
         load_run(run_dir, "final")
+
+
+def test_resume_changes_only_the_flags_the_user_passed(tiny_run):
+    """argparse defaults are not flags: before, ``--resume`` took epochs 10 (the default) over
+    the run's 2, and ignored a ``--method`` equal to the default though the run used another."""
+    import argparse
+
+    from sdde_serve.errors import UserError
+    from training import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+
+    def config(*argv: str):
+        return cli.config_from_args(parser.parse_args(["--out", str(tiny_run), "--resume", *argv]))
+
+    recorded = config()  # tiny_run: epochs 2, max_steps 30, 3 members, batch 64, sdde
+    assert (recorded.epochs, recorded.max_steps, recorded.members, recorded.batch_size) == (
+        2,
+        30,
+        3,
+        64,
+    )
+    assert recorded.resume and recorded.out == str(tiny_run)
+    longer = config("--epochs", "4", "--method", "sdde")  # overridable; equal to the run
+    assert (longer.epochs, longer.members) == (4, 3)
+    for flags, name in ((["--method", "de"], "--method"), (["--members", "5"], "--members")):
+        with pytest.raises(UserError, match=f"flags differ from it: {name}") as info:
+            config(*flags)
+        assert "\n" not in str(info.value)
+    fresh = cli.config_from_args(parser.parse_args(["--epochs", "3"]))  # no --resume: defaults
+    assert (fresh.epochs, fresh.members, fresh.method) == (3, 5, "sdde")

@@ -19,11 +19,14 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
-from sdde_serve.preprocess import ImageError, decode_image
+from sdde_serve.manifest import InputSpec
+from sdde_serve.preprocess import ImageError, ImageLimits, check_request_pixels, decode_image
 from sdde_serve.scoring import OODPolicy, Prediction, make_predictions
+from sdde_serve.server.batcher import RequestTimeoutError
 from sdde_serve.server.deps import AuthDep, ModelRuntime, RuntimeDep, ServerState, StateDep
 from sdde_serve.server.errors import ApiError
 from sdde_serve.server.lifecycle import after_predict
+from sdde_serve.server.limits import check_json_values, deadline_after, offload, read_body
 
 router = APIRouter(prefix="/v1", tags=["predict"], dependencies=[AuthDep])
 
@@ -79,7 +82,7 @@ _REQUEST_BODY: dict[str, Any] = {
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "bad image, bad base64, empty body, too many images"},
     401: {"description": "missing or invalid API key (when keys are configured)"},
-    413: {"description": "body larger than max_body_bytes"},
+    413: {"description": "body larger than max_body_bytes (JSON: max_json_bytes)"},
     415: {"description": "unsupported content type"},
     422: {"description": "JSON body or query does not match the schema"},
     503: {"description": "not ready, queue full or timed out (Retry-After)"},
@@ -121,26 +124,49 @@ def _b64(index: int, text: str) -> bytes:
         raise ApiError(400, f"image {index}: invalid base64") from None
 
 
-async def _read_request(request: Request, state: ServerState) -> _Parsed:
+def _parse_json(body: bytes, max_images: int) -> _Parsed:
+    """Parse a JSON body (in the decode pool). The image count is bounded before parsing: each
+    image costs at most two commas (``data:`` URLs have one), options a few."""
+    check_json_values(body, 2 * max_images + len(_FORM_FIELDS) + 8, "JSON body")
+    try:
+        req = PredictRequest.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "body"
+        raise ApiError(422, f"invalid request: {loc}: {first['msg']}") from None
+    _check_count(len(req.images), max_images)
+    options = req.model_dump(exclude={"images"}, exclude_none=True)
+    return _Parsed(files=[(None, _b64(i, s)) for i, s in enumerate(req.images)], options=options)
+
+
+def _check_count(n: int, max_images: int) -> None:
+    if n == 0:
+        raise ApiError(400, "no images in the request")
+    if n > max_images:
+        raise ApiError(400, f"{n} images exceed the limit of {max_images} per request")
+
+
+async def _read_request(
+    request: Request, state: ServerState, spec: InputSpec, deadline: float
+) -> _Parsed:
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    settings = state.settings
     if media == "multipart/form-data":
         return await _read_multipart(request, state)
-    body = await request.body()
-    if not body:
-        raise ApiError(400, "empty body: send images as multipart files or base64 JSON")
     if media == "application/json":
-        try:
-            req = PredictRequest.model_validate_json(body)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"]) or "body"
-            raise ApiError(422, f"invalid request: {loc}: {first['msg']}") from None
-        options = req.model_dump(exclude={"images"}, exclude_none=True)
-        return _Parsed(
-            files=[(None, _b64(i, s)) for i, s in enumerate(req.images)], options=options
+        body = await read_body(request, settings.max_json_bytes, "JSON body")
+        if not body:
+            raise ApiError(400, "empty body: send images as multipart files or base64 JSON")
+        return await offload(
+            state.decode_pool, deadline, _parse_json, body, settings.max_images_per_request
         )
     if media.startswith("image/") or media == "application/octet-stream":
+        body = await read_body(request, state.limits.bytes_limit(spec), "image")
+        if not body:
+            raise ApiError(400, "empty body: send images as multipart files or base64 JSON")
         return _Parsed(files=[(None, body)], options={})
+    if not await request.body():
+        raise ApiError(400, "empty body: send images as multipart files or base64 JSON")
     raise ApiError(
         415,
         f"unsupported content type {media or '(none)'!r}: send multipart/form-data files, "
@@ -194,22 +220,50 @@ def _alpha(options: dict[str, Any], alpha_q: float | None, runtime: ModelRuntime
     return alpha
 
 
+def _label(i: int, name: str | None) -> str:
+    return f"image {i}" + (f" ({name!r})" if name else "")
+
+
+def _check_pixels(
+    files: list[tuple[str | None, bytes]], spec: InputSpec, limits: ImageLimits
+) -> None:
+    try:
+        check_request_pixels(
+            [(_label(i, name), data) for i, (name, data) in enumerate(files)], spec, limits
+        )
+    except ImageError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
 async def decode_all(
-    files: list[tuple[str | None, bytes]], runtime: ModelRuntime, state: ServerState
+    files: list[tuple[str | None, bytes]],
+    runtime: ModelRuntime,
+    state: ServerState,
+    deadline: float | None = None,
 ) -> np.ndarray:
-    """Decode every image in the decode pool (off the loop); 400 naming the first bad one."""
-    loop = asyncio.get_running_loop()
+    """Decode every image in the decode pool (off the loop); 400 naming the first bad one.
+
+    The headers are read first (format, pixels per image and per request), so a request whose
+    images would cost too much is refused before any is decoded; decoding that would only start
+    after ``deadline`` is skipped.
+    """
     spec, limits = runtime.manifest.input, state.limits
     assert state.decode_pool is not None, "lifespan not started"
+    if deadline is None:
+        deadline = deadline_after(state.settings.request_timeout_s)
+    pool = state.decode_pool
+    await offload(pool, deadline, _check_pixels, files, spec, limits)
+    budget = state.decode_budget
     jobs = [
-        loop.run_in_executor(state.decode_pool, decode_image, data, spec, limits)
+        offload(pool, deadline, decode_image, data, spec, limits, budget, deadline)
         for _, data in files
     ]
     results = await asyncio.gather(*jobs, return_exceptions=True)
     for i, (result, (name, _)) in enumerate(zip(results, files, strict=True)):
         if isinstance(result, ImageError):
-            label = f"image {i}" + (f" ({name!r})" if name else "")
-            raise ApiError(400, f"{label}: {result}")
+            raise ApiError(400, f"{_label(i, name)}: {result}")
+        if isinstance(result, TimeoutError):  # waited past the deadline for decode capacity
+            raise RequestTimeoutError("request timed out while its images were being decoded")
         if isinstance(result, BaseException):
             raise result
     return np.stack(results)  # type: ignore[arg-type]
@@ -257,19 +311,13 @@ async def predict(
     started = time.perf_counter()
     settings = state.settings
     batcher = runtime.batcher
+    deadline = deadline_after(settings.request_timeout_s)
     with batcher.expect():  # a batch being formed now waits for these images
-        parsed = await _read_request(request, state)
-        if not parsed.files:
-            raise ApiError(400, "no images in the request")
-        if len(parsed.files) > settings.max_images_per_request:
-            raise ApiError(
-                400,
-                f"{len(parsed.files)} images exceed the limit of "
-                f"{settings.max_images_per_request} per request",
-            )
+        parsed = await _read_request(request, state, runtime.manifest.input, deadline)
+        _check_count(len(parsed.files), settings.max_images_per_request)
         policy, k, include_probs = _resolve(parsed.options, state, ood_policy, top_k, probabilities)
         alpha_used = _alpha(parsed.options, alpha, runtime)
-        images = await decode_all(parsed.files, runtime, state)
+        images = await decode_all(parsed.files, runtime, state, deadline)
     remaining = settings.request_timeout_s - (time.perf_counter() - started)
     out = await batcher.submit(images, timeout=max(remaining, 0.001))
     manifest = runtime.manifest

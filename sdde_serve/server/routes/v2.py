@@ -11,9 +11,10 @@ images; ``alpha`` overrides the model's (``is_ood = ood_p_value < alpha``).
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import json
 import math
+import time
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -21,6 +22,7 @@ import numpy as np
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
+from starlette.background import BackgroundTask
 
 from sdde_serve import __version__
 from sdde_serve.calibration import member_agreement
@@ -36,6 +38,7 @@ from sdde_serve.server.deps import (
 )
 from sdde_serve.server.errors import ApiError
 from sdde_serve.server.lifecycle import after_predict
+from sdde_serve.server.limits import check_json_values, deadline_after, offload
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 open_router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
@@ -44,6 +47,8 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 INPUT_NAME = "images"
 PLATFORM = "onnxruntime_onnx"
 OFFLOAD_JSON_BYTES = 64 * 1024
+# responses with more logits than this are serialised in the decode pool, not on the event loop
+OFFLOAD_RESPONSE_VALUES = 4096
 
 # v2 datatype -> little-endian numpy dtype
 DTYPES: dict[str, np.dtype] = {
@@ -145,6 +150,30 @@ ModelName = Annotated[
 ]
 
 
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its ``$defs`` substituted in place.
+
+    A schema put into ``openapi_extra`` is copied as is: its ``#/$defs/...`` references would
+    point into the OpenAPI document's root, where nothing is, and client generators and schema
+    fuzzers would skip the operation. The request models are not recursive, so inlining ends.
+    """
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                rest = {k: v for k, v in node.items() if k != "$ref"}
+                return {**resolve(defs[ref.removeprefix("#/$defs/")]), **resolve(rest)}
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
+
+
 def _check_model(runtime: ModelRuntime, name: str, version: str | None = None) -> None:
     if name != runtime.name:
         raise ApiError(404, f"unknown model {name!r}; this server serves {runtime.name!r}")
@@ -165,8 +194,12 @@ async def ready(state: StateDep) -> JSONResponse:
     return JSONResponse({"ready": state.ready}, status_code=200 if state.ready else 503)
 
 
-@open_router.get("/models/{name}/ready", summary="Model readiness")
-@open_router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
+# Model readiness names a model: behind the API key like the metadata (the health probes above
+# stay open for the orchestrator).
+@router.get("/models/{name}/ready", summary="Model readiness", dependencies=[AuthDep])
+@router.get(
+    "/models/{name}/versions/{version}/ready", include_in_schema=False, dependencies=[AuthDep]
+)
 async def model_ready(name: ModelName, state: StateDep, version: str | None = None) -> JSONResponse:
     if state.repository is None:
         return JSONResponse({"name": name, "ready": False}, status_code=503)
@@ -254,9 +287,19 @@ def _split_body(request: Request, body: bytes) -> tuple[bytes, bytes]:
     return body[:n], body[n:]
 
 
-def _parse(header: bytes) -> InferenceRequest:
+def _max_values(runtime: ModelRuntime, max_images: int) -> int:
+    """Most values a valid header can hold: the largest input tensor as JSON ``data``, plus room
+    for the outputs list and parameters (see :func:`check_json_values`)."""
+    spec = runtime.manifest.input
+    return max_images * spec.channels * spec.height * spec.width + 8 * len(OUTPUTS) + 64
+
+
+def _parse(header: bytes, max_values: int | None = None) -> InferenceRequest:
     if not header:
         raise ApiError(400, "empty body: expected a v2 inference request")
+    if max_values is not None:
+        # bounded before parsing: a huge list of tiny values would become millions of objects
+        check_json_values(header, max_values, "inference request")
     try:
         return InferenceRequest.model_validate_json(header)
     except ValidationError as exc:
@@ -324,9 +367,13 @@ def _requested(req: InferenceRequest) -> list[tuple[str, bool]]:
     if not req.outputs:
         return [(name, default_binary) for name in OUTPUTS]
     wanted = []
+    seen: set[str] = set()
     for out in req.outputs:
         if out.name not in OUTPUTS:
             raise ApiError(400, f"unknown output {out.name!r}; available: {', '.join(OUTPUTS)}")
+        if out.name in seen:  # each copy would cost a full serialisation of the tensor
+            raise ApiError(400, f"output {out.name!r} is requested more than once")
+        seen.add(out.name)
         binary = (out.parameters or {}).get("binary_data", default_binary)
         wanted.append((out.name, bool(binary)))
     return wanted
@@ -364,7 +411,7 @@ def _alpha(req: InferenceRequest, runtime: ModelRuntime) -> float | None:
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": InferenceRequest.model_json_schema()}},
+            "content": {"application/json": {"schema": inline_schema(InferenceRequest)}},
         }
     },
     responses={
@@ -385,28 +432,59 @@ async def infer(
     version: str | None = None,
 ) -> Response:
     _check_model(runtime, name, version)
+    settings = state.settings
+    deadline = deadline_after(settings.request_timeout_s)
     with runtime.batcher.expect():
         header, binary = _split_body(request, await request.body())
+        if len(header) > settings.max_json_bytes:
+            raise ApiError(
+                413, f"JSON header of {len(header)} bytes exceeds the limit of "
+                f"{settings.max_json_bytes}"
+            )  # fmt: skip
+        max_images = settings.max_images_per_request
 
         def parse() -> tuple[InferenceRequest, np.ndarray]:
-            req = _parse(header)
-            return req, _input_array(req, binary, runtime, state.settings.max_images_per_request)
+            req = _parse(header, _max_values(runtime, max_images))
+            _requested(req)  # refuse bad outputs before the input is converted
+            return req, _input_array(req, binary, runtime, max_images)
 
-        if len(header) > OFFLOAD_JSON_BYTES and state.decode_pool is not None:
+        if len(header) + len(binary) > OFFLOAD_JSON_BYTES:
             # a large JSON tensor takes milliseconds to parse: not on the event loop
-            loop = asyncio.get_running_loop()
-            req, images = await loop.run_in_executor(state.decode_pool, parse)
+            req, images = await offload(state.decode_pool, deadline, parse)
         else:
             req, images = parse()
         wanted = _requested(req)
         policy = _policy(req, state)
         alpha = _alpha(req, runtime)
-    out = await runtime.batcher.submit(images, timeout=state.settings.request_timeout_s)
+    remaining = max(deadline - time.monotonic(), 0.001)
+    out = await runtime.batcher.submit(images, timeout=remaining)
     manifest = runtime.manifest
     preds = make_predictions(out, manifest, top_k=1, policy=policy, alpha=alpha)  # type: ignore[arg-type]
     state.metrics.observe_predictions(runtime.name, preds)
     ids, background = after_predict(state, runtime, images, out, preds)
+    meta: dict[str, Any] = {
+        "model_name": runtime.name,
+        "model_version": runtime.version,
+        # one id per image, comma-separated (v2 parameters are scalars), for POST /v1/feedback
+        "parameters": {"prediction_ids": ",".join(ids)},
+    }
+    if req.id is not None:
+        meta["id"] = req.id
+    serialise = functools.partial(_response, meta, wanted, background)
+    if len(out) * manifest.members * manifest.num_classes > OFFLOAD_RESPONSE_VALUES:
+        return await offload(state.decode_pool, float("inf"), serialise, out, preds)
+    return serialise(out, preds)
 
+
+def _response(
+    meta: dict[str, Any],
+    wanted: list[tuple[str, bool]],
+    background: BackgroundTask | None,
+    out: EngineOutput,
+    preds: list[Prediction],
+) -> Response:
+    """The v2 response: ``meta`` (model, version, ids) with the wanted outputs, as JSON or as a
+    JSON header + binary tensors (serialised off the loop when large)."""
     entries: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     for out_name, binary_out in wanted:
@@ -420,15 +498,7 @@ async def infer(
         else:
             entry["data"] = array.reshape(-1).tolist()
         entries.append(entry)
-    body: dict[str, Any] = {
-        "model_name": runtime.name,
-        "model_version": runtime.version,
-        "outputs": entries,
-        # one id per image, comma-separated (v2 parameters are scalars), for POST /v1/feedback
-        "parameters": {"prediction_ids": ",".join(ids)},
-    }
-    if req.id is not None:
-        body["id"] = req.id
+    body: dict[str, Any] = {**meta, "outputs": entries}
     if not chunks:
         return JSONResponse(body, background=background)
     head = json.dumps(body, separators=(",", ":")).encode()
