@@ -269,6 +269,12 @@ async def decode_all(
     return np.stack(results)  # type: ignore[arg-type]
 
 
+def _path_param(name: str) -> dict[str, Any]:
+    """OpenAPI entry of a path parameter that ``get_runtime`` reads from ``request.path_params``
+    (one handler serves the unnamed route too, so it cannot declare it as an argument)."""
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
 @router.post(
     "/predict",
     response_model=PredictResponse,
@@ -283,7 +289,7 @@ async def decode_all(
     response_model=PredictResponse,
     response_model_exclude_none=True,
     summary="Classify images with the named model (its serving version)",
-    openapi_extra={"requestBody": _REQUEST_BODY},
+    openapi_extra={"requestBody": _REQUEST_BODY, "parameters": [_path_param("name")]},
     responses={**_ERRORS, 404: {"description": "unknown or unloaded model or version"}},
 )
 @router.post(
@@ -291,7 +297,10 @@ async def decode_all(
     response_model=PredictResponse,
     response_model_exclude_none=True,
     summary="Classify images with one loaded version of the named model",
-    openapi_extra={"requestBody": _REQUEST_BODY},
+    openapi_extra={
+        "requestBody": _REQUEST_BODY,
+        "parameters": [_path_param("name"), _path_param("version")],
+    },
     responses={**_ERRORS, 404: {"description": "unknown or unloaded model or version"}},
 )
 async def predict(
