@@ -11,8 +11,9 @@
 * ``minmax = min_m max_c logits_m``: the official SDDE code's aggregation (the least confident
   member's max logit).
 * ``knn``: the k-th largest cosine similarity between the input's L2-normalised concatenated
-  member pre-logit features and the rows of the float32 initializer ``knn_bank [R, N*D]`` (the
-  same features of training images, normalised at export: export/knn.py). One Gemm and one TopK;
+  member pre-logit features and the R rows of the float32 initializer ``knn_bank`` (the same
+  features of training images, normalised at export: export/knn.py; stored transposed,
+  ``[N*D, R]``, the layout MatMul reads). One MatMul and one TopK;
   k is a constant of the graph. Higher = more in-distribution, like every score here.
 * ``cams``: per-member class-activation maps for the ensemble's predicted class
   ``c = argmax probs``, on each member's *last* feature map A (the classifier's input), computed
@@ -127,8 +128,9 @@ class FusedEnsemble(nn.Module):
             if knn_k is None or not 1 <= knn_k <= rows:
                 raise UserError(f"KNN k must be in 1..{rows} (the bank's rows), got {knn_k}")
             self.knn_k = int(knn_k)
-            # [R, N*D] rows as F.linear's weight: exported as Gemm(transB=1) reading it directly
-            bank = knn_bank.detach().to(torch.float32).contiguous()
+            # stored transposed, [N*D, R]: MatMul reads it as is, so the initializer keeps its
+            # name (a transpose in the graph would be constant-folded into an anonymous copy)
+            bank = knn_bank.detach().to(torch.float32).T.contiguous()
             self.register_buffer(KNN_BANK_INITIALIZER, bank)
 
     @property
@@ -149,7 +151,7 @@ class FusedEnsemble(nn.Module):
         outs: list[Tensor] = [logits, probs, mal, msp, minmax]
         if self.with_knn:
             query = F.normalize(feats.flatten(1), dim=1)  # [B, N*D], unit rows
-            sims = F.linear(query, getattr(self, KNN_BANK_INITIALIZER))  # [B, R] cosines
+            sims = torch.matmul(query, getattr(self, KNN_BANK_INITIALIZER))  # [B, R] cosines
             outs.append(torch.topk(sims, self.knn_k, dim=1).values[:, -1])
         if self.with_cams:
             w = self.cam_weights[probs.argmax(dim=-1)]  # [B, N, K]

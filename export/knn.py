@@ -64,19 +64,30 @@ def knn_scores(queries: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
     return np.partition(sims, len(bank) - k, axis=1)[:, len(bank) - k]
 
 
-def stratified_subsample(labels: np.ndarray | None, n: int, seed: int) -> np.ndarray:
+def knn_scores_many(queries: np.ndarray, bank: np.ndarray, ks: list[int]) -> dict[int, np.ndarray]:
+    """:func:`knn_scores` for several k at once (one similarity matrix, one partial sort)."""
+    bank = np.asarray(bank, np.float64)
+    if not ks:
+        return {}
+    if not 1 <= min(ks) <= max(ks) <= len(bank):
+        raise UserError(f"KNN k must be in 1..{len(bank)} (the bank's rows), got {sorted(ks)}")
+    sims = normalize_rows(queries) @ bank.T
+    top = max(ks)
+    best = -np.sort(-np.partition(sims, len(bank) - top, axis=1)[:, len(bank) - top :], axis=1)
+    return {k: best[:, k - 1] for k in ks}
+
+
+def stratified_subsample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Sorted indices of ``n`` of ``len(labels)`` items, each class keeping its share.
 
     Deterministic for a seed. Shares are rounded by largest remainder (ties: lower class first);
-    within a class the kept items are a seeded random draw. Unlabelled data: a plain draw.
+    within a class the kept items are a seeded random draw.
     """
-    total = len(labels) if labels is not None else 0
+    labels = np.asarray(labels)
+    total = len(labels)
     if n >= total:
         return np.arange(total)
     rng = np.random.default_rng(seed)
-    if labels is None:
-        return np.sort(rng.permutation(total)[:n])
-    labels = np.asarray(labels)
     classes, counts = np.unique(labels, return_counts=True)
     exact = counts * n / total
     quota = np.floor(exact).astype(int)
@@ -149,7 +160,8 @@ def build_bank(
         raise UserError(f"--knn-bank must be >= 1 rows, got {rows}")
     if len(features) == 0:
         raise UserError("the run's training split is empty: no images for the KNN bank")
-    idx = stratified_subsample(labels, rows, seed)
+    # unlabelled training data (never from sdde train, but cheap to allow): one class
+    idx = stratified_subsample(np.zeros(len(features)) if labels is None else labels, rows, seed)
     bank = normalize_rows(features[idx]).astype(np.float32)
     return FeatureBank(bank, "float32", len(features), idx, seed)
 

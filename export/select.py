@@ -50,7 +50,7 @@ def candidate_scores(
     data: ScoreInputs, *, temperature: float, bank: np.ndarray | None, ks: list[int]
 ) -> dict[str, np.ndarray]:
     """Every candidate's score (higher = in-distribution) on one image set."""
-    from export.knn import knn_scores
+    from export.knn import knn_scores_many
 
     probs = cal.ensemble_probs(data.logits, temperature)
     out = {
@@ -59,8 +59,8 @@ def candidate_scores(
         "minmax": cal.minmax(data.logits),
     }
     if bank is not None and data.features is not None:
-        for k in ks:
-            out[candidate_name("knn", k)] = knn_scores(data.features, bank, k)
+        for k, scores in knn_scores_many(data.features, bank, ks).items():
+            out[candidate_name("knn", k)] = scores
     return out
 
 

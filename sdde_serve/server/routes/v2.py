@@ -25,7 +25,8 @@ from pydantic import BaseModel, Field, ValidationError
 from sdde_serve import __version__
 from sdde_serve.calibration import member_agreement
 from sdde_serve.engine import EngineOutput
-from sdde_serve.scoring import Prediction, make_predictions
+from sdde_serve.manifest import Manifest
+from sdde_serve.scoring import Prediction, make_predictions, score_of
 from sdde_serve.server.deps import (
     AuthDep,
     ModelRuntime,
@@ -59,6 +60,9 @@ OUTPUTS: dict[str, tuple[str, Callable[[int, int], list[int]], OutputFn]] = {
     "logits": ("FP32", lambda n, c: [n, c], lambda o, p: o.logits),
     "mal": ("FP32", lambda n, c: [], lambda o, p: o.mal),
     "msp": ("FP32", lambda n, c: [], lambda o, p: o.msp),
+    "minmax": ("FP32", lambda n, c: [], lambda o, p: score_of(o, "minmax")),
+    # only for models exported with a KNN bank (model_outputs)
+    "knn": ("FP32", lambda n, c: [], lambda o, p: score_of(o, "knn")),
     "ood_score": ("FP32", lambda n, c: [], lambda o, p: np.array([x.ood_score for x in p])),
     "is_ood": ("BOOL", lambda n, c: [], lambda o, p: np.array([x.is_ood for x in p])),
     "label": (
@@ -68,6 +72,11 @@ OUTPUTS: dict[str, tuple[str, Callable[[int, int], list[int]], OutputFn]] = {
     ),
     "agreement": ("FP32", lambda n, c: [], lambda o, p: member_agreement(o.logits, o.probs)),
 }
+
+
+def model_outputs(manifest: Manifest) -> list[str]:
+    """The outputs this model offers: all of :data:`OUTPUTS` but ``knn`` without a KNN bank."""
+    return [n for n in OUTPUTS if n != "knn" or manifest.knn is not None]
 
 
 class TensorRequest(BaseModel):
@@ -202,6 +211,7 @@ async def model_metadata(
         outputs=[
             TensorMetadata(name=name, datatype=dt, shape=[-1, *shape(members, classes)])
             for name, (dt, shape, _) in OUTPUTS.items()
+            if name in model_outputs(m)
         ],
         parameters={
             "providers": ",".join(runtime.providers),
@@ -299,14 +309,14 @@ def _input_array(
     return array
 
 
-def _requested(req: InferenceRequest) -> list[tuple[str, bool]]:
+def _requested(req: InferenceRequest, available: list[str]) -> list[tuple[str, bool]]:
     default_binary = bool((req.parameters or {}).get("binary_data_output", False))
     if not req.outputs:
-        return [(name, default_binary) for name in OUTPUTS]
+        return [(name, default_binary) for name in available]
     wanted = []
     for out in req.outputs:
-        if out.name not in OUTPUTS:
-            raise ApiError(400, f"unknown output {out.name!r}; available: {', '.join(OUTPUTS)}")
+        if out.name not in available:
+            raise ApiError(400, f"unknown output {out.name!r}; available: {', '.join(available)}")
         binary = (out.parameters or {}).get("binary_data", default_binary)
         wanted.append((out.name, bool(binary)))
     return wanted
@@ -362,7 +372,7 @@ async def infer(
             req, images = await loop.run_in_executor(state.decode_pool, parse)
         else:
             req, images = parse()
-        wanted = _requested(req)
+        wanted = _requested(req, model_outputs(runtime.manifest))
         policy = _policy(req, state)
     out = await runtime.batcher.submit(images, timeout=state.settings.request_timeout_s)
     manifest = runtime.manifest
