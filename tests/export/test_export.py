@@ -207,8 +207,9 @@ def test_exported_manifest_round_trip_and_calibration(tiny_run, tiny_model):
     assert nll_t <= cal.ensemble_nll(out["logits"], labels, t * 1.05) + 1e-9
     assert nll_t <= cal.ensemble_nll(out["logits"], labels, t / 1.05) + 1e-9
     assert manifest.calibration.after.nll <= manifest.calibration.before.nll + 1e-9
-    accepted = (out["mal"] >= manifest.ood.threshold).mean()
-    assert manifest.ood.score == "mal" and manifest.ood.id_acceptance == 0.95
+    # the default export deploys KNN (export/select.py), thresholded on the graph's own output
+    accepted = (out["knn"] >= manifest.ood.threshold).mean()
+    assert manifest.ood.score == "knn" and manifest.ood.id_acceptance == 0.95
     assert 0.95 <= accepted <= 0.95 + 2 / len(labels)
 
 
