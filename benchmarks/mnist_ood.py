@@ -378,7 +378,19 @@ def choose_knn_config(sweeps: dict[str, list[dict]]) -> dict[str, Any]:
         for c in configs
     }
     best = max(val, key=lambda c: val[c])
-    return {"best": best, "val_auroc": val}
+    # the default score: the best mean validation AUROC of the logit scores and KNN at `best`
+    runs = [r for rs in sweeps.values() for r in rs]
+    scores = {
+        s: float(np.mean([r["scores"][s]["val"]["auroc"] for r in runs]))
+        for s in ("mal", "msp", "minmax")
+    }
+    scores["knn"] = val[best]
+    return {
+        "best": best,
+        "val_auroc": val,
+        "score_val_auroc": scores,
+        "default_score": max(scores, key=lambda c: scores[c]),
+    }
 
 
 # --- aggregation and tables ---------------------------------------------------------------------
@@ -675,6 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = select_scores(results)
     text = print_tables(results, chosen)
     from export.knn import DEFAULT_BANK_ROWS, default_k
+    from export.select import DEFAULT_SCORE
 
     knn_choice = choose_knn_config({m: [r["knn_sweep"] for r in rs] for m, rs in results.items()})
     n_train = results[args.methods[0]][0]["knn_sweep"]["train_images"]
@@ -687,6 +700,10 @@ def main(argv: list[str] | None = None) -> int:
         f"(val AUROC {100 * knn_choice['val_auroc'][knn_choice['best']]:.2f}); code default "
         f"{knn_choice['code_default']} (val AUROC "
         f"{100 * knn_choice['val_auroc'].get(knn_choice['code_default'], float('nan')):.2f})",
+        "default score chosen on validation OOD: "
+        f"{knn_choice['default_score']} ("
+        + ", ".join(f"{k} {100 * v:.2f}" for k, v in knn_choice["score_val_auroc"].items())
+        + f"); code default: {DEFAULT_SCORE}",
     ]
     for method in args.methods:
         c = checks[method]

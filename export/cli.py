@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--knn-k",
         type=int,
         default=None,
-        help="k of the knn score (default: chosen by auto on --ood-val, else one per 1000 bank "
+        help="k of the knn score (default: chosen by auto on --ood-val, else one per 10,000 bank "
         "rows, at least 1)" + NO_AUTO_DEFAULT,
     )
     parser.add_argument(
