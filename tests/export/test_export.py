@@ -102,7 +102,8 @@ def test_cams_are_gradcam_for_the_predicted_class():
     graph = build_graph(ensemble, "loop", input_shape=(3, 32, 32), temperature=1.0)
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        _, probs, _, _, cams = graph(x)
+        outs = dict(zip(graph.output_names, graph(x), strict=True))
+    probs, cams = outs["probs"], outs["cams"]
     assert cams.shape == (3, 2, 4, 4)
     xn = ensemble.normalize(x)
     pred = probs.argmax(-1)

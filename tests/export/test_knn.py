@@ -123,7 +123,12 @@ def test_bank_subsample_is_stratified_and_deterministic_for_a_seed():
     b1, b2 = (build_bank(feats, labels, rows=10, seed=3) for _ in range(2))
     assert np.array_equal(b1.bank, b2.bank) and b1.bank.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(b1.bank, axis=1), 1.0, rtol=1e-6)
-    assert b1.memory_bytes == 10 * 6 * 4 and default_k(10) == 1 and default_k(7200) == 1 and default_k(50_000) == 5
+    assert (
+        b1.memory_bytes == 10 * 6 * 4
+        and default_k(10) == 1
+        and default_k(7200) == 1
+        and default_k(50_000) == 5
+    )
 
 
 def test_minmax_is_the_least_confident_members_max_logit():
