@@ -19,10 +19,11 @@ from export.knn import (
     FLOAT16_TOLERANCE,
     FeatureBank,
     bank_fingerprint,
-    build_bank,
     default_k,
     knn_scores,
+    normalize_rows,
     pre_logit_features,
+    stratified_subsample,
 )
 from export.select import ScoreInputs, select_score
 from sdde_serve import calibration as cal
@@ -81,8 +82,12 @@ def training_bank(
     train = load_train_split(run.run_dir, run.config)
     if len(train) == 0:
         raise UserError(f"{run.run_dir}: the training split is empty; export with --knn-bank 0")
-    feats = pre_logit_features(run.ensemble.eval(), train.as_model_input(*shape))
-    bank = build_bank(feats, train.labels, rows=rows, seed=seed)
+    # subsample first (it depends on the labels only): features for the kept rows alone, so a
+    # 10,000-row bank of a 45,000-image training set costs 10,000 forward passes, not 45,000
+    labels = np.zeros(len(train)) if train.labels is None else train.labels
+    idx = stratified_subsample(labels, rows, seed)
+    feats = pre_logit_features(run.ensemble.eval(), train.subset(idx).as_model_input(*shape))
+    bank = FeatureBank(normalize_rows(feats).astype(np.float32), "float32", len(train), idx, seed)
     spec = run.config["data"].get("spec", train.name)
     source = (
         f"training split of {spec!r} ({len(train)} images; validation indices of split.json "

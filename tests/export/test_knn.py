@@ -334,3 +334,18 @@ def test_knn_for_many_k_equals_one_k_at_a_time():
         np.testing.assert_allclose(many[k], knn_scores(q, bank, k), rtol=0, atol=1e-12)
         # and both equal a plain full sort
         np.testing.assert_allclose(many[k], -np.sort(-(normalize_rows(q) @ bank.T), 1)[:, k - 1])
+
+
+def test_training_bank_equals_build_bank_on_all_features(tiny_run):
+    """The exporter computes features for the kept rows only; same bank as subsampling after."""
+    from export.choice import training_bank
+    from training.run import load_run, load_train_split
+
+    run = load_run(tiny_run)
+    train = load_train_split(tiny_run, run.config)
+    bank, source = training_bank(run, (1, 28, 28), rows=100, seed=4)
+    feats = pre_logit_features(run.ensemble, train.as_model_input(1, 28, 28))
+    ref = build_bank(feats, train.labels, rows=100, seed=4)
+    np.testing.assert_allclose(bank.bank, ref.bank, atol=1e-6)
+    assert np.array_equal(bank.indices, ref.indices) and bank.source_images == len(train)
+    assert "stratified by class, seed 4" in source
