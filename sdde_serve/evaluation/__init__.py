@@ -4,6 +4,10 @@
 * :mod:`.diversity` — the SDDE paper's Table 1 diversity metrics.
 * :mod:`.cams` — mean pairwise cosine similarity of member CAMs (official normalisation).
 * :mod:`.evaluate` — run an ONNX model on ID and OOD data and compute everything.
-* :mod:`.report` — metrics.json, report.md and PNG plots (matplotlib, the ``[eval]`` extra).
+* :mod:`.corruptions` — the common corruptions (CIFAR-10-C parameters), seeded, any image size.
+* :mod:`.shift` — accuracy, calibration and the OOD flag under corruption shift (``--shift``).
+* :mod:`.members` — quality against the number of members (``--members-sweep``).
+* :mod:`.report` — metrics.json, report.md and PNG plots (matplotlib, the ``[eval]`` extra);
+  :mod:`.sections` registers the optional analyses' report sections.
 * :mod:`.cli` — ``sdde eval``.
 """

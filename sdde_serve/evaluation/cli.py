@@ -60,6 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="write metrics.json and report.md only (no matplotlib needed)",
     )
+    from sdde_serve.evaluation import members, shift
+
+    shift.add_arguments(parser)
+    members.add_arguments(parser)
 
 
 # modules whose absence means "PyTorch side not installed" (the [train] extra)
@@ -91,6 +95,9 @@ def main(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or args.cam_images < 0 or args.threads < 0:
         raise UserError("--batch-size must be >= 1, --cam-images and --threads >= 0")
+    from sdde_serve.evaluation import members, shift
+
+    shift_config, sweep_config = shift.config_from_args(args), members.config_from_args(args)
     ood_specs = parse_named_specs(args.ood, "--ood")
     groups = parse_groups(args.group, list(ood_specs))
     if not args.no_plots:
@@ -103,6 +110,7 @@ def main(args: argparse.Namespace) -> int:
     cam_fn = cam_fn_for_model(args.cams_from_run, engine) if cam_fn_for_model else None
     id_data = load_dataset(args.data, split="test")
     ood_data = {name: load_dataset(spec, split="test") for name, spec in ood_specs.items()}
+    val_data = load_dataset(args.val_data, split="test") if args.val_data else None
     evaluation = evaluate(
         engine,
         id_data,
@@ -114,6 +122,18 @@ def main(args: argparse.Namespace) -> int:
         cam_images=args.cam_images,
         cam_fn=cam_fn,
     )
+    if shift_config is not None:
+        evaluation.metrics[shift.SCHEMA_KEY] = shift.evaluate_shift(
+            engine,
+            id_data,
+            shift_config,
+            batch_size=args.batch_size,
+            progress=lambda name: print(f"shift: {name}", file=sys.stderr, flush=True),
+        )
+    if sweep_config is not None:
+        evaluation.metrics[members.SCHEMA_KEY] = members.sweep_on_engine(
+            evaluation, engine, sweep_config, val_data=val_data, batch_size=args.batch_size
+        )
     written = write_report(evaluation, args.out, plots=not args.no_plots)
     m = evaluation.metrics
     after = m["classification"]["after"]
@@ -130,5 +150,10 @@ def main(args: argparse.Namespace) -> int:
             f"{100 * by_score[s]['auroc']:6.2f}/{100 * by_score[s]['fpr95']:6.2f}" for s in scores
         ]
         print(f"{name:>16}: " + "  ".join(cells))
+    for line in (
+        *shift.summary(m.get(shift.SCHEMA_KEY)),
+        *members.summary(m.get(members.SCHEMA_KEY)),
+    ):
+        print(line)
     print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     return 0

@@ -17,6 +17,7 @@ from sdde_serve import calibration as cal
 from sdde_serve.errors import UserError
 from sdde_serve.evaluation.cams import pairwise_cosine_per_image
 from sdde_serve.evaluation.evaluate import PRIMARY_SCORES, SCORES, Evaluation
+from sdde_serve.evaluation.sections import section_markdown, section_plots
 
 METRIC_LABELS = {"auroc": "AUROC", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out", "fpr95": "FPR@95"}
 DIVERSITY_LABELS = {
@@ -227,6 +228,7 @@ def write_plots(evaluation: Evaluation, out: Path) -> list[Path]:
     grid = plot_cam_grid(evaluation, out / "cams.png")
     if grid is not None:
         written.append(grid)
+    written += section_plots(evaluation.metrics, out)  # --shift, --members-sweep
     return written
 
 
@@ -365,6 +367,7 @@ def render_markdown(evaluation: Evaluation, plots: list[Path]) -> str:
         f"MSP {gc['msp_max_abs_diff']:.2e}.",
         "",
     ]
+    lines += section_markdown(m)  # --shift, --members-sweep
     if plots:
         lines += ["## Plots", ""]
         lines += [f"![{p.stem}]({p.name})" for p in plots]

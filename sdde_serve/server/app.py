@@ -21,13 +21,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sdde_serve import __version__
 from sdde_serve.engine import Engine
 from sdde_serve.preprocess import ImageLimits
-from sdde_serve.server.batcher import Batcher
-from sdde_serve.server.deps import ModelRuntime, ServerState
+from sdde_serve.server.deps import ServerState
 from sdde_serve.server.errors import BodyLimitMiddleware, install_error_handlers
+from sdde_serve.server.feedback import FeedbackStore
+from sdde_serve.server.lifecycle_metrics import LifecycleMetrics
 from sdde_serve.server.metrics import Metrics
+from sdde_serve.server.repository import ModelRepository, Preloaded, open_engine
+from sdde_serve.server.routes import feedback as feedback_routes
 from sdde_serve.server.routes import metrics as metrics_routes
 from sdde_serve.server.routes import predict, v2
+from sdde_serve.server.routes import repository as repository_routes
 from sdde_serve.server.settings import Settings
+from sdde_serve.server.shadow import ShadowScorer
 
 log = logging.getLogger("sdde.server")
 
@@ -47,69 +52,90 @@ def load_engine(settings: Settings) -> Engine:
     if settings.require_gpu and not cuda_usable():
         # checked before onnxruntime tries (and prints C++ errors about) the CUDA provider
         raise ModelLoadError("--require-gpu: no usable GPU provider (CUDA driver/libraries)")
-    return Engine(
-        settings.model,
-        intra_op_threads=settings.intra_op_threads,
-        require_gpu=settings.require_gpu,
-        spin_wait=settings.spin_wait,
-    )
+    return open_engine(settings, settings.model)
 
 
 def set_ready(state: ServerState, ready: bool) -> None:
-    state.ready = ready and state.runtime is not None
-    if state.runtime is not None:
-        state.metrics.model_ready.labels(model=state.runtime.manifest.name).set(int(state.ready))
+    repository = state.repository
+    state.ready = ready and repository is not None and repository.ready()
+    if repository is not None:
+        for entry in repository.entries.values():
+            if entry.unloaded:
+                continue
+            serving = state.ready and entry.serving is not None
+            state.metrics.model_ready.labels(model=entry.name).set(int(serving))
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+def create_app(
+    settings: Settings, engine: Engine | None = None, preloaded: Preloaded | None = None
+) -> FastAPI:
+    """The app. ``engine``: serve this loaded model file; ``preloaded``: the repository's
+    starting versions, loaded before the server binds (``ModelRepository.preload``); neither:
+    the lifespan loads what ``settings.model`` names."""
     metrics = Metrics()
+    lifecycle = LifecycleMetrics(metrics.registry)
+    feedback = FeedbackStore(
+        lifecycle,
+        max_size=settings.feedback_max_size,
+        max_age_s=settings.feedback_max_age_s,
+        window_s=settings.feedback_window_s,
+    )
+    metrics.registry.register(feedback)
+    repository = ModelRepository(settings, metrics, lifecycle)
     state = ServerState(
         settings=settings,
         metrics=metrics,
         limits=ImageLimits(max_bytes=settings.max_body_bytes, max_pixels=settings.max_image_pixels),
         api_keys=[k.encode() for k in settings.all_api_keys()],
+        lifecycle=lifecycle,
+        feedback=feedback,
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        eng = engine if engine is not None else await asyncio.to_thread(load_engine, settings)
         # per lifespan (not per app): a pool shut down at one shutdown can't serve the next start
         state.decode_pool = ThreadPoolExecutor(
             settings.decode_threads, thread_name_prefix="sdde-decode"
         )
-        manifest = eng.manifest
-        metrics.set_model(manifest, eng.providers)
-        batcher = Batcher(
-            eng.run,
-            max_batch_size=settings.max_batch_size,
-            max_delay_s=settings.max_queue_delay_ms / 1000.0,
-            max_queue_size=settings.max_queue_size,
-            metrics=metrics,
-            model=manifest.name,
-        )
-        # warm-up sizes a loaded server will see: single requests and full batches
-        sizes = tuple(sorted({1, settings.max_batch_size}))
-        await asyncio.to_thread(eng.warmup, sizes)
-        batcher.start()
         # requests are served from here on; readiness (the probe) may go off again on SIGTERM
-        # while accepted and late-arriving requests are still answered until the batcher closes
-        state.runtime = ModelRuntime(manifest, list(eng.providers), batcher)
-        set_ready(state, True)
-        log.info(
-            "serving %s v%s (%d members, %s %s < %.4g is OOD) on %s",
-            manifest.name,
-            manifest.version,
-            manifest.members,
-            manifest.ood.score,
-            "score",
-            manifest.ood.threshold,
-            ", ".join(eng.providers),
+        # while accepted and late-arriving requests are still answered until the batchers close
+        await repository.start(engine, preloaded)
+        state.repository = repository
+        state.shadow = ShadowScorer(
+            repository,
+            lifecycle,
+            fraction=settings.shadow_fraction,
+            max_pending=settings.shadow_max_pending,
+            timeout_s=settings.request_timeout_s,
         )
+        set_ready(state, True)
+        for entry in repository.entries.values():
+            runtime = entry.serving
+            assert runtime is not None
+            manifest = runtime.manifest
+            log.info(
+                "serving %s v%s (%d members, %s %s < %.4g is OOD) on %s",
+                runtime.name,
+                runtime.version,
+                manifest.members,
+                manifest.ood.score,
+                "score",
+                manifest.ood.threshold,
+                ", ".join(runtime.providers),
+            )
+        poller = None
+        if repository.root is not None and settings.poll_repo_s > 0:
+            poller = asyncio.get_running_loop().create_task(
+                repository.poll_forever(settings.poll_repo_s), name="repository-poll"
+            )
         try:
             yield
         finally:
             set_ready(state, False)
-            await batcher.close(settings.drain_timeout_s)
+            if poller is not None:
+                poller.cancel()
+            await state.shadow.close()
+            await repository.close(settings.drain_timeout_s)
             state.decode_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
@@ -123,6 +149,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(predict.router)
     app.include_router(v2.open_router)
     app.include_router(v2.router)
+    app.include_router(repository_routes.router)
+    app.include_router(feedback_routes.router)
     app.include_router(metrics_routes.router)
     # added last = outermost: the metrics see every status, including the body limit's 413
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

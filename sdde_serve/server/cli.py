@@ -51,12 +51,26 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--spin-wait": ("spin_wait", {"action": argparse.BooleanOptionalAction}),
     "--decode-threads": ("decode_threads", {"type": int}),
     "--drain-timeout": ("drain_timeout_s", {"type": float}),
+    "--pin": ("pin", {"action": "append", "metavar": "NAME:VERSION"}),
+    "--poll-repo": ("poll_repo_s", {"type": float, "metavar": "SECS"}),
+    "--shadow": ("shadow", {"action": "append", "metavar": "NAME:VERSION"}),
+    "--shadow-fraction": ("shadow_fraction", {"type": float}),
+    "--shadow-max-pending": ("shadow_max_pending", {"type": int}),
+    "--feedback-max-size": ("feedback_max_size", {"type": int}),
+    "--feedback-max-age": ("feedback_max_age_s", {"type": float, "metavar": "SECS"}),
+    "--feedback-window": ("feedback_window_s", {"type": float, "metavar": "SECS"}),
     "--log-level": ("log_level", {"choices": ["critical", "error", "warning", "info", "debug"]}),
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", default=argparse.SUPPRESS, help="exported .onnx file")
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=argparse.SUPPRESS,
+        help="exported .onnx file, or a model repository directory "
+        "(REPO/<name>/<version>/model.onnx)",
+    )
     for flag, (field, extra) in FLAGS.items():
         info = Settings.model_fields[field]
         default = info.get_default(call_default_factory=True)
@@ -110,11 +124,29 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def _serve_one(settings: Settings) -> int:
-    from sdde_serve.server.app import create_app, load_engine
+def _preload(settings: Settings) -> dict[str, Any]:
+    """Load what the server will serve, before binding (ModelLoadError: one clear line):
+    ``{"engine": ...}`` for a model file, ``{"preloaded": ...}`` for a repository."""
+    from sdde_serve.server.app import load_engine
 
-    engine = load_engine(settings)  # ModelLoadError: one clear line, before binding
-    app = create_app(settings, engine)
+    assert settings.model is not None
+    if not settings.model.is_dir():
+        if settings.pin or settings.shadow or settings.poll_repo_s:
+            raise UserError("--pin, --shadow and --poll-repo need a model repository directory")
+        return {"engine": load_engine(settings)}
+    from sdde_serve.server.lifecycle_metrics import LifecycleMetrics
+    from sdde_serve.server.metrics import Metrics
+    from sdde_serve.server.repository import ModelRepository
+
+    metrics = Metrics()  # start-up's failures are logged; the app counts from its own start
+    repository = ModelRepository(settings, metrics, LifecycleMetrics(metrics.registry))
+    return {"preloaded": repository.preload()}
+
+
+def _serve_one(settings: Settings) -> int:
+    from sdde_serve.server.app import create_app
+
+    app = create_app(settings, **_preload(settings))
     state = app.state.sdde
 
     config = uvicorn.Config(
@@ -136,9 +168,7 @@ def _serve_one(settings: Settings) -> int:
 
 
 def _serve_many(settings: Settings) -> int:
-    from sdde_serve.server.app import load_engine
-
-    load_engine(settings)  # fail fast in the parent; each worker then loads its own session
+    _preload(settings)  # fail fast in the parent; each worker then loads its own sessions
     os.environ.update(settings_env(settings))
     uvicorn.run(
         "sdde_serve.server.app:app_from_env",
@@ -156,7 +186,7 @@ def _serve_many(settings: Settings) -> int:
 def main(args: argparse.Namespace) -> int:
     settings = build_settings(args)
     if settings.model is None:
-        raise UserError("no model given: sdde serve MODEL.onnx (or set SDDE_MODEL)")
+        raise UserError("no model given: sdde serve MODEL.onnx|REPO_DIR (or set SDDE_MODEL)")
     settings.all_api_keys()  # an unreadable key file fails now, not at the first request
     logging.basicConfig(
         level=settings.log_level.upper(),

@@ -6,27 +6,25 @@ Tests swap any of these with ``app.dependency_overrides[get_runtime] = ...``.
 from __future__ import annotations
 
 import hmac
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
-from sdde_serve.manifest import Manifest
 from sdde_serve.preprocess import ImageLimits
-from sdde_serve.server.batcher import Batcher, Unavailable
 from sdde_serve.server.errors import ApiError
+from sdde_serve.server.feedback import FeedbackStore
+from sdde_serve.server.lifecycle_metrics import LifecycleMetrics
 from sdde_serve.server.metrics import Metrics
+from sdde_serve.server.repository import ModelRepository, ModelRuntime, NotReady
 from sdde_serve.server.settings import Settings
 
+if TYPE_CHECKING:
+    from sdde_serve.server.shadow import ShadowScorer
 
-@dataclass
-class ModelRuntime:
-    """A loaded model behind its batcher: everything a prediction needs."""
-
-    manifest: Manifest
-    providers: list[str]
-    batcher: Batcher
+__all__ = ["ModelRuntime", "NotReady"]  # re-exported: routes and tests import them from here
 
 
 @dataclass
@@ -36,12 +34,23 @@ class ServerState:
     limits: ImageLimits
     decode_pool: ThreadPoolExecutor | None = None  # created by the lifespan
     api_keys: list[bytes] = field(default_factory=list)
-    runtime: ModelRuntime | None = None
     ready: bool = False
+    repository: ModelRepository | None = None  # created by create_app, filled by the lifespan
+    lifecycle: LifecycleMetrics | None = None
+    feedback: FeedbackStore | None = None
+    shadow: ShadowScorer | None = None
 
+    @property
+    def runtime(self) -> ModelRuntime | None:
+        """The serving version of the only model (None while loading or with several)."""
+        entry = self.repository.default_entry() if self.repository is not None else None
+        return entry.serving if entry is not None else None
 
-class NotReady(Unavailable):
-    retry_after = 2
+    @runtime.setter
+    def runtime(self, value: ModelRuntime | None) -> None:
+        entry = self.repository.default_entry() if self.repository is not None else None
+        assert entry is not None, "runtime is the only model's: use the repository"
+        entry.serving = value
 
 
 async def get_state(request: Request) -> ServerState:
@@ -59,12 +68,26 @@ async def get_metrics(state: StateDep) -> Metrics:
     return state.metrics
 
 
-async def get_runtime(state: StateDep) -> ModelRuntime:
-    """The loaded, warmed-up model. Not gated on readiness: after SIGTERM the probe says "not
-    ready" but requests still arriving are answered until the batcher closes."""
-    if state.runtime is None:
+async def get_repository(state: StateDep) -> ModelRepository:
+    if state.repository is None:
         raise NotReady("model is not ready yet (loading)")
-    return state.runtime
+    return state.repository
+
+
+RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]
+
+
+async def get_runtime(request: Request, state: StateDep) -> AsyncIterator[ModelRuntime]:
+    """The model version the request names (path ``{name}`` and ``{version}``; neither: the only
+    model), held until the request is done: a hot swap or an unload waits for it to finish on
+    this version. Not gated on readiness: after SIGTERM the probe says "not ready" but requests
+    still arriving are answered until the batcher closes."""
+    if state.repository is None:
+        raise NotReady("model is not ready yet (loading)")
+    params = request.path_params
+    runtime = state.repository.resolve(params.get("name"), params.get("version"))
+    with runtime.use():
+        yield runtime
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

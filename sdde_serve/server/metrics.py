@@ -6,6 +6,7 @@ collide and ``/metrics`` shows exactly this app's series.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -113,16 +114,45 @@ class Metrics:
         )
         self._ood_score: Histogram | None = None
 
-    def set_model(self, manifest: Manifest, providers: Sequence[str]) -> None:
-        """Describe the loaded model; the OOD-score buckets depend on its score and threshold."""
-        self.model_info.labels(
-            model=manifest.name,
-            version=manifest.version,
-            members=str(manifest.members),
-            providers=",".join(providers),
-            threshold=repr(float(manifest.ood.threshold)),
-            score=manifest.ood.score,
-        ).set(1)
+    def _info_labels(
+        self, manifest: Manifest, providers: Sequence[str], name: str | None, version: str | None
+    ) -> dict[str, str]:
+        return {
+            "model": name or manifest.name,
+            "version": version or manifest.version,
+            "members": str(manifest.members),
+            "providers": ",".join(providers),
+            "threshold": repr(float(manifest.ood.threshold)),
+            "score": manifest.ood.score,
+        }
+
+    def unset_model(
+        self,
+        manifest: Manifest,
+        providers: Sequence[str],
+        *,
+        name: str | None = None,
+        version: str | None = None,
+    ) -> None:
+        """Drop the ``sdde_model_info`` series of a version that no longer serves."""
+        labels = self._info_labels(manifest, providers, name, version)
+        with contextlib.suppress(KeyError):
+            self.model_info.remove(*labels.values())
+
+    def set_model(
+        self,
+        manifest: Manifest,
+        providers: Sequence[str],
+        *,
+        name: str | None = None,
+        version: str | None = None,
+    ) -> None:
+        """Describe the loaded model; the OOD-score buckets depend on its score and threshold.
+
+        ``name`` and ``version`` are those it is served under (a repository's directories),
+        the manifest's by default. The buckets are those of the first model loaded."""
+        self.model_info.labels(**self._info_labels(manifest, providers, name, version)).set(1)
+        name = name or manifest.name
         if self._ood_score is None:
             self._ood_score = Histogram(
                 "sdde_ood_score",
@@ -133,12 +163,12 @@ class Metrics:
             )
         # series exist (at 0) from the start, so rate() works from the first scrape
         for outcome in OUTCOMES:
-            self.predictions.labels(model=manifest.name, outcome=outcome)
+            self.predictions.labels(model=name, outcome=outcome)
         for family in (self.queue_wait, self.engine_duration, self.batch_size, self.confidence):
-            family.labels(model=manifest.name)
-        self._ood_score.labels(model=manifest.name)
-        self.model_ready.labels(model=manifest.name).set(0)
-        self.queue_depth.labels(model=manifest.name).set(0)
+            family.labels(model=name)
+        self._ood_score.labels(model=name)
+        self.model_ready.labels(model=name)  # set by whoever knows readiness (app, repository)
+        self.queue_depth.labels(model=name).set(0)
 
     def observe_predictions(self, model: str, predictions: Iterable[Prediction]) -> None:
         assert self._ood_score is not None, "set_model() first"

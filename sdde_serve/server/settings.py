@@ -23,7 +23,11 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, frozen=True, extra="ignore", protected_namespaces=()
     )
 
-    model: Path | None = Field(None, description="the exported ONNX model to serve")
+    model: Path | None = Field(
+        None,
+        description="the exported ONNX model to serve, or a model repository directory "
+        "(REPO/<name>/<version>/model.onnx, as `sdde export --triton-repo` writes)",
+    )
     host: str = Field("127.0.0.1", description="interface to bind (0.0.0.0 in containers)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one)")
     workers: int = Field(1, ge=1, description="server processes, each with its own model")
@@ -68,11 +72,39 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         30.0, ge=0.0, description="on SIGTERM, longest wait for in-flight requests"
     )
+    pin: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="repository: serve NAME at VERSION (NAME:VERSION, repeatable; comma-separated "
+        "in SDDE_PIN) instead of its latest version",
+    )
+    poll_repo_s: float = Field(
+        0.0, ge=0.0, description="repository: look for new versions every SECS (0 = never)"
+    )
+    shadow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="score live traffic of NAME also with VERSION, after answering (NAME:VERSION, "
+        "repeatable); its agreement, OOD rate and latency go to /metrics",
+    )
+    shadow_fraction: float = Field(
+        1.0, ge=0.0, le=1.0, description="share of live requests also sent to the shadow version"
+    )
+    shadow_max_pending: int = Field(
+        256, ge=1, description="images queued for shadow scoring before more are skipped"
+    )
+    feedback_max_size: int = Field(
+        100_000, ge=0, description="predictions kept for delayed labels (0 = keep none)"
+    )
+    feedback_max_age_s: float = Field(
+        7 * 86400.0, gt=0.0, description="how long a prediction waits for its label"
+    )
+    feedback_window_s: float = Field(
+        3600.0, gt=0.0, description="window of the sdde_live_* accuracy, NLL, ECE gauges"
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="log level (debug adds uvicorn's access log)"
     )
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "pin", "shadow", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
@@ -83,7 +115,15 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.max_queue_size < self.max_batch_size:
             raise ValueError("max_queue_size must be >= max_batch_size")
+        for spec in (*self.pin, *self.shadow):
+            name, _, version = spec.rpartition(":")
+            if not name or not version.isdigit():
+                raise ValueError(f"expected NAME:VERSION (a number), got {spec!r}")
         return self
+
+    def model_versions(self, specs: list[str]) -> dict[str, str]:
+        """``["digits:2"]`` (``pin`` or ``shadow``) -> ``{"digits": "2"}``."""
+        return dict(spec.rsplit(":", 1) for spec in specs)  # type: ignore[misc]
 
     def all_api_keys(self) -> list[str]:
         """Keys from ``api_keys`` and ``api_keys_file`` (blank lines and ``#`` comments skipped)."""

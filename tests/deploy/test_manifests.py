@@ -77,7 +77,9 @@ def test_deployment_probes_threads_drain_and_security():
     assert c["envFrom"] == [{"configMapRef": {"name": cm["metadata"]["name"]}}]
     assert int(cm["data"]["SDDE_PORT"]) == port
     assert cm["data"]["SDDE_WORKERS"] == "1"
-    assert cm["data"]["SDDE_MODEL"] == "/models/model.onnx"
+    # the model repository is the read-only volume, polled for new versions
+    assert cm["data"]["SDDE_MODEL"] == "/models"
+    assert float(cm["data"]["SDDE_POLL_REPO_S"]) > 0
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert mounts["/models"]["readOnly"] is True
     # drain: preStop sleep + the server's drain fit in the grace period
@@ -237,6 +239,13 @@ REQUIRED_PANELS = {
     "Errors": "sdde:request_errors:ratio_rate5m",
     "Latency p50 / p99": "sdde_request_duration_seconds_bucket",
     "Batch size": "sdde_batch_size_bucket",
+    "Model versions": "sdde_model_version_info",
+    "Answers by version": "sdde_version_predictions_total",
+    "Shadow vs live: agreement": "sdde:shadow_label_agreement:ratio_rate5m",
+    "Shadow vs live: OOD rate": "sdde:shadow_ood_rate:ratio_rate5m",
+    "Shadow vs live: latency p99": "sdde_shadow_duration_seconds_bucket",
+    "Live accuracy (delayed labels)": "sdde:live_accuracy:ratio_rate1h",
+    "Live calibration: ECE and NLL": "sdde:live_ece:ratio_rate1h",
 }
 
 

@@ -222,11 +222,17 @@ def test_recording_rule_returns_the_ood_rate_sent(server: str, prometheus: str, 
     with urllib.request.urlopen(prometheus + "/api/v1/rules", timeout=5) as r:
         groups = json.load(r)["data"]["groups"]
     rules = [rule for g in groups for rule in g["rules"]]
-    assert len(rules) == 13 and all(rule["health"] == "ok" for rule in rules), rules
+    assert len(rules) == 24 and all(rule["health"] == "ok" for rule in rules), rules
     # a healthy server: no alert but the OOD one (40% OOD may well leave it pending) is active
     states = {r["name"]: r["state"] for r in rules if r["type"] == "alerting"}
     assert {n: s for n, s in states.items() if n != "SddeOODRateHigh"} == dict.fromkeys(
-        ["SddeHighErrorRate", "SddeLatencyP99High", "SddeModelNotReady", "SddeTargetDown"],
+        [
+            "SddeHighErrorRate",
+            "SddeLatencyP99High",
+            "SddeModelNotReady",
+            "SddeTargetDown",
+            "SddeLiveAccuracyDrop",
+        ],
         "inactive",
     ), states
     (ready,) = query(prometheus, "sdde_model_ready")
@@ -251,3 +257,39 @@ def test_dashboard_queries_run_on_real_series(server: str, prometheus: str):
     # series every deployment has from the first scrape
     for expr in ["sdde_model_info", "sdde_model_ready", "sdde_queue_depth", "sdde_requests_total"]:
         assert query(prometheus, expr), expr
+
+
+def test_feedback_and_version_series_reach_prometheus(server: str, prometheus: str, known_mix):
+    """Labels for earlier predictions turn into the sdde_feedback_* counters, the live gauges and
+    the recording rules' values (their 1 h window shortened the same way as above)."""
+    _, in_dist, _ = known_mix
+    answers = predict(server, in_dist[:4], "flag")
+    # two right, one wrong, one "none of the classes"
+    labels = [answers[0]["label"], answers[1]["label"], (answers[2]["label"] + 1) % 4, None]
+    body = json.dumps([{"id": a["id"], "label": y} for a, y in zip(answers, labels, strict=True)])
+    request = urllib.request.Request(
+        server + "/v1/feedback", data=body.encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as r:
+        assert json.load(r)["accepted"] == 4
+    key = '{job="sdde",model="linear-test",version="7"}'
+    correct = poll(
+        prometheus, "sdde_feedback_correct_total" + key, lambda r: r and r[0]["value"][1] == "2"
+    )
+    assert correct and correct[0]["value"][1] == "2"
+    (live,) = poll(prometheus, "sdde_live_accuracy" + key, lambda r: len(r) == 1)
+    assert float(live["value"][1]) == pytest.approx(2 / 3)
+    (labelled,) = query(prometheus, 'sdde_feedback_labels_total{job="sdde",truth="ood"}')
+    assert labelled["value"][1] == "1"
+    (version,) = query(prometheus, 'sdde_model_version_info{job="sdde",role="serving"}')
+    assert version["metric"]["version"] == "7"
+    assert query(prometheus, 'sdde_version_predictions_total{job="sdde",model="linear-test"}')
+    # the recording rule's expression over a window covering the test: 2 of 3 right
+    rule = next(
+        r["expr"]
+        for g in yaml.safe_load(RULES.read_text())["groups"]
+        for r in g["rules"]
+        if r.get("record") == "sdde:live_accuracy:ratio_rate1h"
+    )
+    (ratio,) = poll(prometheus, rule.replace("[1h]", f"[{TEST_WINDOW}]"), lambda r: len(r) == 1)
+    assert float(ratio["value"][1]) == pytest.approx(2 / 3)

@@ -23,6 +23,7 @@ from sdde_serve.preprocess import ImageError, decode_image
 from sdde_serve.scoring import OODPolicy, Prediction, make_predictions
 from sdde_serve.server.deps import AuthDep, ModelRuntime, RuntimeDep, ServerState, StateDep
 from sdde_serve.server.errors import ApiError
+from sdde_serve.server.lifecycle import after_predict
 
 router = APIRouter(prefix="/v1", tags=["predict"], dependencies=[AuthDep])
 
@@ -43,6 +44,7 @@ class PredictRequest(BaseModel):
 class ImagePrediction(Prediction):
     index: int = Field(description="position of the image in the request")
     filename: str | None = Field(None, description="multipart file name, when given")
+    id: str | None = Field(None, description="this prediction's id, for POST /v1/feedback")
 
 
 class PredictResponse(BaseModel):
@@ -197,6 +199,23 @@ async def decode_all(
     openapi_extra={"requestBody": _REQUEST_BODY},
     responses=_ERRORS,
 )
+# KServe's v1 route shape; with a versioned form as in v2 (the body is this API's, not KServe's)
+@router.post(
+    "/models/{name}:predict",
+    response_model=PredictResponse,
+    response_model_exclude_none=True,
+    summary="Classify images with the named model (its serving version)",
+    openapi_extra={"requestBody": _REQUEST_BODY},
+    responses={**_ERRORS, 404: {"description": "unknown or unloaded model or version"}},
+)
+@router.post(
+    "/models/{name}/versions/{version}:predict",
+    response_model=PredictResponse,
+    response_model_exclude_none=True,
+    summary="Classify images with one loaded version of the named model",
+    openapi_extra={"requestBody": _REQUEST_BODY},
+    responses={**_ERRORS, 404: {"description": "unknown or unloaded model or version"}},
+)
 async def predict(
     request: Request,
     runtime: RuntimeDep,
@@ -226,16 +245,23 @@ async def predict(
     out = await batcher.submit(images, timeout=max(remaining, 0.001))
     manifest = runtime.manifest
     preds = make_predictions(out, manifest, top_k=k, policy=policy, include_probs=include_probs)
-    state.metrics.observe_predictions(manifest.name, preds)
+    state.metrics.observe_predictions(runtime.name, preds)
+    ids, background = after_predict(state, runtime, images, out, preds)
     answer = PredictResponse.model_construct(  # built from validated parts: no re-validation
-        model=manifest.name,
-        version=manifest.version,
+        model=runtime.name,
+        version=runtime.version,
         ood_policy=policy,
         predictions=[
-            ImagePrediction.model_construct(**dict(p), index=i, filename=parsed.files[i][0])
+            ImagePrediction.model_construct(
+                **dict(p), index=i, filename=parsed.files[i][0], id=ids[i]
+            )
             for i, p in enumerate(preds)
         ],
     )
     # a Response skips FastAPI's second validation pass of the return value (response_model
     # still documents the schema); serialising once in pydantic-core is the cheap part
-    return Response(answer.model_dump_json(exclude_none=True), media_type="application/json")
+    return Response(
+        answer.model_dump_json(exclude_none=True),
+        media_type="application/json",
+        background=background,  # shadow scoring, once the answer is sent
+    )

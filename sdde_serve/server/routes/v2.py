@@ -30,11 +30,13 @@ from sdde_serve.scoring import Prediction, make_predictions, score_of
 from sdde_serve.server.deps import (
     AuthDep,
     ModelRuntime,
+    NotReady,
     RuntimeDep,
     ServerState,
     StateDep,
 )
 from sdde_serve.server.errors import ApiError
+from sdde_serve.server.lifecycle import after_predict
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 open_router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
@@ -113,6 +115,7 @@ class InferenceResponse(BaseModel):
     model_name: str
     model_version: str | None = None
     id: str | None = None
+    parameters: dict[str, Any] | None = None
     outputs: list[TensorResponse]
 
 
@@ -139,15 +142,16 @@ class ServerMetadata(BaseModel):
     extensions: list[str]
 
 
-ModelName = Annotated[str, Path(description="the manifest's model name")]
+ModelName = Annotated[
+    str, Path(description="the model name (repository directory, else the manifest's)")
+]
 
 
 def _check_model(runtime: ModelRuntime, name: str, version: str | None = None) -> None:
-    manifest = runtime.manifest
-    if name != manifest.name:
-        raise ApiError(404, f"unknown model {name!r}; this server serves {manifest.name!r}")
-    if version is not None and version != manifest.version:
-        raise ApiError(404, f"unknown version {version!r} of {name!r} (have {manifest.version!r})")
+    if name != runtime.name:
+        raise ApiError(404, f"unknown model {name!r}; this server serves {runtime.name!r}")
+    if version is not None and version != runtime.version:
+        raise ApiError(404, f"unknown version {version!r} of {name!r} (have {runtime.version!r})")
 
 
 # --- health (open: probes carry no API key) ---------------------------------------------------
@@ -166,9 +170,12 @@ async def ready(state: StateDep) -> JSONResponse:
 @open_router.get("/models/{name}/ready", summary="Model readiness")
 @open_router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
 async def model_ready(name: ModelName, state: StateDep, version: str | None = None) -> JSONResponse:
-    if state.runtime is None:
+    if state.repository is None:
         return JSONResponse({"name": name, "ready": False}, status_code=503)
-    _check_model(state.runtime, name, version)
+    try:
+        state.repository.resolve(name, version)
+    except NotReady:
+        return JSONResponse({"name": name, "ready": False}, status_code=503)
     return JSONResponse(
         {"name": name, "ready": state.ready}, status_code=200 if state.ready else 503
     )
@@ -178,8 +185,11 @@ async def model_ready(name: ModelName, state: StateDep, version: str | None = No
 
 
 @router.get("", response_model=ServerMetadata, dependencies=[AuthDep], summary="Server metadata")
-async def server_metadata() -> ServerMetadata:
-    return ServerMetadata(name="sdde-serve", version=__version__, extensions=["binary_tensor_data"])
+async def server_metadata(state: StateDep) -> ServerMetadata:
+    extensions = ["binary_tensor_data"]
+    if state.repository is not None and state.repository.root is not None:
+        extensions.append("model_repository")  # as Triton reports its repository API
+    return ServerMetadata(name="sdde-serve", version=__version__, extensions=extensions)
 
 
 @router.get(
@@ -192,14 +202,15 @@ async def server_metadata() -> ServerMetadata:
     include_in_schema=False,
 )
 async def model_metadata(
-    name: ModelName, runtime: RuntimeDep, version: str | None = None
+    name: ModelName, runtime: RuntimeDep, state: StateDep, version: str | None = None
 ) -> ModelMetadata:
     _check_model(runtime, name, version)
     m = runtime.manifest
     members, classes = m.members, m.num_classes
+    assert state.repository is not None
     return ModelMetadata(
-        name=m.name,
-        versions=[m.version],
+        name=runtime.name,
+        versions=state.repository.loaded_versions(runtime.name),
         platform=PLATFORM,
         inputs=[
             TensorMetadata(
@@ -377,7 +388,8 @@ async def infer(
     out = await runtime.batcher.submit(images, timeout=state.settings.request_timeout_s)
     manifest = runtime.manifest
     preds = make_predictions(out, manifest, top_k=1, policy=policy)  # type: ignore[arg-type]
-    state.metrics.observe_predictions(manifest.name, preds)
+    state.metrics.observe_predictions(runtime.name, preds)
+    ids, background = after_predict(state, runtime, images, out, preds)
 
     entries: list[dict[str, Any]] = []
     chunks: list[bytes] = []
@@ -393,17 +405,20 @@ async def infer(
             entry["data"] = array.reshape(-1).tolist()
         entries.append(entry)
     body: dict[str, Any] = {
-        "model_name": manifest.name,
-        "model_version": manifest.version,
+        "model_name": runtime.name,
+        "model_version": runtime.version,
         "outputs": entries,
+        # one id per image, comma-separated (v2 parameters are scalars), for POST /v1/feedback
+        "parameters": {"prediction_ids": ",".join(ids)},
     }
     if req.id is not None:
         body["id"] = req.id
     if not chunks:
-        return JSONResponse(body)
+        return JSONResponse(body, background=background)
     head = json.dumps(body, separators=(",", ":")).encode()
     return Response(
         head + b"".join(chunks),
         media_type="application/octet-stream",
         headers={HEADER_LENGTH: str(len(head))},
+        background=background,
     )

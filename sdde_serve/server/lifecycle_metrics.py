@@ -1,0 +1,162 @@
+"""Prometheus series of the model lifecycle: versions, loads, shadow scoring, delayed labels.
+
+New series only (the ``sdde_*`` series of :mod:`metrics` keep their names and labels); every one
+that concerns a model carries ``model`` and ``version``. Names and labels are listed in
+docs/architecture.md. The windowed ``sdde_live_*`` gauges are computed at scrape time by the
+feedback store (:mod:`feedback`), registered on the same registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from sdde_serve.server.metrics import LATENCY_BUCKETS
+
+ECE_BINS = 15  # equal-width confidence bins, as sdde_serve.calibration.ece's default
+FEEDBACK_RESULTS = ("accepted", "duplicate", "conflict", "unknown", "expired", "invalid")
+
+
+def bin_label(index: int) -> str:
+    """Upper edge of confidence bin ``index`` (bins are right-closed: ``(lo, hi]``)."""
+    return f"{(index + 1) / ECE_BINS:.4f}"
+
+
+class LifecycleMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        labels = ["model", "version"]
+        # --- repository
+        self.version_info = Gauge(
+            "sdde_model_version_info",
+            "Loaded model versions (always 1); role = serving | shadow",
+            ["model", "version", "role"],
+            registry=r,
+        )
+        self.loads = Counter(
+            "sdde_model_loads_total", "Model versions loaded, verified and warmed up", labels,
+            registry=r,
+        )  # fmt: skip
+        self.load_failures = Counter(
+            "sdde_model_load_failures_total",
+            "Model versions refused (corrupt, unverifiable, failing warm-up); the serving "
+            "version stays",
+            labels,
+            registry=r,
+        )
+        self.version_predictions = Counter(
+            "sdde_version_predictions_total",
+            "Images answered, by model version and OOD outcome",
+            ["model", "version", "outcome"],
+            registry=r,
+        )
+        # --- shadow scoring: candidate `version` against the live one on the same images
+        shadow = ["model", "version", "live_version"]
+        self.shadow_images = Counter(
+            "sdde_shadow_images_total", "Live images also scored by the shadow version", shadow,
+            registry=r,
+        )  # fmt: skip
+        self.shadow_label_agreement = Counter(
+            "sdde_shadow_label_agreement_total",
+            "Shadow-scored images whose predicted class equals the live one",
+            shadow,
+            registry=r,
+        )
+        self.shadow_ood_agreement = Counter(
+            "sdde_shadow_ood_agreement_total",
+            "Shadow-scored images whose OOD flag equals the live one",
+            shadow,
+            registry=r,
+        )
+        self.shadow_ood = Counter(
+            "sdde_shadow_ood_flagged_total",
+            "Shadow-scored images flagged OOD, by who scored them (side = candidate | live)",
+            [*shadow, "side"],
+            registry=r,
+        )
+        self.shadow_duration = Histogram(
+            "sdde_shadow_duration_seconds",
+            "Time the shadow version took for one request (queue wait and engine)",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.shadow_skipped = Counter(
+            "sdde_shadow_skipped_total",
+            "Live requests not shadow-scored: reason = busy | unavailable | error",
+            [*labels, "reason"],
+            registry=r,
+        )
+        # --- delayed labels
+        self.feedback = Counter(
+            "sdde_feedback_total",
+            "Feedback items by result (accepted, duplicate, conflict, unknown, expired, invalid)",
+            ["result"],
+            registry=r,
+        )
+        for result in FEEDBACK_RESULTS:
+            self.feedback.labels(result=result)
+        self.store_size = Gauge(
+            "sdde_feedback_store_size", "Predictions kept, waiting for a label", registry=r
+        )
+        self.labels_total = Counter(
+            "sdde_feedback_labels_total",
+            "Labelled predictions; truth = in_distribution (a class) | ood (none of the classes)",
+            [*labels, "truth"],
+            registry=r,
+        )
+        self.correct = Counter(
+            "sdde_feedback_correct_total",
+            "Labelled in-distribution images whose predicted class was right",
+            labels,
+            registry=r,
+        )
+        self.nll = Counter(
+            "sdde_feedback_nll_total",
+            "Sum of -log p(true class) over labelled in-distribution images",
+            labels,
+            registry=r,
+        )
+        self.flagged = Counter(
+            "sdde_feedback_flagged_total",
+            "Labelled images the model had flagged OOD, by truth",
+            [*labels, "truth"],
+            registry=r,
+        )
+        bins = [*labels, "bin"]
+        self.bin_images = Counter(
+            "sdde_feedback_bin_images_total",
+            "Labelled in-distribution images by confidence bin (bin = upper edge)",
+            bins,
+            registry=r,
+        )
+        self.bin_correct = Counter(
+            "sdde_feedback_bin_correct_total", "Correct ones per confidence bin", bins, registry=r
+        )
+        self.bin_confidence = Counter(
+            "sdde_feedback_bin_confidence_total",
+            "Sum of confidences per confidence bin",
+            bins,
+            registry=r,
+        )
+
+    def loaded(self, model: str, version: str) -> None:
+        """A version now serves or shadows: its series exist (at 0) from here on."""
+        self.loads.labels(model=model, version=version).inc()
+        self.load_failures.labels(model=model, version=version)
+        for outcome in ("in_distribution", "ood_flagged", "rejected"):
+            self.version_predictions.labels(model=model, version=version, outcome=outcome)
+        for truth in ("in_distribution", "ood"):
+            self.labels_total.labels(model=model, version=version, truth=truth)
+            self.flagged.labels(model=model, version=version, truth=truth)
+        self.correct.labels(model=model, version=version)
+        self.nll.labels(model=model, version=version)
+
+    def set_role(self, model: str, version: str, role: str | None) -> None:
+        for other in ("serving", "shadow"):
+            if other != role:
+                with contextlib.suppress(KeyError):
+                    self.version_info.remove(model, version, other)
+        if role is not None:
+            self.version_info.labels(model=model, version=version, role=role).set(1)

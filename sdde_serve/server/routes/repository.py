@@ -1,0 +1,98 @@
+"""The Open Inference Protocol's model-repository extension (as Triton implements it).
+
+``POST /v2/repository/index`` lists every model version on disk and loaded, with its state;
+``POST /v2/repository/models/{name}/load`` (re)loads a model: its latest version, or the one
+pinned by ``parameters.version`` (``"latest"`` unpins), and sets or clears its shadow version
+with ``parameters.shadow``; ``POST /v2/repository/models/{name}/unload`` stops serving it and
+answers once its in-flight requests are done. All behind the API key when keys are configured.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Path
+from pydantic import BaseModel, ConfigDict, Field
+
+from sdde_serve.server.deps import AuthDep, RepositoryDep
+from sdde_serve.server.errors import ApiError
+
+router = APIRouter(prefix="/v2/repository", tags=["v2 model repository"], dependencies=[AuthDep])
+
+ModelName = Annotated[str, Path(description="the model's directory name in the repository")]
+
+
+class IndexRequest(BaseModel):
+    ready: bool = Field(False, description="list only the versions that are loaded")
+
+
+class IndexEntry(BaseModel):
+    name: str
+    version: str
+    state: str = Field(description="READY (loaded) or UNAVAILABLE (on disk only)")
+    reason: str | None = Field(None, description="serving | shadow | why it failed")
+    in_flight: int | None = Field(None, description="requests running on a loaded version")
+
+
+class LoadParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: str | None = Field(
+        None, pattern=r"^([1-9][0-9]*|latest)$", description="pin this version; 'latest' unpins"
+    )
+    shadow: str | None = Field(
+        None,
+        pattern=r"^([1-9][0-9]*|none)?$",
+        description="shadow-score live traffic with this version; '' or 'none' stops it",
+    )
+
+
+class LoadRequest(BaseModel):
+    parameters: LoadParameters = Field(default_factory=LoadParameters)
+
+
+@router.post(
+    "/index",
+    response_model=list[IndexEntry],
+    response_model_exclude_none=True,
+    summary="Model versions in the repository and their state",
+)
+async def index(
+    repository: RepositoryDep, request: Annotated[IndexRequest | None, Body()] = None
+) -> list[dict[str, Any]]:
+    return repository.index(ready_only=bool(request and request.ready))
+
+
+@router.post(
+    "/models/{name}/load",
+    summary="Load (or switch to) a model version; set its shadow version",
+    responses={
+        400: {"description": "the version failed to load: the serving version stays"},
+        404: {"description": "no such model or version in the repository"},
+    },
+)
+async def load(
+    name: ModelName,
+    repository: RepositoryDep,
+    request: Annotated[LoadRequest | None, Body()] = None,
+) -> dict[str, Any]:
+    params = request.parameters if request is not None else LoadParameters()
+    answer = await repository.load(name, params.version)
+    if params.shadow is not None:
+        shadow = None if params.shadow in ("", "none") else params.shadow
+        try:
+            answer.update(await repository.set_shadow(name, shadow))
+        except Exception as exc:
+            if isinstance(exc, ApiError):
+                raise
+            raise ApiError(400, f"shadow version {shadow} of {name} refused: {exc}") from None
+    return answer
+
+
+@router.post(
+    "/models/{name}/unload",
+    summary="Stop serving a model; answers once its in-flight requests are done",
+    responses={404: {"description": "the model is not loaded"}},
+)
+async def unload(name: ModelName, repository: RepositoryDep) -> dict[str, Any]:
+    return await repository.unload(name)

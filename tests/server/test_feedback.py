@@ -1,0 +1,213 @@
+"""Delayed labels: ids on every prediction, POST /v1/feedback, the bounded store, and the live
+accuracy / NLL / ECE / OOD-flag precision it exports (checked against hand computations)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from sdde_serve import calibration as cal
+from sdde_serve.server.feedback import FeedbackItem, FeedbackStore, confidence_bin
+from sdde_serve.server.lifecycle_metrics import ECE_BINS, LifecycleMetrics, bin_label
+from tests.server.conftest import gray_png, metric, scrape, serve
+from tests.server.test_app import multipart
+
+MODEL, VERSION = "linear-test", "7"
+KEY = {"model": MODEL, "version": VERSION}
+
+
+def hand_ece(conf: list[float], correct: list[bool], n_bins: int = 15) -> float:
+    """ECE written out: bins (b/n, (b+1)/n], sum over bins of |bin| / N * |acc - mean conf|."""
+    total = 0.0
+    for b in range(n_bins):
+        members = [i for i, c in enumerate(conf) if b / n_bins < c <= (b + 1) / n_bins]
+        if members:
+            acc = sum(correct[i] for i in members) / len(members)
+            mean_conf = sum(conf[i] for i in members) / len(members)
+            total += len(members) / len(conf) * abs(acc - mean_conf)
+    return total
+
+
+def test_feedback_turns_into_accuracy_nll_ece_and_ood_precision(linear_engine):
+    pngs = [gray_png(seed) for seed in range(10)]
+    with serve(linear_engine) as client:
+        answer = client.post("/v1/predict?probabilities=true", files=multipart(pngs)).json()
+        preds = answer["predictions"]
+        ids = [p["id"] for p in preds]
+        # the constructed case: one flagged image labelled "none of the classes" (really OOD),
+        # six of the others with their predicted class (right), three with the next one (wrong)
+        flagged = [i for i, p in enumerate(preds) if p["is_ood"]]
+        assert 1 < len(flagged) < 10  # the seeded case has both outcomes
+        ood = flagged[-1]
+        others = [i for i in range(10) if i != ood]
+        right = others[:6]
+        truth: list[int | None] = [
+            p["label"] if i in right else (p["label"] + 1) % 4 for i, p in enumerate(preds)
+        ]
+        truth[ood] = None
+        items = [{"id": i, "label": t} for i, t in zip(ids, truth, strict=True)]
+        items[right[0]]["label"] = f"class{truth[right[0]]}"  # a class name works as well
+        first = client.post("/v1/feedback", json=items)
+        samples = scrape(client.get("/metrics").text)
+        again = client.post("/v1/feedback", json=items[:2]).json()
+        samples_again = scrape(client.get("/metrics").text)
+    assert len(set(ids)) == 10
+    assert first.status_code == 200
+    assert first.json() == {
+        "accepted": 10,
+        "results": [{"id": i, "result": "accepted"} for i in ids],
+    }
+    probs = np.array([p["probabilities"] for p in preds])
+    labelled = [i for i, t in enumerate(truth) if t is not None]
+    conf = [float(probs[i].max()) for i in labelled]
+    correct = [i in right for i in labelled]
+    labels = np.array([truth[i] for i in labelled])
+    accuracy = 6 / 9
+    nll = -sum(math.log(probs[i, truth[i]]) for i in labelled) / 9
+    ece = hand_ece(conf, correct)
+    assert ece == pytest.approx(cal.ece(probs[labelled], labels), abs=1e-12)
+    precision = sum(truth[i] is None for i in flagged) / len(flagged)
+
+    # the process's own window
+    assert metric(samples, "sdde_live_labelled", **KEY) == 10
+    assert metric(samples, "sdde_live_accuracy", **KEY) == pytest.approx(accuracy)
+    assert metric(samples, "sdde_live_nll", **KEY) == pytest.approx(nll, rel=1e-5)
+    assert metric(samples, "sdde_live_ece", **KEY) == pytest.approx(ece, abs=1e-6)
+    assert metric(samples, "sdde_live_ood_precision", **KEY) == pytest.approx(precision)
+    # the counters Prometheus aggregates (the recording rules' inputs) give the same numbers
+    in_dist = metric(samples, "sdde_feedback_labels_total", **KEY, truth="in_distribution")
+    assert in_dist == 9
+    assert metric(samples, "sdde_feedback_labels_total", **KEY, truth="ood") == 1
+    assert metric(samples, "sdde_feedback_correct_total", **KEY) / in_dist == accuracy
+    assert metric(samples, "sdde_feedback_nll_total", **KEY) / in_dist == pytest.approx(nll)
+    bins = [bin_label(b) for b in range(ECE_BINS)]
+    counted_ece = sum(
+        abs(
+            metric(samples, "sdde_feedback_bin_confidence_total", **KEY, bin=b)
+            - metric(samples, "sdde_feedback_bin_correct_total", **KEY, bin=b)
+        )
+        for b in bins
+    ) / sum(metric(samples, "sdde_feedback_bin_images_total", **KEY, bin=b) for b in bins)
+    assert counted_ece == pytest.approx(ece, abs=1e-6)
+    flags = {t: metric(samples, "sdde_feedback_flagged_total", **KEY, truth=t)
+             for t in ("ood", "in_distribution")}  # fmt: skip
+    assert flags["ood"] / sum(flags.values()) == pytest.approx(precision)
+    # idempotent: the same labels again change nothing
+    assert [r["result"] for r in again["results"]] == ["duplicate", "duplicate"]
+    for name in ("sdde_live_accuracy", "sdde_feedback_correct_total", "sdde_live_labelled"):
+        assert metric(samples_again, name, **KEY) == metric(samples, name, **KEY)
+    assert metric(samples_again, "sdde_feedback_total", result="duplicate") == 2
+
+
+def test_v2_ids_unknown_conflicting_and_invalid_labels_are_reported_not_failed(linear_engine):
+    x = [0.5] * 64
+    infer = {"inputs": [{"name": "images", "datatype": "FP32", "shape": [2, 1, 8, 8],
+                         "data": x + x}]}  # fmt: skip
+    with serve(linear_engine) as client:
+        r = client.post(f"/v2/models/{MODEL}/infer", json=infer).json()
+        ids = r["parameters"]["prediction_ids"].split(",")
+        results = client.post(
+            "/v1/feedback",
+            json=[
+                {"id": ids[0], "label": 1},
+                {"id": ids[0], "label": 2},
+                {"id": ids[1], "label": 99},
+                {"id": ids[1], "label": "no-such-class"},
+                {"id": "f" * 32, "label": 1},
+            ],
+        ).json()
+        bad = [
+            client.post("/v1/feedback", json=body).status_code
+            for body in ([], {"id": ids[1], "label": 1}, [{"id": ids[1]}], [{"label": 1}],
+                         [{"id": "x" * 65, "label": 1}], [{"id": ids[1], "label": 1.5}],
+                         [{"id": ids[1], "label": True}])
+        ]  # fmt: skip
+        not_json = client.post(
+            "/v1/feedback", content=b"\xff", headers={"Content-Type": "application/json"}
+        )
+    assert len(ids) == 2 and len(set(ids)) == 2
+    assert [(x["result"], x.get("reason", "")) for x in results["results"]] == [
+        ("accepted", ""),
+        ("conflict", "already labelled 'class1'"),
+        ("invalid", f"label 99 is not a class of {MODEL}"),
+        ("invalid", f"label 'no-such-class' is not a class of {MODEL}"),
+        ("unknown", "no prediction with this id"),
+    ]
+    assert results["accepted"] == 1
+    assert bad == [422] * 7 and not_json.status_code == 400
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_store(**limits) -> tuple[FeedbackStore, Clock, LifecycleMetrics]:
+    from prometheus_client import CollectorRegistry
+
+    metrics = LifecycleMetrics(CollectorRegistry())
+    clock = Clock()
+    store = FeedbackStore(metrics, clock=clock, **{"max_size": 3, "max_age_s": 100.0,
+                                                    "window_s": 50.0, **limits})  # fmt: skip
+    return store, clock, metrics
+
+
+def keep(store: FeedbackStore, ids: list[str], probs: list[list[float]]) -> None:
+    store.keep(ids, "m", "1", ["a", "b"], np.array(probs), [1.0] * len(ids), [False] * len(ids))
+
+
+def results(store: FeedbackStore, labels: dict[str, int | None]) -> list[str]:
+    items = [FeedbackItem(id=i, label=label) for i, label in labels.items()]
+    return [r.result for r in store.label(items).results]
+
+
+def test_store_is_bounded_by_size_and_age_and_reports_expired_ids():
+    store, clock, metrics = make_store()
+    keep(store, ["p1", "p2", "p3", "p4"], [[0.9, 0.1]] * 4)  # p1 pushed out by size
+    assert metrics.store_size._value.get() == 3
+    clock.now += 60
+    keep(store, ["p5"], [[0.2, 0.8]])  # p2 pushed out by size
+    clock.now += 50  # p3, p4 are 110 s old: past the age limit; p5 is 50 s old
+    # the last max_size dropped ids are remembered as expired (p2, p3, p4); p1 is forgotten
+    assert results(store, {"p1": 0, "p2": 0, "p3": 0, "p4": 1, "p5": 1, "zz": 0}) == [
+        "unknown", "expired", "expired", "expired", "accepted", "unknown"
+    ]  # fmt: skip
+    assert len(store._kept) == 1
+
+
+def test_window_gauges_cover_only_recent_labels():
+    store, clock, _ = make_store(max_size=10)
+    keep(store, ["a", "b"], [[0.9, 0.1], [0.3, 0.7]])
+    results(store, {"a": 0})  # right, confidence 0.9
+    clock.now += 30
+    results(store, {"b": 0})  # wrong, confidence 0.7
+    both = store.window_stats()[("m", "1")]
+    assert both["labelled"] == 2 and both["accuracy"] == 0.5
+    assert both["ece"] == pytest.approx(hand_ece([0.9, 0.7], [True, False]))
+    clock.now += 30  # "a" was labelled 60 s ago: out of the 50 s window
+    recent = store.window_stats()[("m", "1")]
+    assert recent["labelled"] == 1 and recent["accuracy"] == 0.0
+    assert recent["nll"] == pytest.approx(-math.log(0.3), rel=1e-6)
+    assert recent["ece"] == pytest.approx(0.7, rel=1e-6)
+    clock.now += 100
+    assert store.window_stats() == {}
+    assert [m.samples for m in store.collect()] == [[]] * 5  # no stale values once empty
+
+
+def test_confidence_bins_match_calibration_ece_bins():
+    for conf in (1 / 15, 0.5, 1.0, 0.0001, 14 / 15 + 1e-9):
+        expected = min(max(int(np.ceil(conf * 15)) - 1, 0), 14)
+        assert confidence_bin(conf) == expected
+    assert bin_label(0) == "0.0667" and bin_label(14) == "1.0000"
+
+
+def test_keeping_nothing_when_the_store_size_is_zero(linear_engine):
+    with serve(linear_engine, feedback_max_size=0) as client:
+        pred = client.post("/v1/predict", files=multipart([gray_png()])).json()["predictions"][0]
+        r = client.post("/v1/feedback", json=[{"id": pred["id"], "label": 0}]).json()
+    assert r["results"][0]["result"] == "unknown"
