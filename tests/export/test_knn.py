@@ -349,3 +349,27 @@ def test_training_bank_equals_build_bank_on_all_features(tiny_run):
     np.testing.assert_allclose(bank.bank, ref.bank, atol=1e-6)
     assert np.array_equal(bank.indices, ref.indices) and bank.source_images == len(train)
     assert "stratified by class, seed 4" in source
+
+
+def test_knn_deployed_without_a_knn_output_is_refused(tmp_path, linear_model):
+    """A manifest that deploys knn on a graph without the output fails at load, not per request;
+    calibrating a bank-less file for knn says why."""
+    from sdde_serve.calibrate_cmd import calibrate_file
+    from sdde_serve.engine import ModelLoadError
+    from tests.onnx_factory import make_linear_ensemble
+
+    path, _ = make_linear_ensemble(tmp_path / "knn.onnx", score="knn")
+    with pytest.raises(ModelLoadError, match="deploys 'knn' but the graph lacks it"):
+        Engine(path)
+    copy = tmp_path / "linear.onnx"
+    shutil.copy(linear_model[0], copy)
+    npz = tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    np.savez(
+        npz, images=rng.integers(0, 256, (40, 1, 8, 8), dtype=np.uint8), labels=np.arange(40) % 4
+    )
+    with pytest.raises(UserError, match="no 'knn' output .*--knn-bank"):
+        calibrate_file(copy, str(npz), score="knn")
+    before = copy.read_bytes()
+    _, ood = calibrate_file(copy, str(npz), score="minmax")  # an older graph: from its logits
+    assert ood.score == "minmax" and copy.read_bytes() != before
