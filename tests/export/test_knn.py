@@ -368,7 +368,7 @@ def test_knn_deployed_without_a_knn_output_is_refused(tmp_path, linear_model):
     np.savez(
         npz, images=rng.integers(0, 256, (40, 1, 8, 8), dtype=np.uint8), labels=np.arange(40) % 4
     )
-    with pytest.raises(UserError, match="no 'knn' output .*--knn-bank"):
+    with pytest.raises(UserError, match=r"no 'knn' output .*--knn-bank"):
         calibrate_file(copy, str(npz), score="knn")
     before = copy.read_bytes()
     _, ood = calibrate_file(copy, str(npz), score="minmax")  # an older graph: from its logits
