@@ -227,6 +227,72 @@ def bench_case(name: str, threads: int, min_time: float) -> dict:
     return {"flops_per_image": flops_per_image, "torch_threads": torch_threads, "rows": rows}
 
 
+def bench_knn(name: str, threads: int, min_time: float, rows: int) -> dict:
+    """Cost of the ``knn`` output: the graph without it vs with a ``rows``-row bank (issue 10).
+
+    The arch's default layout; the bank holds random unit rows (its values do not change the
+    cost); ``float16`` stores the bank in half precision behind a Cast (export/knn.py).
+    """
+    from export.knn import default_k, normalize_rows, store_bank_as
+    from export.layouts import default_layout
+
+    arch, n, shape, classes = CASES[name]
+    torch.manual_seed(0)
+    members = [create_model(arch, num_classes=classes, in_chans=shape[0]).eval() for _ in range(n)]
+    ensemble = Ensemble(members, [0.5] * shape[0], [0.25] * shape[0]).eval()
+    dims = n * members[0].get_classifier().in_features
+    bank = normalize_rows(np.random.default_rng(0).normal(size=(rows, dims))).astype(np.float32)
+    layout = default_layout(arch)
+
+    def graph(with_bank: bool, dtype: str = "float32") -> ort.InferenceSession:
+        g = build_graph(
+            ensemble,
+            layout,
+            input_shape=shape,
+            with_cams=False,
+            knn_bank=torch.from_numpy(bank) if with_bank else None,
+            knn_k=default_k(rows) if with_bank else None,
+        )
+        proto = to_onnx(g, input_shape=shape)
+        if with_bank and dtype != "float32":
+            store_bank_as(proto, dtype)
+        return session(proto.SerializeToString(), threads)
+
+    sessions = {
+        "no-knn": graph(False),
+        "knn-float32": graph(True),
+        "knn-float16": graph(True, "float16"),
+    }
+    rows_out = []
+    for batch in (1, 64):
+        x = np.random.default_rng(batch).random((batch, *shape), dtype=np.float32)
+        paths = {p: (lambda s=s, x=x: s.run(None, {"images": x})) for p, s in sessions.items()}
+        secs = time_interleaved(paths, min_time)
+        for path, seconds in secs.items():
+            rows_out.append(
+                {
+                    "case": name,
+                    "path": path,
+                    "batch": batch,
+                    "seconds_per_call": seconds,
+                    "slowdown_vs_no_knn": seconds / secs["no-knn"],
+                }
+            )
+            print(
+                f"  {name:15s} {path:12s} batch {batch:3d}: {1e3 * seconds:8.2f} ms/call "
+                f"({seconds / secs['no-knn']:.3f}x no-knn)",
+                flush=True,
+            )
+    return {
+        "layout": layout,
+        "bank_rows": rows,
+        "bank_dims": dims,
+        "k": default_k(rows),
+        "bank_mb_float32": rows * dims * 4 / 1e6,
+        "rows": rows_out,
+    }
+
+
 def summarise(results: dict, matmul: float) -> dict:
     summary: dict[str, dict] = {}
     for name, res in results.items():
@@ -280,12 +346,34 @@ def main() -> int:
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/bench_engine.json")
     parser.add_argument("--spin", action="store_true", help="let onnxruntime threads spin")
+    parser.add_argument(
+        "--knn-cost",
+        action="store_true",
+        help="only measure the cost of the knn output (default bank) and write "
+        "benchmarks/results/bench_engine_knn.json",
+    )
     args = parser.parse_args()
     global SPIN
     SPIN = args.spin
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
     t0 = time.time()
+    if args.knn_cost:
+        from export.knn import DEFAULT_BANK_ROWS
+
+        knn = {n: bench_knn(n, args.threads, args.min_time, DEFAULT_BANK_ROWS) for n in args.cases}
+        path = ROOT / "benchmarks/results/bench_engine_knn.json"
+        record = {
+            "machine": {"cores": os.cpu_count(), "threads": args.threads},
+            "loadavg_end": os.getloadavg(),
+            "onnxruntime": ort.__version__,
+            "goal": "resnet18_32_x5 knn-float32 <= 1.15x no-knn at batch 1 and 64",
+            "results": knn,
+            "wall_s": time.time() - t0,
+        }
+        path.write_text(json.dumps(record, indent=2))
+        print(f"wrote {path}")
+        return 0
     matmul = matmul_gflops(args.threads)
     print(f"matmul GFLOP/s: {matmul}", flush=True)
     results = {name: bench_case(name, args.threads, args.min_time) for name in args.cases}

@@ -20,10 +20,17 @@ What it does (docs/evaluation.md, "The MNIST benchmark"):
 3. Trains DE and SDDE ensembles of 5 LeNets (SGD, momentum 0.9, Nesterov, lr 0.1 with cosine decay,
    weight decay 5e-4, batch 128 per member, lambda = 0.1 for SDDE) for each seed, exports each run
    to ONNX and evaluates the exported file with ``sdde_serve.evaluation`` (onnxruntime).
-4. The one OOD-chosen hyper-parameter, the score (MAL or MSP), is chosen per method on the
-   *validation* OOD sets only (mean AUROC over seeds); lambda stays at the paper's 0.1.
-5. Prints the paper's Table 2 (OOD AUROC, accuracy) and Table 3 (calibration) layouts as
-   mean ± std over seeds and writes ``benchmarks/results/mnist_ood.json``.
+4. Every run is exported as ``sdde export`` does by default (``--ood-score auto`` without
+   validation OOD data: KNN with the default bank and k), and the exported graph reports MAL,
+   MSP, minmax and KNN side by side.
+5. OOD-chosen hyper-parameters are chosen on the *validation* OOD sets only: the KNN bank size
+   and k (a sweep on PyTorch features of every run, :func:`knn_sweep`; the best mean validation
+   AUROC over methods and seeds is compared with the code's default, export/knn.py), what
+   ``--ood-score auto`` would pick per run, and the score per method for Table 2 (mean AUROC
+   over seeds); lambda stays at the paper's 0.1.
+6. Prints the paper's Table 2 (OOD AUROC, accuracy) and Table 3 (calibration) layouts as
+   mean ± std over seeds, the scores side by side, the goal checks of the deployed default
+   (issue 10) and writes ``benchmarks/results/mnist_ood.json``.
 
 Quick run: ``python benchmarks/mnist_ood.py --epochs 1 --seeds 0 --members 2 --max-steps 20``.
 """
@@ -58,7 +65,10 @@ FAR = ("textures", "photos", "faces")
 VAL = ("val-glyphs", "val-photos")
 SHIFT = ("digits-8x8",)
 METHODS = ("de", "sdde")
-SCORES = ("mal", "msp")
+SCORES = ("mal", "msp", "minmax", "knn")
+# KNN sweep (validation OOD sets decide; test-set numbers are recorded for information only)
+SWEEP_BANKS = (1000, 2000, 5000, 0)  # 0: every training image
+SWEEP_KS = (1, 2, 5, 10, 20, 50, 100)
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -268,14 +278,131 @@ def run_one(
     write_report(ev, work / "reports" / name, plots=not args.no_plots and seed == args.seeds[0])
     t_eval = time.time() - t0
     m = ev.metrics
+    near, far, dep = m["ood"]["groups"]["near"], m["ood"]["groups"]["far"], m["ood"]["deployed"]
     print(
         f"  {name}: acc {100 * m['classification']['after']['accuracy']:.2f}  "
-        f"near AUROC(MAL) {100 * m['ood']['groups']['near']['mal']['auroc']:.2f}  "
-        f"far AUROC(MAL) {100 * m['ood']['groups']['far']['mal']['auroc']:.2f}  "
+        f"near AUROC/FPR@95 MAL {100 * near['mal']['auroc']:.2f}/{100 * near['mal']['fpr95']:.2f}"
+        f"  {dep} {100 * near[dep]['auroc']:.2f}/{100 * near[dep]['fpr95']:.2f}  "
+        f"far AUROC MAL {100 * far['mal']['auroc']:.2f} {dep} {100 * far[dep]['auroc']:.2f}  "
         f"[train {t_train:.0f}s, export {t_export:.0f}s, eval {t_eval:.0f}s]",
         flush=True,
     )
-    return {"metrics": m, "seconds": {"train": t_train, "export": t_export, "eval": t_eval}}
+    t0 = time.time()
+    sweep = knn_sweep(run_dir, test, ood)
+    print(f"    KNN sweep {time.time() - t0:.0f}s; auto on val picks {sweep['auto']}", flush=True)
+    return {
+        "metrics": m,
+        "manifest_ood": engine.manifest.ood.model_dump(),
+        "manifest_knn": None if engine.manifest.knn is None else engine.manifest.knn.model_dump(),
+        "knn_sweep": sweep,
+        "seconds": {"train": t_train, "export": t_export, "eval": t_eval},
+    }
+
+
+# --- the KNN sweep (validation OOD sets choose; test sets for information) -----------------------
+
+
+def knn_sweep(run_dir: Path, test: ArrayDataset, ood: dict[str, ArrayDataset]) -> dict[str, Any]:
+    """AUROC / FPR@95 of KNN for every (bank rows, k) and of the other scores, from PyTorch.
+
+    Uses export's own pieces (training split, features, stratified bank, numpy KNN reference,
+    export.select's rule) on one run: ``val`` entries average the validation OOD sets against
+    the run's validation split, ``near``/``far`` the test sets against the ID test set.
+    ``auto`` is what ``sdde export --ood-score auto --ood-val`` would choose on the val sets.
+    """
+    from export.choice import score_inputs
+    from export.knn import build_bank, default_k, knn_scores_many, pre_logit_features
+    from export.select import ScoreInputs, candidate_scores, select_score
+    from sdde_serve import calibration as cal
+    from sdde_serve.evaluation.metrics import auroc, fpr_at_tpr
+    from training.run import load_run, load_train_split
+
+    run = load_run(run_dir)
+    ens = run.ensemble.eval()
+    shape = (1, SIZE, SIZE)
+    train = load_train_split(run.run_dir, run.config)
+    feats = pre_logit_features(ens, train.as_model_input(*shape))
+    sets: dict[str, ScoreInputs] = {
+        "val-id": score_inputs(ens, run.val.as_model_input(*shape), True),
+        "test-id": score_inputs(ens, test.as_model_input(*shape), True),
+    }
+    for name in (*VAL, *NEAR, *FAR):
+        sets[name] = score_inputs(ens, ood[name].as_model_input(*shape), True)
+    temperature = cal.fit_temperature(sets["val-id"].logits, run.val.labels)
+    groups = {"val": ("val-id", VAL), "near": ("test-id", NEAR), "far": ("test-id", FAR)}
+
+    def summarize(scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+        out = {}
+        for g, (id_name, names) in groups.items():
+            out[g] = {
+                "auroc": float(np.mean([auroc(scores[id_name], scores[n]) for n in names])),
+                "fpr95": float(np.mean([fpr_at_tpr(scores[id_name], scores[n]) for n in names])),
+                "min_auroc": float(min(auroc(scores[id_name], scores[n]) for n in names)),
+            }
+        return out
+
+    result: dict[str, Any] = {"train_images": len(train), "temperature": temperature, "knn": {}}
+    for rows in SWEEP_BANKS:
+        bank = build_bank(feats, train.labels, rows=rows or len(train), seed=0).bank
+        ks = [k for k in SWEEP_KS if k <= len(bank)]
+        many = {n: knn_scores_many(d.features, bank, ks) for n, d in sets.items()}  # type: ignore[arg-type]
+        for k in ks:
+            result["knn"][f"{rows or 'all'}/{k}"] = summarize({n: v[k] for n, v in many.items()})
+    others = {
+        n: candidate_scores(d, temperature=temperature, bank=None, ks=[]) for n, d in sets.items()
+    }
+    result["scores"] = {
+        s: summarize({n: v[s] for n, v in others.items()}) for s in ("mal", "msp", "minmax")
+    }
+    full = build_bank(feats, train.labels, rows=len(train), seed=0).bank
+    chosen, k, why = select_score(
+        "auto",
+        id_data=sets["val-id"],
+        id_name=run.val.name,
+        ood_val={n: sets[n] for n in VAL},
+        ood_specs={n: n for n in VAL},
+        temperature=temperature,
+        bank=full,
+        default_k=default_k(len(full)),
+        knn_k=None,
+    )
+    result["auto"] = {"score": chosen, "k": k, "val_auroc": why.val_auroc}
+    return result
+
+
+def choose_knn_config(sweeps: dict[str, list[dict]]) -> dict[str, Any]:
+    """The default (bank, k) and score, on the validation OOD sets over every method and seed.
+
+    The criterion is the goal's own metric, the mean validation FPR@95 (lower is better; ties go
+    to the higher validation AUROC), for the KNN configuration and then for the default score
+    among MAL, MSP, minmax and KNN at that configuration. (``--ood-score auto`` with
+    ``--ood-val`` ranks by AUROC, as its specification says; both are recorded here.)
+    """
+    runs = [r for rs in sweeps.values() for r in rs]
+
+    def mean(get: Any) -> float:
+        return float(np.mean([get(r) for r in runs]))
+
+    configs = list(runs[0]["knn"])
+    val = {c: mean(lambda r, c=c: r["knn"][c]["val"]["auroc"]) for c in configs}
+    fpr = {c: mean(lambda r, c=c: r["knn"][c]["val"]["fpr95"]) for c in configs}
+    best = min(configs, key=lambda c: (fpr[c], -val[c]))
+    scores = {
+        s: mean(lambda r, s=s: r["scores"][s]["val"]["auroc"]) for s in ("mal", "msp", "minmax")
+    }
+    scores_fpr = {
+        s: mean(lambda r, s=s: r["scores"][s]["val"]["fpr95"]) for s in ("mal", "msp", "minmax")
+    }
+    scores["knn"], scores_fpr["knn"] = val[best], fpr[best]
+    return {
+        "criterion": "mean validation FPR@95 (ties: higher validation AUROC)",
+        "best": best,
+        "val_auroc": val,
+        "val_fpr95": fpr,
+        "score_val_auroc": scores,
+        "score_val_fpr95": scores_fpr,
+        "default_score": min(scores, key=lambda c: (scores_fpr[c], -scores[c])),
+    }
 
 
 # --- aggregation and tables ---------------------------------------------------------------------
@@ -328,7 +455,7 @@ def aggregate(results: dict[str, list[dict]], chosen: dict[str, dict]) -> dict[s
                         k: _ms([m["ood"][kind][name][score][k] for m in ms])
                         for k in ("auroc", "aupr_in", "aupr_out", "fpr95")
                     }
-                    for score in ("mal", "msp", "msp_avg_logits", "min_max_logit")
+                    for score in ms[0]["ood"]["scores"]
                 }
         agg["diversity"] = {
             k: _ms([m["diversity"]["id"][k] for m in ms]) for k in ms[0]["diversity"]["id"]
@@ -340,6 +467,29 @@ def aggregate(results: dict[str, list[dict]], chosen: dict[str, dict]) -> dict[s
             }
         agg["temperature"] = _ms([m["model"]["temperature"] for m in ms])
         out[method] = agg
+    return out
+
+
+def goal_checks(results: dict[str, list[dict]]) -> dict[str, Any]:
+    """Issue 10's goals for the deployed default score, on mean over seeds."""
+    out: dict[str, Any] = {}
+    for method, runs in results.items():
+        ms = [r["metrics"] for r in runs]
+        dep = ms[0]["ood"]["deployed"]
+        near = {s: _ms([m["ood"]["groups"]["near"][s]["fpr95"] for m in ms]) for s in ("mal", dep)}
+        far = {n: _ms([m["ood"]["sets"][n][dep]["auroc"] for m in ms]) for n in FAR}
+        ratio = near[dep][0] / near["mal"][0] if near["mal"][0] > 0 else float("nan")
+        out[method] = {
+            "deployed": dep,
+            "near_fpr95": {"deployed": near[dep], "mal": near["mal"], "ratio": ratio},
+            "near_fpr95_at_most_a_fifth_of_mal": bool(ratio <= 0.2),
+            "far_auroc_per_set": far,
+            "far_auroc_at_least_99_5_every_set": bool(all(v[0] >= 0.995 for v in far.values())),
+            "near_auroc": _ms([m["ood"]["groups"]["near"][dep]["auroc"] for m in ms]),
+        }
+    if "de" in out and "sdde" in out:
+        de, sdde = out["de"]["near_auroc"][0], out["sdde"]["near_auroc"][0]
+        out["sdde_at_least_de_near_auroc"] = {"sdde": sdde, "de": de, "met": bool(sdde >= de)}
     return out
 
 
@@ -402,11 +552,54 @@ def print_tables(results: dict[str, list[dict]], chosen: dict[str, dict]) -> str
             rows,
         )
     sets = list(results[next(iter(results))][0]["metrics"]["ood"]["sets"])
+    for score in ("mal", results[next(iter(results))][0]["metrics"]["ood"]["deployed"]):
+        rows = [
+            [method.upper(), *[col(method, ["ood", "sets", n, score, "auroc"]) for n in sets]]
+            for method in results
+        ]
+        table(f"Per-set AUROC with {score.upper()} (%)", ["method", *sets], rows)
     rows = [
-        [method.upper(), *[col(method, ["ood", "sets", n, "mal", "auroc"]) for n in sets]]
+        [
+            method.upper(),
+            score,
+            *[
+                col(method, ["ood", "groups", g, score, k])
+                for g in ("near", "far")
+                for k in ("auroc", "fpr95")
+            ],
+        ]
+        for score in SCORES
         for method in results
     ]
-    table("Per-set AUROC with MAL (%)", ["method", *sets], rows)
+    table(
+        "Scores side by side on the exported graphs (%; knn = the deployed default)",
+        ["method", "score", "near AUROC", "near FPR@95", "far AUROC", "far FPR@95"],
+        rows,
+    )
+    configs = list(results[next(iter(results))][0]["knn_sweep"]["knn"])
+    rows = []
+    for c in configs:
+        row = [c]
+        for method in results:
+            for g in ("val", "near"):
+                for k in ("auroc", "fpr95"):
+                    row.append(
+                        _fmt([r["knn_sweep"]["knn"][c][g][k] for r in results[method]], 100.0, 2)
+                    )
+        rows.append(row)
+    table(
+        "KNN sweep, bank rows / k (validation chooses; near = test, for information only)",
+        [
+            "bank/k",
+            *[
+                f"{m.upper()} {g} {k}"
+                for m in results
+                for g in ("val", "near")
+                for k in ("AUROC", "FPR@95")
+            ],
+        ],
+        rows,
+    )
     rows = []
     for method in results:
         for when in ("before", "after"):
@@ -505,6 +698,48 @@ def main(argv: list[str] | None = None) -> int:
             results[method].append(run_one(method, seed, args, train_spec, test, ood, work))
     chosen = select_scores(results)
     text = print_tables(results, chosen)
+    from export.knn import DEFAULT_BANK_ROWS, default_k
+    from export.select import DEFAULT_SCORE
+
+    knn_choice = choose_knn_config({m: [r["knn_sweep"] for r in rs] for m, rs in results.items()})
+    n_train = results[args.methods[0]][0]["knn_sweep"]["train_images"]
+    rows = min(DEFAULT_BANK_ROWS, n_train)
+    knn_choice["code_default"] = f"{rows if rows < n_train else 'all'}/{default_k(rows)}"
+    checks = goal_checks(results)
+    summary = [
+        "",
+        f"KNN bank/k chosen on validation OOD (FPR@95): {knn_choice['best']} "
+        f"(val FPR@95 {100 * knn_choice['val_fpr95'][knn_choice['best']]:.2f}, AUROC "
+        f"{100 * knn_choice['val_auroc'][knn_choice['best']]:.2f}); code default "
+        f"{knn_choice['code_default']}",
+        "default score chosen on validation OOD (FPR@95 / AUROC): "
+        f"{knn_choice['default_score']} ("
+        + ", ".join(
+            f"{k} {100 * knn_choice['score_val_fpr95'][k]:.2f}/{100 * v:.2f}"
+            for k, v in knn_choice["score_val_auroc"].items()
+        )
+        + f"); code default: {DEFAULT_SCORE}",
+    ]
+    for method in args.methods:
+        c = checks[method]
+        summary.append(
+            f"{method.upper()}: deployed {c['deployed']} near FPR@95 "
+            f"{100 * c['near_fpr95']['deployed'][0]:.2f} vs MAL "
+            f"{100 * c['near_fpr95']['mal'][0]:.2f}"
+            f" (ratio {c['near_fpr95']['ratio']:.3f}, goal <= 0.2: "
+            f"{'met' if c['near_fpr95_at_most_a_fifth_of_mal'] else 'MISSED'}); far AUROC "
+            + ", ".join(f"{n} {100 * v[0]:.2f}" for n, v in c["far_auroc_per_set"].items())
+            + " (goal >= 99.5 each: "
+            + ("met)" if c["far_auroc_at_least_99_5_every_set"] else "MISSED)")
+        )
+    if "sdde_at_least_de_near_auroc" in checks:
+        g = checks["sdde_at_least_de_near_auroc"]
+        summary.append(
+            f"SDDE >= DE (near AUROC, deployed): {100 * g['sdde']:.2f} vs {100 * g['de']:.2f}: "
+            f"{'met' if g['met'] else 'MISSED'}"
+        )
+    print("\n".join(summary))
+    text += "\n".join(summary)
     payload = {
         "benchmark": "mnist_ood",
         "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
@@ -545,6 +780,8 @@ def main(argv: list[str] | None = None) -> int:
             for n, d in ood.items()
         },
         "selection": chosen,
+        "knn_choice": knn_choice,
+        "goals": checks,
         "aggregate": aggregate(results, chosen),
         "runs": {
             m: [{"seed": s, **r} for s, r in zip(args.seeds, rs, strict=True)]

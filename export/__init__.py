@@ -1,9 +1,10 @@
 """PyTorch -> ONNX: one fused graph per trained run, carrying its calibration and OOD threshold.
 
-``export_run(run_dir, output)`` loads a run directory, builds the fused graph in the chosen layout
-and exports it, fits the temperature and the OOD threshold on the run's validation split (on the
-graph's own outputs), verifies the graph against PyTorch at that temperature and writes it with
-its manifest (docs/export.md).
+``export_run(run_dir, output)`` loads a run directory, builds the KNN feature bank from the run's
+training images, chooses the deployed OOD score (on validation OOD data when given), builds the
+fused graph in the chosen layout and exports it, fits the temperature and the OOD threshold on
+the run's validation split (on the graph's own outputs), verifies the graph against PyTorch at
+that temperature and writes it with its manifest (docs/export.md).
 """
 
 from __future__ import annotations
@@ -59,12 +60,25 @@ def export_run(
     version: str | None = None,
     with_cams: bool = True,
     opset: int | None = None,
-    score: str = "mal",
+    score: str = "auto",
+    ood_val: dict[str, str] | None = None,
+    knn_k: int | None = None,
+    knn_bank: int | None = None,
+    knn_dtype: str = "float32",
+    knn_seed: int = 0,
 ) -> Manifest:
-    """Export ``run_dir``'s ensemble to ``output`` (one ONNX file); returns its manifest."""
+    """Export ``run_dir``'s ensemble to ``output`` (one ONNX file); returns its manifest.
+
+    ``score``: the deployed OOD score (``mal``, ``msp``, ``minmax``, ``knn``) or ``auto`` (the
+    best validation AUROC against the ``ood_val`` sets ``{NAME: SPEC}``, else the benchmark's
+    default). ``knn_bank``: most rows of the KNN bank (None: export.knn.DEFAULT_BANK_ROWS;
+    0: no bank and no ``knn`` output); ``knn_k``: its k (None: chosen, see export/select.py).
+    """
     # torch and the exporter load slowly; keep `import export` cheap for the CLI
     from export.calibrate import calibrate_on_validation
+    from export.choice import choose_ood_score
     from export.graph import DEFAULT_OPSET, build_graph, to_onnx
+    from export.knn import DEFAULT_BANK_ROWS
     from export.layouts import default_layout, get_layout
     from export.verify import verification_inputs, verify
     from sdde_serve.manifest import InputSpec, save_onnx_atomic, weights_sha256, write_manifest
@@ -75,6 +89,8 @@ def export_run(
         raise UserError(f"-o {output} is a directory; give a file name such as model.onnx")
     if not 0.0 < id_acceptance <= 1.0:
         raise UserError(f"--id-acceptance must be in (0, 1], got {id_acceptance}")
+    knn_bank = DEFAULT_BANK_ROWS if knn_bank is None else knn_bank
+    check_ood_options(score, knn_k=knn_k, knn_bank=knn_bank)
     run = load_run(run_dir, checkpoint)
     config, data, model_cfg = run.config, run.config["data"], run.config["model"]
     ensemble = run.ensemble.eval()
@@ -86,17 +102,31 @@ def export_run(
     if run.val.labels is None or len(run.val) == 0:
         raise UserError(f"{run_dir}: the validation split has no labelled images to calibrate on")
     val_images = run.val.as_model_input(*shape)
+    ood = choose_ood_score(
+        run, score, shape, ood_val or {}, knn_k=knn_k, rows=knn_bank, dtype=knn_dtype, seed=knn_seed
+    )
 
-    graph = build_graph(ensemble, layout, input_shape=shape, with_cams=with_cams)
+    graph = build_graph(
+        ensemble,
+        layout,
+        input_shape=shape,
+        with_cams=with_cams,
+        knn_bank=ood.bank_tensor(),
+        knn_k=ood.k,
+    )
     proto = to_onnx(graph, input_shape=shape, opset=opset)
+    if ood.bank is not None and ood.bank.dtype != "float32":
+        from export.knn import store_bank_as
+
+        store_bank_as(proto, ood.bank.dtype)
     # T is fitted on the graph's outputs and written into its `temperature` initializer
-    info, ood = calibrate_on_validation(
+    info, threshold = calibrate_on_validation(
         proto,
         val_images,
         run.val.labels,
         data=run.val.name,
         id_acceptance=id_acceptance,
-        score=score,
+        score=ood.score,
     )
     # verified as written: with the fitted T in the file
     verify(
@@ -104,6 +134,7 @@ def export_run(
         ensemble,
         temperature=info.temperature,
         inputs=verification_inputs(shape, val_images),
+        knn=None if ood.bank is None else (ood.bank.bank, ood.k),
     )
     manifest = Manifest(
         name=name or Path(run_dir).resolve().name,
@@ -125,8 +156,9 @@ def export_run(
         opset=opset,
         outputs=graph.output_names,
         temperature=info.temperature,
-        ood=ood,
+        ood=threshold.model_copy(update={"selection": ood.selection}),
         calibration=info,
+        knn=ood.knn_spec(),
         weights_sha256=weights_sha256(proto),
         training_config={k: v for k, v in config.items() if k != "schema"},
     )
@@ -134,3 +166,19 @@ def export_run(
     output.parent.mkdir(parents=True, exist_ok=True)
     save_onnx_atomic(proto, output)
     return manifest
+
+
+def check_ood_options(score: str, *, knn_k: int | None, knn_bank: int) -> None:
+    """Fail on contradictory OOD options before anything slow runs."""
+    from export.select import SCORE_CHOICES
+
+    if score not in SCORE_CHOICES:
+        raise UserError(f"--ood-score must be one of {', '.join(SCORE_CHOICES)}, got {score!r}")
+    if knn_bank < 0:
+        raise UserError(f"--knn-bank must be >= 0 rows (0: no KNN output), got {knn_bank}")
+    if knn_k is not None and knn_k < 1:
+        raise UserError(f"--knn-k must be >= 1, got {knn_k}")
+    if knn_bank == 0 and score == "knn":
+        raise UserError("--ood-score knn needs a KNN bank; --knn-bank 0 leaves it out")
+    if knn_k is not None and knn_k > knn_bank:
+        raise UserError(f"--knn-k {knn_k} is larger than the KNN bank (--knn-bank {knn_bank})")

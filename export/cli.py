@@ -15,7 +15,9 @@ HELP = (
 )
 # kept in sync with export.layouts.LAYOUTS (a test checks); listed here so --help needs no torch
 LAYOUT_CHOICES = ("loop", "packed")
-SCORE_CHOICES = ("mal", "msp")
+# kept in sync with export.select.SCORE_CHOICES and export.knn's defaults (a test checks)
+SCORE_CHOICES = ("mal", "msp", "minmax", "knn", "auto")
+DEFAULT_BANK_ROWS = 10_000
 # `sdde` shows defaults in --help; a zero-width "%(default)" field stops it from appending
 # "(default: None)" where the help text already says what None means
 NO_AUTO_DEFAULT = "%(default).0s"
@@ -39,7 +41,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.95,
         help="fraction of in-distribution validation images the OOD threshold accepts",
     )
-    parser.add_argument("--score", choices=SCORE_CHOICES, default="mal", help="OOD score")
+    parser.add_argument(
+        "--ood-score",
+        "--score",
+        dest="score",
+        choices=SCORE_CHOICES,
+        default="auto",
+        help="deployed OOD score (higher = in-distribution): mal (max average logit), msp, "
+        "minmax (min over members of the member's max logit), knn (k-th largest cosine "
+        "similarity to training features), or auto: the best mean AUROC against the --ood-val "
+        "sets, and without them knn (the default measured by benchmarks/mnist_ood.py)",
+    )
+    parser.add_argument(
+        "--ood-val",
+        action="append",
+        default=[],
+        metavar="NAME=SPEC",
+        help="validation OOD data for --ood-score auto (repeatable); never the sets you report "
+        "results on",
+    )
+    parser.add_argument(
+        "--knn-bank",
+        type=int,
+        default=DEFAULT_BANK_ROWS,
+        metavar="N",
+        help="most rows of the KNN bank: features of the run's training images, a seeded "
+        "subsample stratified by class when there are more; memory rows x members x pre-logit "
+        "width x 4 bytes (0: no knn output)",
+    )
+    parser.add_argument(
+        "--knn-k",
+        type=int,
+        default=None,
+        help="k of the knn score (default: chosen by auto on --ood-val, else one per 10,000 bank "
+        "rows, at least 1)" + NO_AUTO_DEFAULT,
+    )
+    parser.add_argument(
+        "--knn-dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="storage of the bank in the file (float16: half the size; refused if it moves a "
+        "validation score by more than 1e-3)",
+    )
+    parser.add_argument(
+        "--knn-seed", type=int, default=0, help="seed of the bank's stratified subsample"
+    )
     parser.add_argument(
         "--checkpoint", choices=("best", "last"), default="best", help="which weights to export"
     )
@@ -68,6 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from export import export_run
     from sdde_serve.calibrate_cmd import decision_lines
+    from sdde_serve.evaluation.evaluate import parse_named_specs
 
     manifest = export_run(
         args.run_dir,
@@ -80,6 +127,11 @@ def main(args: argparse.Namespace) -> int:
         with_cams=not args.no_cams,
         opset=args.opset,
         score=args.score,
+        ood_val=parse_named_specs(args.ood_val, "--ood-val"),
+        knn_k=args.knn_k,
+        knn_bank=args.knn_bank,
+        knn_dtype=args.knn_dtype,
+        knn_seed=args.knn_seed,
     )
     cal = manifest.calibration
     print(
@@ -94,6 +146,17 @@ def main(args: argparse.Namespace) -> int:
     )
     for line in decision_lines(cal, manifest.ood):
         print(f"  {line}")
+    why = manifest.ood.selection
+    if why is not None:
+        print(f"  score chosen: {why.method} ({why.reason})")
+        for name, auroc in sorted(why.val_auroc.items(), key=lambda kv: -kv[1]):
+            print(f"    validation AUROC {name:>8}: {100 * auroc:.2f}")
+    if manifest.knn is not None:
+        knn = manifest.knn
+        print(
+            f"  KNN bank: {knn.rows} x {knn.dims} {knn.dtype} ({knn.memory_bytes / 1e6:.1f} MB), "
+            f"k = {knn.k}, from the {knn.source}"
+        )
     if cal.warning:
         print(f"warning: {cal.warning}")
     if args.triton_repo is not None:

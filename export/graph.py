@@ -1,12 +1,20 @@
 """The fused ensemble graph: one module whose outputs are the serving contract.
 
-``FusedEnsemble(images) -> logits [B, N, L], probs [B, L], mal [B], msp [B] (, cams [B, N, h, w])``
+``FusedEnsemble(images) -> logits [B, N, L], probs [B, L], mal [B], msp [B], minmax [B]
+(, knn [B]) (, cams [B, N, h, w])``
 
 * ``probs = mean_m softmax(logits_m / T)`` with ``T`` the buffer ``temperature``, which the
   exporter keeps as a float32 scalar initializer named ``temperature``: it only feeds a ``Div``
   whose other input is computed, so constant folding cannot absorb it (checked after export by
   :func:`check_temperature_initializer`). ``sdde calibrate`` rewrites it without PyTorch.
 * ``mal = max_c mean_m logits`` (Eq. 9 of the paper; no temperature), ``msp = max_c probs``.
+* ``minmax = min_m max_c logits_m``: the official SDDE code's aggregation (the least confident
+  member's max logit).
+* ``knn``: the k-th largest cosine similarity between the input's L2-normalised concatenated
+  member pre-logit features and the R rows of the float32 initializer ``knn_bank`` (the same
+  features of training images, normalised at export: export/knn.py; stored transposed,
+  ``[N*D, R]``, the layout MatMul reads). One MatMul and one TopK;
+  k is a constant of the graph. Higher = more in-distribution, like every score here.
 * ``cams``: per-member class-activation maps for the ensemble's predicted class
   ``c = argmax probs``, on each member's *last* feature map A (the classifier's input), computed
   without gradients as ``relu(sum_k W[c, k] A_k) / (h w)``. When the classifier is global average
@@ -25,6 +33,7 @@ import warnings
 
 import onnx
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from export.layouts import (
@@ -35,7 +44,7 @@ from export.layouts import (
     supports_last_map,
 )
 from sdde_serve.errors import UserError
-from sdde_serve.manifest import OUTPUTS, TEMPERATURE_INITIALIZER
+from sdde_serve.manifest import KNN_BANK_INITIALIZER, OUTPUTS, TEMPERATURE_INITIALIZER
 
 DEFAULT_OPSET = 17
 
@@ -96,7 +105,15 @@ def cam_weights(ensemble: nn.Module, input_shape: tuple[int, int, int]) -> Tenso
 class FusedEnsemble(nn.Module):
     """Wraps a layout's core; outputs follow docs/architecture.md."""
 
-    def __init__(self, core: nn.Module, temperature: float, cam_w: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        core: nn.Module,
+        temperature: float,
+        cam_w: Tensor | None = None,
+        *,
+        knn_bank: Tensor | None = None,
+        knn_k: int | None = None,
+    ) -> None:
         super().__init__()
         self.core = core
         self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
@@ -104,22 +121,43 @@ class FusedEnsemble(nn.Module):
         if cam_w is not None:
             # [L, N, K]: row c holds every member's weights for class c (one Gather per batch)
             self.register_buffer("cam_weights", cam_w.detach().transpose(0, 1).contiguous())
+        self.with_knn = knn_bank is not None
+        self.knn_k = 0
+        if knn_bank is not None:
+            rows = int(knn_bank.shape[0])
+            if knn_k is None or not 1 <= knn_k <= rows:
+                raise UserError(f"KNN k must be in 1..{rows} (the bank's rows), got {knn_k}")
+            self.knn_k = int(knn_k)
+            # stored transposed, [N*D, R]: MatMul reads it as is, so the initializer keeps its
+            # name (a transpose in the graph would be constant-folded into an anonymous copy)
+            bank = knn_bank.detach().to(torch.float32).T.contiguous()
+            self.register_buffer(KNN_BANK_INITIALIZER, bank)
 
     @property
     def output_names(self) -> list[str]:
-        return [*OUTPUTS, *(["cams"] if self.with_cams else [])]
+        return [
+            *OUTPUTS,
+            "minmax",
+            *(["knn"] if self.with_knn else []),
+            *(["cams"] if self.with_cams else []),
+        ]
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
-        logits, maps = self.core(images)
+        logits, maps, feats = self.core.forward_all(images)
         probs = torch.softmax(logits / self.temperature, dim=-1).mean(dim=1)
         mal = logits.mean(dim=1).amax(dim=-1)
         msp = probs.amax(dim=-1)
-        if not self.with_cams:
-            return logits, probs, mal, msp
-        w = self.cam_weights[probs.argmax(dim=-1)]  # [B, N, K]
-        area = maps.shape[-2] * maps.shape[-1]
-        cams = torch.relu(torch.einsum("bnk,bnkhw->bnhw", w, maps)) / area
-        return logits, probs, mal, msp, cams
+        minmax = logits.amax(dim=-1).amin(dim=1)
+        outs: list[Tensor] = [logits, probs, mal, msp, minmax]
+        if self.with_knn:
+            query = F.normalize(feats.flatten(1), dim=1)  # [B, N*D], unit rows
+            sims = torch.matmul(query, getattr(self, KNN_BANK_INITIALIZER))  # [B, R] cosines
+            outs.append(torch.topk(sims, self.knn_k, dim=1).values[:, -1])
+        if self.with_cams:
+            w = self.cam_weights[probs.argmax(dim=-1)]  # [B, N, K]
+            area = maps.shape[-2] * maps.shape[-1]
+            outs.append(torch.relu(torch.einsum("bnk,bnkhw->bnhw", w, maps)) / area)
+        return tuple(outs)
 
 
 def build_graph(
@@ -129,11 +167,16 @@ def build_graph(
     input_shape: tuple[int, int, int],
     temperature: float = 1.0,
     with_cams: bool = True,
+    knn_bank: Tensor | None = None,
+    knn_k: int | None = None,
 ) -> FusedEnsemble:
-    """The PyTorch module that gets exported (``with_cams`` only where CAMs are exact)."""
+    """The PyTorch module that gets exported (``with_cams`` only where CAMs are exact).
+
+    ``knn_bank`` ``[R, N*D]`` (unit rows, export/knn.py) adds the ``knn`` output with ``knn_k``.
+    """
     cam_w = cam_weights(ensemble, input_shape) if with_cams else None
     core = get_layout(layout).build(ensemble, cam_w is not None).eval()
-    return FusedEnsemble(core, temperature, cam_w).eval()
+    return FusedEnsemble(core, temperature, cam_w, knn_bank=knn_bank, knn_k=knn_k).eval()
 
 
 def to_onnx(

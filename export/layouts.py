@@ -3,10 +3,13 @@
 A layout turns a ``training.ensemble.Ensemble`` into a *core* module
 
     core(images01) -> (logits [B, N, L], last_maps [B, N, K, h, w] | None)
+    core.forward_all(images01) -> (logits, last_maps, pre_logits [B, N, D])
 
 where ``last_maps`` are the members' last feature maps (the input of their classifier), used for
-class-activation maps (export/graph.py). Normalisation (mean/std) happens inside the core, so the
-graph takes plain [0, 1] pixels.
+class-activation maps, and ``pre_logits`` what each member's final linear layer reads
+(``forward_head(f, pre_logits=True)``), used by the KNN OOD score (export/graph.py). The logits
+are computed from those features, so they cost nothing extra. Normalisation (mean/std) happens
+inside the core, so the graph takes plain [0, 1] pixels.
 
 * ``loop``: the N member subgraphs side by side. onnxruntime runs them one after the other, each
   with its own dense convolutions.
@@ -98,6 +101,14 @@ class LoopCore(nn.Module):
         maps = [last_map(m, x) for m in self.members]
         logits = [m.classifier(z) for m, z in zip(self.members, maps, strict=True)]
         return torch.stack(logits, dim=1), torch.stack(maps, dim=1)
+
+    def forward_all(self, images: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        x = self.normalize(images)
+        maps = [last_map(m, x) for m in self.members]
+        feats = [m.pre_logits(z) for m, z in zip(self.members, maps, strict=True)]
+        logits = [m.get_classifier()(f) for m, f in zip(self.members, feats, strict=True)]
+        stacked = torch.stack(maps, dim=1) if self.with_maps else None
+        return torch.stack(logits, dim=1), stacked, torch.stack(feats, dim=1)
 
 
 # --- packed ------------------------------------------------------------------------------------
@@ -242,6 +253,20 @@ class PackedCore(nn.Module):
         logits = self.packed.classifier(z)
         b_k_h_w = (-1, self.n, z.shape[1] // self.n, z.shape[2], z.shape[3])
         return logits.reshape(-1, self.n, logits.shape[-1] // self.n), z.reshape(b_k_h_w)
+
+    def forward_all(self, images: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        z = last_map(self.packed, self.normalize(images))  # [B, N*K, h, w]
+        # member-major packing: the packed pre-logit vector is the members' concatenated
+        feats = self.packed.pre_logits(z)  # [B, N*D]
+        logits = self.packed.get_classifier()(feats)
+        maps = None
+        if self.with_maps:
+            maps = z.reshape(-1, self.n, z.shape[1] // self.n, z.shape[2], z.shape[3])
+        return (
+            logits.reshape(-1, self.n, logits.shape[-1] // self.n),
+            maps,
+            feats.reshape(-1, self.n, feats.shape[-1] // self.n),
+        )
 
 
 # --- registry ----------------------------------------------------------------------------------

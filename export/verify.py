@@ -3,11 +3,14 @@
 1. ``onnx.checker.check_model(full_check=True)`` (structure, opset, shape inference).
 2. onnxruntime against an independent PyTorch reference on each named input set (random pixels
    and real validation images): the reference takes logits from ``Ensemble.forward`` (not the
-   exported layout, so a layout bug shows), computes ``probs``/``mal``/``msp`` from them in
-   float64, and ``cams`` with autograd GradCAM. Any output whose max abs difference exceeds its
-   tolerance fails the export with a message naming the output, the input set and the size.
+   exported layout, so a layout bug shows), computes ``probs``/``mal``/``msp``/``minmax`` from
+   them in float64, ``knn`` from ``Ensemble.forward_pre_logits`` and the bank the exporter built
+   (numpy, float64: export/knn.py), and ``cams`` with autograd GradCAM. Any output whose max
+   abs difference exceeds its tolerance fails the export with a message naming the output, the
+   input set and the size.
 
-Tolerances (``TOLERANCES``): 1e-4 on logits and MAL, 1e-5 on probabilities and MSP; CAMs 1e-4
+Tolerances (``TOLERANCES``): 1e-4 on logits, MAL and minmax, 1e-5 on probabilities, MSP and
+the KNN cosine similarity (which lies in [-1, 1]); CAMs 1e-4
 relative to their largest value, compared only on rows whose predicted class is not a near-tie
 (a 1e-7 wobble may legitimately flip the argmax there, and with it the explained class).
 """
@@ -27,6 +30,8 @@ TOLERANCES: dict[str, float] = {
     "probs": 1e-5,
     "mal": 1e-4,
     "msp": 1e-5,
+    "minmax": 1e-4,
+    "knn": 1e-5,
     "cams": 1e-4,
 }
 # rows whose two largest reference probabilities are closer than this skip the CAM comparison
@@ -38,7 +43,13 @@ class VerificationError(UserError):
 
 
 def reference_outputs(
-    ensemble: nn.Module, images: np.ndarray, temperature: float, *, with_cams: bool
+    ensemble: nn.Module,
+    images: np.ndarray,
+    temperature: float,
+    *,
+    with_cams: bool,
+    with_minmax: bool = False,
+    knn: tuple[np.ndarray, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """What the graph must output, computed with PyTorch independently of the layout."""
     ensemble = ensemble.eval()
@@ -52,6 +63,13 @@ def reference_outputs(
         "mal": logits.mean(dim=1).amax(dim=-1).numpy(),
         "msp": probs.amax(dim=-1).numpy(),
     }
+    if with_minmax:
+        out["minmax"] = logits.amax(dim=-1).amin(dim=1).numpy()
+    if knn is not None:
+        from export.knn import knn_scores, pre_logit_features
+
+        bank, k = knn
+        out["knn"] = knn_scores(pre_logit_features(ensemble, images), bank, k)
     if with_cams:
         out["cams"] = gradcam_last_map(ensemble, x, probs.argmax(dim=-1)).numpy()
     return out
@@ -119,8 +137,11 @@ def verify(
     temperature: float,
     inputs: dict[str, np.ndarray],
     tolerances: dict[str, float] | None = None,
+    knn: tuple[np.ndarray, int] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Check ``model`` and compare it with PyTorch on each input set; returns the differences.
+
+    ``knn`` = (bank rows as stored, k): what the graph's ``knn`` output must compute.
 
     Raises :class:`VerificationError` naming the first output out of tolerance.
     """
@@ -131,12 +152,23 @@ def verify(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VerificationError(f"verification failed: onnx.checker: {first}") from None
     graph_outputs = {o.name for o in model.graph.output}
+    if ("knn" in graph_outputs) != (knn is not None):
+        has = "has" if "knn" in graph_outputs else "lacks"
+        raise VerificationError(
+            f"verification failed: the graph {has} a 'knn' output but a bank was "
+            f"{'not ' if knn is None else ''}given to check it against"
+        )
     session = cpu_session(model)
     report: dict[str, dict[str, float]] = {}
     for set_name, images in inputs.items():
         actual = run_onnx(session, images)
         expected = reference_outputs(
-            ensemble, images, temperature, with_cams="cams" in graph_outputs
+            ensemble,
+            images,
+            temperature,
+            with_cams="cams" in graph_outputs,
+            with_minmax="minmax" in graph_outputs,
+            knn=knn,
         )
         diffs = max_differences(actual, expected)
         for name, diff in diffs.items():

@@ -24,9 +24,11 @@ from sdde_serve import calibration as cal
 from sdde_serve import conformal
 from sdde_serve.errors import UserError
 from sdde_serve.manifest import (
+    OOD_SCORES,
     CalibrationInfo,
     CalibrationMetrics,
     OODSpec,
+    ScoreSelection,
     TemperatureFold,
     TemperatureRule,
     load_onnx,
@@ -47,7 +49,7 @@ HELP = (
     "conformal OOD calibration set and threshold of an exported model on labelled held-out "
     "data (onnxruntime + numpy; rewrites the file atomically)"
 )
-SCORE_KINDS = tuple(cal.SCORES)
+SCORE_KINDS = OOD_SCORES
 # `sdde` shows defaults in --help; a zero-width "%(default)" field stops it from appending
 # "(default: None)" where the help text already says what None means
 NO_AUTO_DEFAULT = "%(default).0s"
@@ -89,7 +91,7 @@ def fit_calibration(
         raise UserError(f"calibration data {data!r} has {len(labels)} labelled images; need >= 2")
     if labels.min() < 0 or labels.max() >= logits.shape[-1]:
         raise UserError(f"calibration data {data!r} has labels outside 0..{logits.shape[-1] - 1}")
-    if score not in cal.SCORES:
+    if score not in SCORE_KINDS or (scores_at is None and score not in cal.SCORES):
         raise UserError(f"unknown OOD score {score!r}; choose one of: {', '.join(SCORE_KINDS)}")
     if not 0.0 < id_acceptance <= 1.0:
         raise UserError(f"--id-acceptance must be in (0, 1], got {id_acceptance}")
@@ -178,6 +180,28 @@ def run_graph(
     return {n: np.concatenate([p[k] for p in parts]) for k, n in enumerate(names)}
 
 
+def validation_scores(
+    model: onnx.ModelProto, images: np.ndarray, score: str, batch_size: int = 256
+) -> np.ndarray:
+    """The deployed OOD ``score`` of ``images`` as ``model`` itself computes it (float32 outputs).
+
+    THE place where export and ``sdde calibrate`` get the held-out split's deployed scores (the
+    threshold is fitted on them); the serving-side counterpart is
+    :func:`sdde_serve.scoring.deployed_score`. Graphs without a ``minmax`` output (exported
+    before it existed) get it from their logits, exactly; ``knn`` must be in the graph.
+    """
+    outputs = {o.name for o in model.graph.output}
+    if score in outputs:
+        return run_graph(model, images, [score], batch_size)[score].astype(np.float64)
+    if score in cal.SCORES and score not in ("mal", "msp"):
+        found = run_graph(model, images, ["logits", "probs"], batch_size)
+        return cal.ood_score(score, found["logits"], found["probs"])
+    raise UserError(
+        f"the model has no {score!r} output"
+        + (" (exported without a KNN bank: re-export with --knn-bank)" if score == "knn" else "")
+    )
+
+
 def calibrate_model(
     model: onnx.ModelProto,
     images: np.ndarray,
@@ -199,7 +223,7 @@ def calibrate_model(
 
     def scores_at(temperature: float) -> np.ndarray:
         set_temperature(model, temperature)
-        return run_graph(model, images, [score], batch_size)[score]
+        return validation_scores(model, images, score, batch_size)
 
     info, ood = fit_calibration(
         logits, labels, data=data, id_acceptance=id_acceptance, score=score, scores_at=scores_at
@@ -273,6 +297,18 @@ def calibrate_file(
         score=manifest.ood.score if score is None else score,
         batch_size=batch_size,
     )
+    # the refit rule; what else the manifest's OOD record holds is kept (why the score was
+    # chosen, unless --score changed it)
+    refit = {
+        "score": ood.score,
+        "threshold": ood.threshold,
+        "id_acceptance": ood.id_acceptance,
+        "calibration_scores": ood.calibration_scores,
+    }
+    if ood.score != manifest.ood.score:
+        why = ScoreSelection(method="given", reason=f"sdde calibrate --score {ood.score}")
+        refit["selection"] = why
+    ood = manifest.ood.model_copy(update=refit)
     updated = manifest.model_copy(
         update={"temperature": info.temperature, "ood": ood, "calibration": info}
     )

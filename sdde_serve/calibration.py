@@ -46,6 +46,11 @@ def msp(probs: np.ndarray) -> np.ndarray:
     return np.asarray(probs, np.float64).max(axis=-1)
 
 
+def minmax(logits: np.ndarray) -> np.ndarray:
+    """The official SDDE code's score: ``min_m max_c z[b, m, c]`` (least confident member)."""
+    return np.asarray(logits, np.float64).max(axis=-1).min(axis=1)
+
+
 def member_agreement(logits: np.ndarray, probs: np.ndarray | None = None) -> np.ndarray:
     """Fraction of members whose own argmax equals the ensemble's argmax.
 
@@ -201,9 +206,15 @@ def threshold_for_acceptance(scores: np.ndarray, rate: float) -> float:
     return float(s[min(k, len(s) - 1)])
 
 
-SCORES = {"mal": lambda logits, probs: mal(logits), "msp": lambda logits, probs: msp(probs)}
+# the OOD scores computable from logits and probabilities (``knn`` needs the graph's bank: its
+# value only ever comes from the graph's output, see sdde_serve.scoring.score_of)
+SCORES = {
+    "mal": lambda logits, probs: mal(logits),
+    "msp": lambda logits, probs: msp(probs),
+    "minmax": lambda logits, probs: minmax(logits),
+}
 
 
 def ood_score(kind: str, logits: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """The OOD score named in a manifest (``mal`` or ``msp``); higher = more in-distribution."""
+    """An OOD score from logits/probs (``mal``, ``msp``, ``minmax``); higher = more ID."""
     return SCORES[kind](logits, probs)

@@ -27,19 +27,6 @@ import math
 
 import numpy as np
 
-from sdde_serve.calibration import ood_score
-from sdde_serve.engine import EngineOutput
-from sdde_serve.manifest import Manifest
-
-
-def deployed_scores(manifest: Manifest, out: EngineOutput) -> np.ndarray:
-    """The deployed OOD score of each image of ``out`` (higher = more in-distribution).
-
-    The one place the runtime turns engine outputs into the score that p-values and the
-    threshold apply to: a model deploying another score changes this function only.
-    """
-    return np.asarray(ood_score(manifest.ood.score, out.logits, out.probs), np.float64)
-
 
 def sorted_scores(scores: np.ndarray) -> list[float]:
     """The calibration scores as the manifest stores them: sorted ascending, as Python floats

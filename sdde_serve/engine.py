@@ -27,6 +27,8 @@ from sdde_serve.model_checks import (
 log = logging.getLogger("sdde.engine")
 
 REQUIRED_OUTPUTS = ("logits", "probs", "mal", "msp")
+# [B] scores of newer graphs: fetched when the graph has them (older files lack them and serve on)
+OPTIONAL_SCORES = ("minmax", "knn")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider")
 
 
@@ -40,29 +42,41 @@ class EngineOutput:
     mal: np.ndarray  # [B]
     msp: np.ndarray  # [B]
     cams: np.ndarray | None = None  # [B, N, h, w] when the graph exports them
+    minmax: np.ndarray | None = None  # [B] min over members of the member's max logit
+    knn: np.ndarray | None = None  # [B] k-th largest cosine similarity to the KNN bank
 
     def __len__(self) -> int:
         return len(self.probs)
 
     def slice(self, start: int, stop: int) -> EngineOutput:
-        cams = None if self.cams is None else self.cams[start:stop]
+        def part(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[start:stop]
+
         return EngineOutput(
             self.logits[start:stop],
             self.probs[start:stop],
             self.mal[start:stop],
             self.msp[start:stop],
-            cams,
+            part(self.cams),
+            minmax=part(self.minmax),
+            knn=part(self.knn),
         )
 
     @staticmethod
     def concat(parts: list[EngineOutput]) -> EngineOutput:
-        cams = None if parts[0].cams is None else np.concatenate([p.cams for p in parts])
+        def joined(name: str) -> np.ndarray | None:
+            if getattr(parts[0], name) is None:
+                return None
+            return np.concatenate([getattr(p, name) for p in parts])
+
         return EngineOutput(
             *(
                 np.concatenate([getattr(p, k) for p in parts])
                 for k in ("logits", "probs", "mal", "msp")
             ),
-            cams,
+            joined("cams"),
+            minmax=joined("minmax"),
+            knn=joined("knn"),
         )
 
 
@@ -173,7 +187,14 @@ class Engine:
         missing = [o for o in REQUIRED_OUTPUTS if o not in self.output_names]
         if missing:
             raise ModelLoadError(f"{self.path}: graph lacks outputs {missing}")
-        self._fetch = [*REQUIRED_OUTPUTS, *(["cams"] if "cams" in self.output_names else [])]
+        if self.manifest.ood.score == "knn" and "knn" not in self.output_names:
+            raise ModelLoadError(f"{self.path}: the manifest deploys 'knn' but the graph lacks it")
+        # every output but the CAMs (only fetched on request: they are large)
+        self._scores = [
+            *REQUIRED_OUTPUTS,
+            *(o for o in OPTIONAL_SCORES if o in self.output_names),
+        ]
+        self._fetch = [*self._scores, *(["cams"] if "cams" in self.output_names else [])]
         spec = self.manifest.input
         self.input_shape = (spec.channels, spec.height, spec.width)
         self._probe()
@@ -211,10 +232,18 @@ class Engine:
                 f"expected images of shape [B, {', '.join(map(str, self.input_shape))}]"
                 f", got {list(images.shape)}"
             )
-        names = self._fetch if with_cams else list(REQUIRED_OUTPUTS)
+        names = self._fetch if with_cams else self._scores
         values = self.session.run(names, {self.input_name: images})
         out = dict(zip(names, values, strict=True))
-        return EngineOutput(out["logits"], out["probs"], out["mal"], out["msp"], out.get("cams"))
+        return EngineOutput(
+            out["logits"],
+            out["probs"],
+            out["mal"],
+            out["msp"],
+            out.get("cams"),
+            minmax=out.get("minmax"),
+            knn=out.get("knn"),
+        )
 
     def run_batches(
         self, images: np.ndarray, batch_size: int = 256, *, with_cams: bool = False

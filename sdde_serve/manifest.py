@@ -23,7 +23,12 @@ if TYPE_CHECKING:  # onnx is a base dependency, but importing it costs ~0.3 s: o
 MANIFEST_KEY = "sdde"
 SCHEMA_VERSION = 1
 TEMPERATURE_INITIALIZER = "temperature"
+KNN_BANK_INITIALIZER = "knn_bank"
 OUTPUTS = ("logits", "probs", "mal", "msp")
+# OOD scores a manifest may deploy; each is a [B] output of the graph of the same name (graphs
+# exported before minmax/knn existed lack those outputs: see sdde_serve.scoring.score_of)
+OOD_SCORES = ("mal", "msp", "minmax", "knn")
+OODScore = Literal["mal", "msp", "minmax", "knn"]
 
 
 class _Model(BaseModel):
@@ -44,13 +49,29 @@ class InputSpec(_Model):
     color: Literal["L", "RGB"] = "L"
 
 
+class ScoreSelection(_Model):
+    """Why the deployed OOD score was chosen (docs/export.md, "Choosing the OOD score")."""
+
+    # given: named by --ood-score; auto: best mean AUROC on the --ood-val sets; default: auto
+    # without validation OOD data (the benchmark's choice, export.select.DEFAULT_SCORE)
+    method: Literal["given", "auto", "default"]
+    reason: str
+    # candidate ("mal", "msp", "minmax", "knn@k") -> mean validation AUROC over ood_val
+    val_auroc: dict[str, float] = Field(default_factory=dict)
+    # candidate -> {ood set name -> AUROC}
+    val_auroc_per_set: dict[str, dict[str, float]] = Field(default_factory=dict)
+    ood_val: dict[str, str] = Field(default_factory=dict)  # NAME -> data spec
+    id_data: str | None = None  # the in-distribution validation images the AUROCs used
+
+
 class OODSpec(_Model):
     """OOD rule: an image is OOD when ``score < threshold`` (higher = more in-distribution)."""
 
-    score: Literal["mal", "msp"] = "mal"
+    score: OODScore = "mal"
     threshold: float
     id_acceptance: float = Field(0.95, gt=0.0, le=1.0)
     higher_is_in_distribution: Literal[True] = True
+    selection: ScoreSelection | None = None  # absent in files exported before the choice existed
     # Sorted deployed scores of the held-out in-distribution images the threshold was fitted on:
     # the calibration set of the split-conformal p-value (sdde_serve/conformal.py). Absent in
     # files exported before p-values existed: those serve no p-value and keep `score < threshold`.
@@ -64,6 +85,22 @@ class OODSpec(_Model):
         of exactly 0.05.
         """
         return round(1.0 - self.id_acceptance, 12)
+
+
+class KNNSpec(_Model):
+    """The ``knn`` output's bank: training-image features stored in the graph (``knn_bank``)."""
+
+    k: int = Field(gt=0)
+    rows: int = Field(gt=0)
+    dims: int = Field(gt=0)  # members x pre-logit width
+    dtype: Literal["float32", "float16"] = "float32"
+    memory_bytes: int  # rows x dims x bytes per value, as stored
+    normalization: Literal["l2-concat"] = "l2-concat"  # unit norm of the concatenated features
+    source: str  # where the rows come from (the run's training split, never its validation)
+    source_images: int  # training images available; rows <= source_images
+    subsample: Literal["all", "stratified"]
+    seed: int
+    fingerprint: str  # SHA-256 of the bank's little-endian bytes as stored
 
 
 class CalibrationMetrics(_Model):
@@ -122,6 +159,7 @@ class Manifest(_Model):
     temperature: float = Field(gt=0.0)
     ood: OODSpec
     calibration: CalibrationInfo
+    knn: KNNSpec | None = None  # the graph has a ``knn`` output (files before it: none)
     weights_sha256: str
     # SHA-256 of the graph's structure (graph_sha256()); stamped by write_manifest, absent in
     # files written before it existed

@@ -9,9 +9,9 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from sdde_serve import conformal
-from sdde_serve.calibration import member_agreement
+from sdde_serve.calibration import member_agreement, ood_score
 from sdde_serve.engine import EngineOutput
-from sdde_serve.manifest import Manifest
+from sdde_serve.manifest import OOD_SCORES, Manifest
 
 OODPolicy = Literal["flag", "reject"]
 OOD_POLICIES: tuple[str, ...] = ("flag", "reject")
@@ -31,7 +31,10 @@ class Prediction(BaseModel):
     confidence: float | None = Field(None, description="calibrated probability of `label`")
     top_k: list[ClassProbability] | None = None
     ood_score: float = Field(description="higher = more in-distribution")
-    score_kind: str = Field(description="'mal' (max average logit) or 'msp'")
+    score_kind: str = Field(
+        description="'mal' (max average logit), 'msp', 'minmax' (min over members of the "
+        "member's max logit) or 'knn' (k-th largest cosine similarity to training features)"
+    )
     threshold: float = Field(description="is_ood = ood_score < threshold")
     ood_p_value: float | None = Field(
         None,
@@ -57,6 +60,32 @@ class Prediction(BaseModel):
         return "ood_flagged" if self.is_ood else "in_distribution"
 
 
+def score_of(out: EngineOutput, kind: str) -> np.ndarray:
+    """The OOD score ``kind`` of every image, as the graph computed it (float32 -> float64).
+
+    Graphs exported before ``minmax`` existed lack that output: it is recomputed from their
+    logits, exactly (max and min only pick float32 values). ``knn`` needs the graph's bank.
+    """
+    if kind not in OOD_SCORES:
+        raise ValueError(f"unknown OOD score {kind!r}; choose one of {OOD_SCORES}")
+    value = getattr(out, kind)
+    if value is None and kind in ("minmax",):
+        value = ood_score(kind, out.logits, out.probs)
+    if value is None:
+        raise ValueError(f"the model has no {kind!r} output (exported without a KNN bank)")
+    return np.asarray(value, np.float64)
+
+
+def deployed_score(out: EngineOutput, manifest: Manifest) -> np.ndarray:
+    """The manifest's OOD score of every image: THE score compared with the threshold.
+
+    The one place that says which number decides ``is_ood`` (server, batch scoring, evaluation's
+    operating point); its validation-split counterpart at export/calibration is
+    :func:`sdde_serve.calibrate_cmd.validation_scores`.
+    """
+    return score_of(out, manifest.ood.score)
+
+
 def make_predictions(
     out: EngineOutput,
     manifest: Manifest,
@@ -74,7 +103,7 @@ def make_predictions(
     if policy not in OOD_POLICIES:
         raise ValueError(f"OOD policy must be one of {OOD_POLICIES}, got {policy!r}")
     kind, threshold, alpha = ood_rule(manifest, alpha)
-    scores = conformal.deployed_scores(manifest, out)
+    scores = deployed_score(out, manifest)
     cal_scores = manifest.ood.calibration_scores
     p_values = None if cal_scores is None else conformal.p_values(cal_scores, scores)
     agreement = member_agreement(out.logits, out.probs)

@@ -115,6 +115,13 @@ class Ensemble(nn.Module):
             [m.forward_head(f) for m, f in zip(self.members, feats, strict=True)], dim=1
         )
 
+    def forward_pre_logits(self, x01: Tensor) -> Tensor:
+        """Every member's pre-logit features ``[B, N, D]`` (what its final linear layer reads)."""
+        xn = self.normalize(x01)
+        return torch.stack(
+            [m.forward_head(m.forward_features(xn), pre_logits=True) for m in self.members], dim=1
+        )
+
     def forward_each(self, xs: Sequence[Tensor], *, normalized: bool = False) -> list[Tensor]:
         """Member ``i`` on its own batch ``xs[i]``; returns the list of logits ``[B_i, L]``."""
         if len(xs) != self.num_members:

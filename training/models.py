@@ -5,8 +5,12 @@ names the stage whose output GradCAM looks at; the chain is cut right after it:
 
 * ``forward_features(x)`` runs the stages up to and including the saliency layer and returns its
   feature map ``[B, K, h, w]``,
-* ``forward_head(f)`` runs the remaining stages and the classifier and returns logits ``[B, L]``,
-* ``forward(x) == forward_head(forward_features(x))``.
+* ``forward_head(f)`` runs the remaining stages and the classifier and returns logits ``[B, L]``;
+  ``forward_head(f, pre_logits=True)`` stops before the last linear layer and returns the vector
+  it reads (timm's contract: 84-d for LeNet, 512-d for ResNet18, 2048-d for ResNet50), the
+  feature the KNN OOD score compares (export/knn.py),
+* ``forward(x) == forward_head(forward_features(x))``
+  ``== get_classifier()(forward_head(forward_features(x), pre_logits=True))``.
 
 So GradCAM needs no hooks: the feature map is an ordinary tensor of the graph, and
 ``torch.autograd.grad(logit, feature_map, create_graph=True)`` gives a differentiable map.
@@ -41,6 +45,7 @@ class SplitModel(nn.Module):
     num_classes: int
     in_chans: int
     saliency_layer: str
+    fc: nn.Module  # the final linear layer (get_classifier)
 
     def _set_split(self, num_classes: int, in_chans: int, saliency_layer: str) -> None:
         name = self.stage_aliases.get(saliency_layer, saliency_layer)
@@ -58,9 +63,17 @@ class SplitModel(nn.Module):
     def stage(self, name: str) -> Callable[[Tensor], Tensor]:
         raise NotImplementedError
 
+    def pre_logits(self, x: Tensor) -> Tensor:
+        """Last feature map -> the vector the final linear layer reads (pooling, flatten, ...)."""
+        raise NotImplementedError
+
+    def get_classifier(self) -> nn.Module:
+        """The final linear layer (timm's name); every architecture here calls it ``fc``."""
+        return self.fc
+
     def classifier(self, x: Tensor) -> Tensor:
         """Everything after the last feature stage (pooling, flatten, fully connected)."""
-        raise NotImplementedError
+        return self.get_classifier()(self.pre_logits(x))
 
     def forward_features(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_chans:
@@ -72,10 +85,10 @@ class SplitModel(nn.Module):
             x = self.stage(name)(x)
         return x
 
-    def forward_head(self, f: Tensor) -> Tensor:
+    def forward_head(self, f: Tensor, pre_logits: bool = False) -> Tensor:
         for name in self.stage_names[self._split :]:
             f = self.stage(name)(f)
-        return self.classifier(f)
+        return self.pre_logits(f) if pre_logits else self.classifier(f)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
@@ -114,14 +127,14 @@ class LeNet(SplitModel):
     def stage(self, name: str) -> Callable[[Tensor], Tensor]:
         return {"conv1": self.block1, "conv2": self.block2, "conv3": self.block3}[name]
 
-    def classifier(self, x: Tensor) -> Tensor:
+    def pre_logits(self, x: Tensor) -> Tensor:
         x = x.flatten(1)
         if x.shape[1] != self.classifier1.in_features:
             # Only 28x28 inputs end in a 1x1 conv3 map; say so instead of a matmul shape error.
             raise ValueError(
                 "LeNet expects 28x28 inputs (resize the data to the arch's input_size)"
             )
-        return self.fc(self.relu(self.classifier1(x)))
+        return self.relu(self.classifier1(x))
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,8 +195,8 @@ class ResNet18_32(SplitModel):
     def stage(self, name: str) -> Callable[[Tensor], Tensor]:
         return self._stem if name == "stem" else getattr(self, name)
 
-    def classifier(self, x: Tensor) -> Tensor:
-        return self.fc(self.avgpool(x).flatten(1))
+    def pre_logits(self, x: Tensor) -> Tensor:
+        return self.avgpool(x).flatten(1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,8 +232,8 @@ class TorchvisionResNet(SplitModel):
     def stage(self, name: str) -> Callable[[Tensor], Tensor]:
         return self._stem if name == "stem" else getattr(self, name)
 
-    def classifier(self, x: Tensor) -> Tensor:
-        return self.fc(self.avgpool(x).flatten(1))
+    def pre_logits(self, x: Tensor) -> Tensor:
+        return self.avgpool(x).flatten(1)
 
 
 # --------------------------------------------------------------------------------------------

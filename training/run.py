@@ -100,6 +100,20 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> LoadedRun:
 
 def load_val_split(run_dir: Path, config: dict[str, Any]) -> ArrayDataset:
     """The run's validation images, rebuilt from the data spec and split.json (checked)."""
+    full, indices = _split_source(run_dir, config)
+    return full.subset(indices, name=f"{full.name}:val")
+
+
+def load_train_split(run_dir: Path, config: dict[str, Any]) -> ArrayDataset:
+    """The images the run trained on: its data minus split.json's validation indices."""
+    full, val = _split_source(run_dir, config)
+    keep = np.ones(len(full), dtype=bool)
+    keep[val] = False
+    return full.subset(np.flatnonzero(keep), name=f"{full.name}:train")
+
+
+def _split_source(run_dir: Path, config: dict[str, Any]) -> tuple[ArrayDataset, np.ndarray]:
+    """The run's full data (fingerprint checked) and its validation indices."""
     split = read_json(run_dir / SPLIT)
     try:
         indices = np.asarray(split["val_indices"], dtype=np.int64)
@@ -115,7 +129,7 @@ def load_val_split(run_dir: Path, config: dict[str, Any]) -> ArrayDataset:
         )
     if indices.size and (indices.min() < 0 or indices.max() >= n):
         raise UserError(f"{run_dir / SPLIT}: validation indices out of range")
-    return full.subset(indices, name=f"{full.name}:val")
+    return full, indices
 
 
 def read_json(path: Path) -> Any:

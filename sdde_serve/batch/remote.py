@@ -130,11 +130,11 @@ class RemoteBackend:
             tensor["parameters"] = {"binary_data_size": len(raw)}
         else:
             tensor["data"] = images.ravel().tolist()
+        # the knn score exists only in the graph: fetched when it is the deployed one
+        names = [*REQUIRED_OUTPUTS, *(["knn"] if self.manifest.ood.score == "knn" else [])]
         request = {
             "inputs": [tensor],
-            "outputs": [
-                {"name": n, "parameters": {"binary_data": self.binary}} for n in REQUIRED_OUTPUTS
-            ],
+            "outputs": [{"name": n, "parameters": {"binary_data": self.binary}} for n in names],
         }
         head = json.dumps(request).encode()
         if self.binary:
@@ -154,7 +154,12 @@ class RemoteBackend:
                 f"server answered HTTP {status} for a batch of {len(images)}: "
                 f"{data[:300].decode(errors='replace')}"
             )
-        return EngineOutput(*_parse_outputs(data, resp_headers))
+        arrays = _parse_outputs(data, resp_headers, names)
+        return EngineOutput(
+            *(arrays[k] for k in REQUIRED_OUTPUTS),
+            minmax=arrays.get("minmax"),
+            knn=arrays.get("knn"),
+        )
 
     def close(self) -> None:
         if self._conn is not None:
@@ -165,8 +170,8 @@ class RemoteBackend:
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
-def _parse_outputs(data: bytes, headers: dict[str, str]) -> list[np.ndarray]:
-    """The required outputs of a v2 response, JSON ``data`` or binary, in REQUIRED_OUTPUTS order."""
+def _parse_outputs(data: bytes, headers: dict[str, str], names: list[str]) -> dict[str, np.ndarray]:
+    """The ``names`` outputs of a v2 response, JSON ``data`` or binary."""
     n = int(headers.get(HEADER_LENGTH.lower(), len(data)))
     head, binary = json.loads(data[:n]), memoryview(data)[n:]
     arrays: dict[str, np.ndarray] = {}
@@ -179,7 +184,7 @@ def _parse_outputs(data: bytes, headers: dict[str, str]) -> list[np.ndarray]:
         else:
             arr = np.asarray(o["data"], dtype=np.float32)
         arrays[o["name"]] = arr.astype(np.float32).reshape(o["shape"])
-    missing = [k for k in REQUIRED_OUTPUTS if k not in arrays]
+    missing = [k for k in names if k not in arrays]
     if missing:
         raise RuntimeError(f"server response lacks outputs {missing}")
-    return [arrays[k] for k in REQUIRED_OUTPUTS]
+    return arrays

@@ -141,12 +141,15 @@ def main(args: argparse.Namespace) -> int:
         f"accuracy {100 * after['accuracy']:.2f}%  NLL {after['nll']:.4f}  "
         f"ECE {100 * after['ece']:.2f}%  (T = {m['model']['temperature']:.3g})"
     )
+    scores = [s for s in m["ood"]["scores"] if s != "msp_avg_logits"]
+    if m["ood"]["sets"]:
+        print(f"OOD (deployed: {m['ood']['deployed']}), AUROC / FPR@95 %:")
+        print(f"{'':>16}  " + "  ".join(f"{s:>13}" for s in scores))
     for name, by_score in {**m["ood"]["sets"], **m["ood"]["groups"]}.items():
-        mal, msp = by_score["mal"], by_score["msp"]
-        print(
-            f"{name:>16}: AUROC MAL {100 * mal['auroc']:.2f}  MSP {100 * msp['auroc']:.2f}  "
-            f"FPR@95 MAL {100 * mal['fpr95']:.2f}  MSP {100 * msp['fpr95']:.2f}"
-        )
+        cells = [
+            f"{100 * by_score[s]['auroc']:6.2f}/{100 * by_score[s]['fpr95']:6.2f}" for s in scores
+        ]
+        print(f"{name:>16}: " + "  ".join(cells))
     c = m["conformal"]
     if c is None:
         print("p-values: none (the model stores no calibration scores)")

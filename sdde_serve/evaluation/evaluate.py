@@ -20,6 +20,7 @@ from sdde_serve.evaluation import cams as cam_metrics
 from sdde_serve.evaluation.conformal_eval import conformal_metrics
 from sdde_serve.evaluation.diversity import diversity_metrics
 from sdde_serve.evaluation.metrics import OOD_METRICS, mean_metrics, ood_metrics
+from sdde_serve.scoring import score_of
 
 SCHEMA = "sdde-eval/1"
 CAM_SEED = 0
@@ -31,25 +32,41 @@ POSITIVE_CLASS = (
 )
 
 
-def _min_max_logit(out: EngineOutput, temperature: float) -> np.ndarray:
-    return np.asarray(out.logits, np.float64).max(axis=2).min(axis=1)
-
-
 def _msp_avg_logits(out: EngineOutput, temperature: float) -> np.ndarray:
     return cal.softmax(np.asarray(out.logits, np.float64).mean(axis=1)).max(axis=1)
 
 
-# OOD scores, all "higher = more in-distribution". ``mal`` and ``msp`` are the graph's own outputs
-# (the deployed scores; ``msp`` uses the manifest's temperature); the other two are the official
-# code's extra aggregations ("average": MSP of the member-averaged logits at T = 1, "minmax": the
-# smallest member's max logit), recomputed here from the graph's member logits.
-SCORES: dict[str, Callable[[EngineOutput, float], np.ndarray]] = {
-    "mal": lambda out, t: np.asarray(out.mal, np.float64),
-    "msp": lambda out, t: np.asarray(out.msp, np.float64),
+def _graph_score(name: str) -> Callable[[EngineOutput, float], np.ndarray | None]:
+    def score(out: EngineOutput, temperature: float) -> np.ndarray | None:
+        if name == "knn" and out.knn is None:
+            return None  # a model exported without a KNN bank
+        return score_of(out, name)
+
+    return score
+
+
+# OOD scores, all "higher = more in-distribution". ``mal``, ``msp``, ``minmax`` and ``knn`` are
+# the graph's own outputs, the scores a manifest can deploy (``msp`` uses the manifest's
+# temperature; ``minmax``, the official code's aggregation, is recomputed from the logits of
+# graphs exported before it was an output; ``knn`` exists only in graphs with a KNN bank).
+# ``msp_avg_logits`` is the official code's other aggregation (MSP of the member-averaged logits
+# at T = 1), computed here from the graph's member logits.
+SCORES: dict[str, Callable[[EngineOutput, float], np.ndarray | None]] = {
+    "mal": _graph_score("mal"),
+    "msp": _graph_score("msp"),
+    "minmax": _graph_score("minmax"),
+    "knn": _graph_score("knn"),
     "msp_avg_logits": _msp_avg_logits,
-    "min_max_logit": _min_max_logit,
 }
 PRIMARY_SCORES = ("mal", "msp")
+SCORE_DESCRIPTIONS = {
+    "mal": "max over classes of member-averaged logits (graph output)",
+    "msp": "max of mean over members of softmax(logits / T) (graph output)",
+    "minmax": "min over members of the member's max logit (official code; graph output)",
+    "knn": "k-th largest cosine similarity of the concatenated member pre-logit features to "
+    "the training-feature bank (graph output)",
+    "msp_avg_logits": "max of softmax(member-averaged logits), T = 1 (official code)",
+}
 
 
 @dataclass
@@ -147,7 +164,8 @@ def _cam_subset(
 
 def _score(name: str, spec: str, out: EngineOutput, temperature: float) -> ScoredSet:
     scores = {k: fn(out, temperature) for k, fn in SCORES.items()}
-    return ScoredSet(name, spec, np.asarray(out.logits, np.float64), scores)
+    present = {k: v for k, v in scores.items() if v is not None}
+    return ScoredSet(name, spec, np.asarray(out.logits, np.float64), present)
 
 
 def _classification(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -219,12 +237,15 @@ def evaluate(
         "mal_max_abs_diff": float(np.abs(out_id.mal - cal.mal(logits)).max()),
         "msp_max_abs_diff": float(np.abs(out_id.msp - cal.msp(probs_after)).max()),
     }
+    if out_id.minmax is not None:
+        graph_check["minmax_max_abs_diff"] = float(np.abs(out_id.minmax - cal.minmax(logits)).max())
 
+    scores = [k for k in SCORES if k in id_set.scores]  # knn only with a bank
     per_set = {
-        s.name: {k: ood_metrics(id_set.scores[k], s.scores[k]) for k in SCORES} for s in ood_sets
+        s.name: {k: ood_metrics(id_set.scores[k], s.scores[k]) for k in scores} for s in ood_sets
     }
     per_group = {
-        g: {k: mean_metrics([per_set[n][k] for n in names]) for k in SCORES}
+        g: {k: mean_metrics([per_set[n][k] for n in names]) for k in scores}
         for g, names in groups.items()
     }
     thr, kind = float(manifest.ood.threshold), manifest.ood.score
@@ -266,12 +287,7 @@ def evaluate(
         },
         "conventions": {
             "positive_class": POSITIVE_CLASS,
-            "scores": {
-                "mal": "max over classes of member-averaged logits (graph output)",
-                "msp": "max of mean over members of softmax(logits / T) (graph output)",
-                "msp_avg_logits": "max of softmax(member-averaged logits), T = 1 (official code)",
-                "min_max_logit": "min over members of the member's max logit (official code)",
-            },
+            "scores": {k: SCORE_DESCRIPTIONS[k] for k in scores},
             "ece_bins": 15,
             "before_calibration": "T = 1 from the graph's member logits",
             "after_calibration": f"T = {temperature:g} (the manifest's)",
@@ -287,7 +303,16 @@ def evaluate(
             "after": _classification(probs_after, labels),
             "members": {"accuracy": [float(a) for a in member_acc]},
         },
-        "ood": {"metrics": list(OOD_METRICS), "sets": per_set, "groups": per_group},
+        "ood": {
+            "metrics": list(OOD_METRICS),
+            "scores": scores,
+            "deployed": kind,
+            "knn": None
+            if manifest.knn is None
+            else {"k": manifest.knn.k, "rows": manifest.knn.rows},
+            "sets": per_set,
+            "groups": per_group,
+        },
         "operating_point": operating_point,
         # p-values of the deployed score (None for models without calibration scores)
         "conformal": conformal_metrics(

@@ -222,7 +222,8 @@ def plot_cam_grid(
 def write_plots(evaluation: Evaluation, out: Path) -> list[Path]:
     written = [plot_reliability(evaluation, out / "reliability.png")]
     if evaluation.ood_sets:
-        for score in PRIMARY_SCORES:
+        deployed = evaluation.metrics["operating_point"]["score"]
+        for score in dict.fromkeys([*PRIMARY_SCORES, deployed]):
             written.append(plot_histograms(evaluation, score, out / f"hist_{score}.png"))
             written.append(plot_roc(evaluation, score, out / f"roc_{score}.png"))
     grid = plot_cam_grid(evaluation, out / "cams.png")
@@ -307,7 +308,7 @@ def render_markdown(evaluation: Evaluation, plots: list[Path]) -> str:
     ]
     if m["ood"]["sets"]:
         lines += ["## OOD detection", ""]
-        for score in SCORES:
+        for score in m["ood"].get("scores", SCORES):
             lines += [
                 f"### Score: {score} — {conv['scores'][score]}",
                 "",

@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 
 from sdde_serve import calibration as cal
+from sdde_serve import scoring
 from sdde_serve.data import ArrayDataset
-from sdde_serve.engine import Engine, EngineOutput
+from sdde_serve.engine import Engine
 from sdde_serve.errors import UserError
 from sdde_serve.evaluation import corruptions as corr
 from sdde_serve.evaluation.metrics import auroc
-from sdde_serve.manifest import Manifest
 
 SCHEMA_KEY = "shift"
 METRICS = ("accuracy", "confidence", "nll", "ece", "brier", "flag_rate", "auroc_correct")
@@ -48,15 +48,6 @@ class ShiftConfig:
     severities: tuple[int, ...] = corr.SEVERITIES
     seed: int = 0
     max_images: int = 0  # 0: every ID test image; else a seeded random subset of this many
-
-
-def deployed_score(out: EngineOutput, manifest: Manifest) -> np.ndarray:
-    """The manifest's OOD score as the server computes it (higher = more in-distribution).
-
-    The one place this module reads the deployed score: a score computed from other graph
-    outputs (a feature-space kNN score) plugs in here.
-    """
-    return cal.ood_score(manifest.ood.score, out.logits, out.probs)
 
 
 def shift_metrics(
@@ -159,7 +150,7 @@ def evaluate_shift(
     def cell(images: np.ndarray) -> dict[str, float | None]:
         shifted = ArrayDataset(data.name, images, labels, list(data.classes))
         out = engine.run_batches(shifted.as_model_input(*engine.input_shape), batch_size)
-        return shift_metrics(out.probs, labels, deployed_score(out, manifest), threshold)
+        return shift_metrics(out.probs, labels, scoring.deployed_score(out, manifest), threshold)
 
     clean = cell(data.images)
     per_corruption: dict[str, dict[str, dict]] = {}

@@ -29,6 +29,12 @@ SCORE_BUCKETS = {
     "mal": (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0, 20.0,
             30.0, 50.0),
     "msp": CONFIDENCE_BUCKETS,
+    # the smallest member's max logit: a logit like MAL
+    "minmax": (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0, 20.0,
+               30.0, 50.0),
+    # a cosine similarity; in-distribution images crowd close to 1
+    "knn": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96,
+            0.97, 0.98, 0.99, 0.995, 1.0),
 }  # fmt: skip
 
 

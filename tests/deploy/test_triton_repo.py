@@ -87,6 +87,8 @@ def test_config_matches_graph(fixture: str, request: pytest.FixtureRequest, tmp_
     _check_against_graph(inputs, cfg.input)
     _check_against_graph(outputs, cfg.output)
     assert {o.name for o in cfg.output} >= {"logits", "probs", "mal", "msp"}
+    if manifest.knn is not None:  # the deployed knn score is a Triton output like the others
+        assert {"minmax", "knn", manifest.ood.score} <= {o.name for o in cfg.output}
     assert [o.label_filename for o in cfg.output if o.label_filename] == ["labels.txt"]
     assert [i.name for i in cfg.input] == ["images"]
     assert list(cfg.input[0].dims) == [

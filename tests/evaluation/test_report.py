@@ -24,7 +24,7 @@ from tests.evaluation.helpers import check_png, labelled_npz, noise_npz, texture
 from tests.onnx_factory import reference_outputs
 
 OOD_KEYS = {"auroc", "aupr_in", "aupr_out", "fpr95"}
-SCORE_KEYS = {"mal", "msp", "msp_avg_logits", "min_max_logit"}
+SCORE_KEYS = {"mal", "msp", "msp_avg_logits", "minmax"}
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_ood_metrics_match_numpy(linear_report) -> None:
             got = m["ood"]["sets"][name][score]
             assert got == pytest.approx(expected, abs=1e-3)  # float32 graph vs float64 numpy
         minmax = ood_metrics(ref_id["logits"].max(2).min(1), ref["logits"].max(2).min(1))
-        assert m["ood"]["sets"][name]["min_max_logit"] == pytest.approx(minmax, abs=1e-3)
+        assert m["ood"]["sets"][name]["minmax"] == pytest.approx(minmax, abs=1e-3)
         per_set[name] = m["ood"]["sets"][name]
     for score in SCORE_KEYS:
         for k in OOD_KEYS:
@@ -225,6 +225,8 @@ def test_tiny_model_report_with_all_plots(tiny_model: Path, tiny_run: Path, tmp_
         "hist_msp.png",
         "roc_mal.png",
         "roc_msp.png",
+        "hist_knn.png",  # the deployed score is plotted too
+        "roc_knn.png",
         "cams.png",
         "p_values_qq.png",
     }
@@ -254,7 +256,7 @@ def test_tiny_model_report_with_all_plots(tiny_model: Path, tiny_run: Path, tmp_
     assert len(m["classification"]["members"]["accuracy"]) == 3
     assert m["classification"]["after"]["accuracy"] > 0.3  # trained, if only for a few steps
     for block in (*m["ood"]["sets"].values(), *m["ood"]["groups"].values()):
-        assert set(block) == SCORE_KEYS
+        assert set(block) == SCORE_KEYS | {"knn"}  # the tiny model has a KNN bank
         for score in block.values():
             assert set(score) == OOD_KEYS and all(_in_range(v, 0, 1) for v in score.values())
     d = m["diversity"]["id"]

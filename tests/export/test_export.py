@@ -102,7 +102,8 @@ def test_cams_are_gradcam_for_the_predicted_class():
     graph = build_graph(ensemble, "loop", input_shape=(3, 32, 32), temperature=1.0)
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        _, probs, _, _, cams = graph(x)
+        outs = dict(zip(graph.output_names, graph(x), strict=True))
+    probs, cams = outs["probs"], outs["cams"]
     assert cams.shape == (3, 2, 4, 4)
     xn = ensemble.normalize(x)
     pred = probs.argmax(-1)
@@ -207,8 +208,9 @@ def test_exported_manifest_round_trip_and_calibration(tiny_run, tiny_model):
     assert nll_t <= cal.ensemble_nll(out["logits"], labels, t * 1.05) + 1e-9
     assert nll_t <= cal.ensemble_nll(out["logits"], labels, t / 1.05) + 1e-9
     assert manifest.calibration.after.nll <= manifest.calibration.before.nll + 1e-9
-    accepted = (out["mal"] >= manifest.ood.threshold).mean()
-    assert manifest.ood.score == "mal" and manifest.ood.id_acceptance == 0.95
+    # the default export deploys KNN (export/select.py), thresholded on the graph's own output
+    accepted = (out["knn"] >= manifest.ood.threshold).mean()
+    assert manifest.ood.score == "knn" and manifest.ood.id_acceptance == 0.95
     assert 0.95 <= accepted <= 0.95 + 2 / len(labels)
 
 

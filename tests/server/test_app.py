@@ -14,7 +14,7 @@ from PIL import Image
 from sdde_serve.data import chw_to_pil, load_dataset
 from sdde_serve.engine import Engine, EngineOutput
 from sdde_serve.preprocess import ImageLimits, decode_image
-from sdde_serve.scoring import make_predictions
+from sdde_serve.scoring import deployed_score, make_predictions
 from sdde_serve.server.batcher import Batcher
 from sdde_serve.server.deps import ModelRuntime, get_runtime
 from sdde_serve.server.settings import Settings
@@ -148,7 +148,8 @@ def test_v2_json_and_binary_match_the_engine(tiny_engine):
     np.testing.assert_allclose(np.reshape(out["probs"]["data"], (3, 10)), ref.probs, rtol=1e-6)
     np.testing.assert_allclose(np.reshape(out["logits"]["data"], (3, 3, 10)), ref.logits, rtol=1e-6)
     thr = tiny_engine.manifest.ood.threshold
-    assert out["is_ood"]["data"] == (ref.mal < thr).tolist() and out["is_ood"]["data"][0]
+    score = deployed_score(ref, tiny_engine.manifest)  # knn: the tiny model's default
+    assert out["is_ood"]["data"] == (score < thr).tolist() and out["is_ood"]["data"][0]
     assert out["label"]["data"] == ref.probs.argmax(1).tolist()  # flag: every image labelled
 
     assert bn.status_code == 200 and bn.headers["content-type"] == "application/octet-stream"
@@ -159,7 +160,7 @@ def test_v2_json_and_binary_match_the_engine(tiny_engine):
     np.testing.assert_allclose(probs, ref.probs, rtol=1e-6)
     assert outs["probs"]["parameters"]["binary_data_size"] == 120
     is_ood = np.frombuffer(raw[120:123], "?")
-    assert is_ood.tolist() == (ref.mal < thr).tolist()
+    assert is_ood.tolist() == (score < thr).tolist()
     labels = outs["label"]["data"]  # reject: OOD rows carry -1
     assert labels == [-1 if o else int(p) for o, p in zip(is_ood, ref.probs.argmax(1), strict=True)]
 

@@ -18,6 +18,7 @@ from onnx import numpy_helper
 from PIL import Image
 
 from sdde_serve.cli import main as sdde_main
+from sdde_serve.scoring import deployed_score
 from tests.server.conftest import REPO, ServerProcess, encode, gray_png, metric, scrape
 
 
@@ -49,6 +50,7 @@ def test_tritonclient_json_and_binary(tiny_server, tiny_engine):
     x[1] = 0.0
     ref = tiny_engine.run(x)
     thr = tiny_engine.manifest.ood.threshold
+    score = deployed_score(ref, tiny_engine.manifest)
     client = tc.InferenceServerClient(url=tiny_server.url.removeprefix("http://"))
     try:
         assert client.is_server_live() and client.is_server_ready()
@@ -61,13 +63,13 @@ def test_tritonclient_json_and_binary(tiny_server, tiny_engine):
             outs = [tc.InferRequestedOutput(n, binary_data=binary) for n in ("probs", "is_ood")]
             res = client.infer("tiny-digits", [inp], outputs=outs)
             np.testing.assert_allclose(res.as_numpy("probs"), ref.probs, rtol=1e-6)
-            assert res.as_numpy("is_ood").tolist() == (ref.mal < thr).tolist()
+            assert res.as_numpy("is_ood").tolist() == (score < thr).tolist()
         # no outputs named: tritonclient asks for all of them in binary
         inp = tc.InferInput("images", list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
         res = client.infer("tiny-digits", [inp], model_version="1")
         np.testing.assert_allclose(res.as_numpy("logits"), ref.logits, rtol=1e-6)
-        np.testing.assert_allclose(res.as_numpy("ood_score"), ref.mal, rtol=1e-6)
+        np.testing.assert_allclose(res.as_numpy("ood_score"), score, rtol=1e-6)
         assert res.as_numpy("label").dtype == np.int64
         bad = tc.InferInput("images", [1, 1, 28, 27], "FP32")
         bad.set_data_from_numpy(np.zeros((1, 1, 28, 27), np.float32))

@@ -27,7 +27,8 @@ from starlette.background import BackgroundTask
 from sdde_serve import __version__
 from sdde_serve.calibration import member_agreement
 from sdde_serve.engine import EngineOutput
-from sdde_serve.scoring import Prediction, make_predictions
+from sdde_serve.manifest import Manifest
+from sdde_serve.scoring import Prediction, make_predictions, score_of
 from sdde_serve.server.deps import (
     AuthDep,
     ModelRuntime,
@@ -66,6 +67,9 @@ OUTPUTS: dict[str, tuple[str, Callable[[int, int], list[int]], OutputFn]] = {
     "logits": ("FP32", lambda n, c: [n, c], lambda o, p: o.logits),
     "mal": ("FP32", lambda n, c: [], lambda o, p: o.mal),
     "msp": ("FP32", lambda n, c: [], lambda o, p: o.msp),
+    "minmax": ("FP32", lambda n, c: [], lambda o, p: score_of(o, "minmax")),
+    # only for models exported with a KNN bank (model_outputs)
+    "knn": ("FP32", lambda n, c: [], lambda o, p: score_of(o, "knn")),
     "ood_score": ("FP32", lambda n, c: [], lambda o, p: np.array([x.ood_score for x in p])),
     "is_ood": ("BOOL", lambda n, c: [], lambda o, p: np.array([x.is_ood for x in p])),
     # p-values lie in (0, 1]; -1 (as `label` for a rejected image) for models exported without
@@ -82,6 +86,11 @@ OUTPUTS: dict[str, tuple[str, Callable[[int, int], list[int]], OutputFn]] = {
     ),
     "agreement": ("FP32", lambda n, c: [], lambda o, p: member_agreement(o.logits, o.probs)),
 }
+
+
+def model_outputs(manifest: Manifest) -> list[str]:
+    """The outputs this model offers: all of :data:`OUTPUTS` but ``knn`` without a KNN bank."""
+    return [n for n in OUTPUTS if n != "knn" or manifest.knn is not None]
 
 
 class TensorRequest(BaseModel):
@@ -253,6 +262,7 @@ async def model_metadata(
         outputs=[
             TensorMetadata(name=name, datatype=dt, shape=[-1, *shape(members, classes)])
             for name, (dt, shape, _) in OUTPUTS.items()
+            if name in model_outputs(m)
         ],
         parameters={
             "providers": ",".join(runtime.providers),
@@ -362,15 +372,15 @@ def _input_array(
     return array
 
 
-def _requested(req: InferenceRequest) -> list[tuple[str, bool]]:
+def _requested(req: InferenceRequest, available: list[str]) -> list[tuple[str, bool]]:
     default_binary = bool((req.parameters or {}).get("binary_data_output", False))
     if not req.outputs:
-        return [(name, default_binary) for name in OUTPUTS]
+        return [(name, default_binary) for name in available]
     wanted = []
     seen: set[str] = set()
     for out in req.outputs:
-        if out.name not in OUTPUTS:
-            raise ApiError(400, f"unknown output {out.name!r}; available: {', '.join(OUTPUTS)}")
+        if out.name not in available:
+            raise ApiError(400, f"unknown output {out.name!r}; available: {', '.join(available)}")
         if out.name in seen:  # each copy would cost a full serialisation of the tensor
             raise ApiError(400, f"output {out.name!r} is requested more than once")
         seen.add(out.name)
@@ -443,17 +453,17 @@ async def infer(
             )  # fmt: skip
         max_images = settings.max_images_per_request
 
-        def parse() -> tuple[InferenceRequest, np.ndarray]:
+        def parse() -> tuple[InferenceRequest, list[tuple[str, bool]], np.ndarray]:
             req = _parse(header, _max_values(runtime, max_images))
-            _requested(req)  # refuse bad outputs before the input is converted
-            return req, _input_array(req, binary, runtime, max_images)
+            # bad outputs are refused before the input is converted
+            wanted = _requested(req, model_outputs(runtime.manifest))
+            return req, wanted, _input_array(req, binary, runtime, max_images)
 
         if len(header) + len(binary) > OFFLOAD_JSON_BYTES:
             # a large JSON tensor takes milliseconds to parse: not on the event loop
-            req, images = await offload(state.decode_pool, deadline, parse)
+            req, wanted, images = await offload(state.decode_pool, deadline, parse)
         else:
-            req, images = parse()
-        wanted = _requested(req)
+            req, wanted, images = parse()
         policy = _policy(req, state)
         alpha = _alpha(req, runtime)
     remaining = max(deadline - time.monotonic(), 0.001)

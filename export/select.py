@@ -1,0 +1,132 @@
+"""Choosing the deployed OOD score (``sdde export --ood-score auto``) on validation data only.
+
+Candidates: ``mal``, ``msp`` (at the validation-fitted T), ``minmax`` and ``knn@k`` for every k in
+:data:`CANDIDATE_KS` the bank allows. Each is scored on the run's in-distribution validation
+split against every ``--ood-val`` set; the candidate with the best mean AUROC (in-distribution
+positive) wins, ties going to the earlier candidate. Without ``--ood-val`` there is nothing to
+measure and the benchmark's choice is deployed (:data:`DEFAULT_SCORE`, k from the bank size).
+The sets reported as results must never be passed here.
+
+numpy only (the features and logits come from the caller), so the rule is testable on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sdde_serve import calibration as cal
+from sdde_serve.evaluation.metrics import auroc
+from sdde_serve.manifest import ScoreSelection
+
+# what `auto` deploys without validation OOD data: KNN at export.knn.default_k; chosen by
+# benchmarks/mnist_ood.py on its validation OOD sets (docs/export.md)
+DEFAULT_SCORE = "knn"
+FALLBACK_WITHOUT_BANK = "mal"
+CANDIDATE_KS = (1, 2, 5, 10, 20, 50, 100, 200)
+SCORE_CHOICES = ("mal", "msp", "minmax", "knn", "auto")
+
+
+@dataclass
+class ScoreInputs:
+    """One image set, as the candidates need it."""
+
+    logits: np.ndarray  # [n, N, L]
+    features: np.ndarray | None  # [n, N*D] concatenated pre-logit features (None: no bank)
+
+
+def candidate_name(score: str, k: int | None = None) -> str:
+    return f"knn@{k}" if score == "knn" else score
+
+
+def parse_candidate(name: str) -> tuple[str, int | None]:
+    """``"knn@10"`` -> ``("knn", 10)``, ``"mal"`` -> ``("mal", None)``."""
+    score, _, k = name.partition("@")
+    return score, (int(k) if k else None)
+
+
+def candidate_scores(
+    data: ScoreInputs, *, temperature: float, bank: np.ndarray | None, ks: list[int]
+) -> dict[str, np.ndarray]:
+    """Every candidate's score (higher = in-distribution) on one image set."""
+    from export.knn import knn_scores_many
+
+    probs = cal.ensemble_probs(data.logits, temperature)
+    out = {
+        "mal": cal.mal(data.logits),
+        "msp": cal.msp(probs),
+        "minmax": cal.minmax(data.logits),
+    }
+    if bank is not None and data.features is not None:
+        for k, scores in knn_scores_many(data.features, bank, ks).items():
+            out[candidate_name("knn", k)] = scores
+    return out
+
+
+def choose(
+    id_scores: dict[str, np.ndarray], ood_scores: dict[str, dict[str, np.ndarray]]
+) -> tuple[str, dict[str, float], dict[str, dict[str, float]]]:
+    """The candidate with the best mean AUROC over the OOD sets; (name, means, per set)."""
+    if not ood_scores:
+        raise ValueError("choosing a score needs at least one validation OOD set")
+    per_set = {
+        c: {name: auroc(id_scores[c], sets[c]) for name, sets in ood_scores.items()}
+        for c in id_scores
+    }
+    means = {c: float(np.mean(list(v.values()))) for c, v in per_set.items()}
+    best = max(means, key=lambda c: means[c])  # max keeps the first of equal values
+    return best, means, per_set
+
+
+def select_score(
+    requested: str,
+    *,
+    id_data: ScoreInputs,
+    id_name: str,
+    ood_val: dict[str, ScoreInputs],
+    ood_specs: dict[str, str],
+    temperature: float,
+    bank: np.ndarray | None,
+    default_k: int,
+    knn_k: int | None,
+) -> tuple[str, int | None, ScoreSelection]:
+    """(score, k, why): the deployed score, the graph's k (None without a bank), the record."""
+    rows = 0 if bank is None else len(bank)
+    ks = sorted({k for k in CANDIDATE_KS if k <= rows} | {default_k} if rows else set())
+    if knn_k is not None:
+        ks = [knn_k]  # the user fixed k: auto still chooses among the scores
+    means: dict[str, float] = {}
+    per_set: dict[str, dict[str, float]] = {}
+    best = None
+    if ood_val:
+        kw = {"temperature": temperature, "bank": bank, "ks": ks}
+        id_scores = candidate_scores(id_data, **kw)
+        ood = {n: candidate_scores(d, **kw) for n, d in ood_val.items()}
+        best, means, per_set = choose(id_scores, ood)
+    k = None if bank is None else (knn_k or default_k)
+    common = {
+        "val_auroc": means,
+        "val_auroc_per_set": per_set,
+        "ood_val": dict(ood_specs),
+        "id_data": id_name if ood_val else None,
+    }
+    if requested != "auto":
+        reason = f"--ood-score {requested}"
+        return requested, k, ScoreSelection(method="given", reason=reason, **common)
+    if best is not None:
+        score, best_k = parse_candidate(best)
+        if best_k is not None:
+            k = best_k
+        reason = (
+            f"best mean validation AUROC ({100 * means[best]:.2f}) over "
+            f"{', '.join(ood_val)} against {id_name}"
+        )
+        return score, k, ScoreSelection(method="auto", reason=reason, **common)
+    score = DEFAULT_SCORE if bank is not None else FALLBACK_WITHOUT_BANK
+    reason = (
+        f"no --ood-val data: the default {score}"
+        + (f" (k = {k} for a {rows}-row bank)" if score == "knn" else "")
+        + " chosen by benchmarks/mnist_ood.py on its validation OOD sets"
+    )
+    return score, k, ScoreSelection(method="default", reason=reason, **common)
