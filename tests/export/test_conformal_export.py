@@ -11,6 +11,7 @@ from sdde_serve import conformal
 from sdde_serve.cli import main as sdde_main
 from sdde_serve.data import load_dataset
 from sdde_serve.engine import Engine
+from sdde_serve.scoring import deployed_score
 from sdde_serve.temperature import choose_temperature
 
 
@@ -22,7 +23,7 @@ def test_export_stores_the_sorted_validation_scores_and_the_rule(tiny_run, tiny_
     run = load_run(tiny_run)
     out = engine.run_batches(run.val.as_model_input(1, 28, 28))
     # the calibration set is the graph's own deployed score on the validation split, sorted
-    assert m.ood.calibration_scores == conformal.sorted_scores(out.mal)
+    assert m.ood.calibration_scores == conformal.sorted_scores(deployed_score(out, m))
     assert m.ood.threshold == conformal.threshold_for_alpha(m.ood.calibration_scores, 0.05)
     # the rule's evidence is what choose_temperature finds on the same logits
     d = choose_temperature(out.logits, run.val.labels)
@@ -46,10 +47,10 @@ def test_calibrate_cli_prints_the_rule_and_refits_the_calibration_set(
     assert "p-value < alpha = 0.05" in printed
     test = load_dataset("digits@test")
     assert len(m.ood.calibration_scores) == len(test) == m.calibration.n
-    mal = engine.run_batches(test.as_model_input(1, 28, 28)).mal
-    assert m.ood.calibration_scores == conformal.sorted_scores(mal)
-    flagged = (conformal.p_values(m.ood.calibration_scores, mal) < 0.05).sum()
-    assert flagged == (mal < m.ood.threshold).sum()
+    scores = deployed_score(engine.run_batches(test.as_model_input(1, 28, 28)), m)
+    assert m.ood.calibration_scores == conformal.sorted_scores(scores)
+    flagged = (conformal.p_values(m.ood.calibration_scores, scores) < 0.05).sum()
+    assert flagged == (scores < m.ood.threshold).sum()
     # j = ceil(0.05 * 360) - 1 = 17 scores lie below the threshold, fewer where scores tie with it
     assert flagged <= conformal.flag_index(len(test), 0.05) == 17
     assert np.isfinite(m.ood.threshold)
