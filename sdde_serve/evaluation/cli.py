@@ -66,23 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     members.add_arguments(parser)
 
 
-# modules whose absence means "PyTorch side not installed" (the [train] extra)
-TRAIN_MODULES = {"torch", "torchvision", "safetensors", "training"}
-
-
 def _cam_fn_for_model() -> Callable[[str, Engine], CamFn]:
     """``training.cams.cam_fn_for_model``, imported only here: sdde_serve never imports torch."""
-    from sdde_serve.errors import UserError
+    from sdde_serve.extras import require_extra
 
-    try:
+    with require_extra("train", what="--cams-from-run needs PyTorch"):
         from training.cams import cam_fn_for_model
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] not in TRAIN_MODULES:
-            raise
-        raise UserError(
-            f"--cams-from-run needs PyTorch (missing module {exc.name!r}): "
-            "pip install 'sdde-serve[train]'"
-        ) from None
     return cam_fn_for_model
 
 
