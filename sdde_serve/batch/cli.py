@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 
+from sdde_serve.deprecation import add_deprecated_alias
 from sdde_serve.errors import UserError
 from sdde_serve.scoring import OOD_POLICIES
 
@@ -78,20 +79,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=64, help="images per engine call")
     parser.add_argument(
-        "--workers",
+        "--concurrency",
         type=int,
         default=min(4, os.cpu_count() or 1),
-        help="decoding threads (processes with --processes; actors with --ray)",
+        metavar="N",
+        help="decoders at once: threads (processes with --processes; Ray actors with --ray)",
     )
+    add_deprecated_alias(parser, "--workers", new="--concurrency", dest="concurrency", type=int)
     parser.add_argument(
         "--processes",
         action="store_true",
-        help="decode in --workers processes instead of threads (many cores, small images)",
+        help="decode in --concurrency processes instead of threads (many cores, small images)",
     )
     parser.add_argument(
         "--threads", type=int, default=0, help="onnxruntime intra-op threads (0: one per core)"
     )
-    parser.add_argument("--policy", choices=OOD_POLICIES, default="flag", help="OOD policy")
+    parser.add_argument(
+        "--ood-policy",
+        choices=OOD_POLICIES,
+        default="flag",
+        help="flag: OOD images keep their label, is_ood marks them; reject: they get no label",
+    )
+    add_deprecated_alias(
+        parser, "--policy", new="--ood-policy", dest="ood_policy", choices=OOD_POLICIES
+    )
     parser.add_argument(
         "--top-k", type=int, default=0, help="add a top_k column with the K best classes (0: none)"
     )
@@ -138,7 +149,7 @@ def _validate(args: argparse.Namespace) -> ScoreOptions:
         raise UserError(f"--fdr must be in (0, 1), got {args.fdr}")
     for flag, value, low in (
         ("--batch-size", args.batch_size, 1),
-        ("--workers", args.workers, 1),
+        ("--concurrency", args.concurrency, 1),
         ("--threads", args.threads, 0),
         ("--top-k", args.top_k, 0),
     ):
@@ -146,10 +157,10 @@ def _validate(args: argparse.Namespace) -> ScoreOptions:
             raise UserError(f"{flag} must be >= {low}, got {value}")
     return ScoreOptions(
         batch_size=args.batch_size,
-        workers=args.workers,
+        workers=args.concurrency,
         processes=args.processes,
         top_k=args.top_k,
-        policy=args.policy,
+        policy=args.ood_policy,
         probs=args.probs,
     )
 
