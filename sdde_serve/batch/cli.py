@@ -28,6 +28,7 @@ from .job import (  # job_header, run_and_report: also imported from here by tes
     EXIT_OK,
     EXIT_SOME_FAILED,
     BackendRun,
+    Job,
     JobResult,
     ScoreOptions,
     errors_path,
@@ -36,7 +37,7 @@ from .job import (  # job_header, run_and_report: also imported from here by tes
     run_and_report,
     summary_path,
 )
-from .pipeline import run_job
+from .pipeline import Backend, run_job
 from .writers import JobFiles, check_format
 
 __all__ = [
@@ -174,17 +175,24 @@ def main(args: argparse.Namespace) -> int:
         return report_failure(exc, resumable=False)
 
 
+def pipeline_job(scorer: Backend, args: argparse.Namespace, opts: ScoreOptions) -> Job:
+    """The pipeline (decode pool in this process) around ``scorer``: an engine or a server."""
+
+    def job(files: JobFiles, progress: Callable[[int], None]) -> JobResult:
+        return run_job(scorer, iter_inputs(args.inputs), files, opts, progress=progress)
+
+    return job
+
+
 @contextlib.contextmanager
 def local_backend(args: argparse.Namespace, opts: ScoreOptions) -> Iterator[BackendRun]:
     """This machine's onnxruntime; decoding in threads, or processes with ``--processes``."""
     from sdde_serve.engine import Engine
 
     engine = Engine(args.model, intra_op_threads=args.threads, expect_sha256=args.expect_sha256)
-
-    def job(files: JobFiles, progress: Callable[[int], None]) -> JobResult:
-        return run_job(engine, iter_inputs(args.inputs), files, opts, progress=progress)
-
-    yield BackendRun(job, engine.manifest, "local:" + ",".join(engine.providers))
+    yield BackendRun(
+        pipeline_job(engine, args, opts), engine.manifest, "local:" + ",".join(engine.providers)
+    )
 
 
 @contextlib.contextmanager
@@ -195,11 +203,7 @@ def url_backend(args: argparse.Namespace, opts: ScoreOptions) -> Iterator[Backen
     from .remote import RemoteBackend
 
     remote = RemoteBackend(args.url, read_manifest(load_onnx(args.model), source=args.model))
-
-    def job(files: JobFiles, progress: Callable[[int], None]) -> JobResult:
-        return run_job(remote, iter_inputs(args.inputs), files, opts, progress=progress)
-
-    yield BackendRun(job, remote.manifest, f"url:{remote.url}")
+    yield BackendRun(pipeline_job(remote, args, opts), remote.manifest, f"url:{remote.url}")
 
 
 @contextlib.contextmanager
