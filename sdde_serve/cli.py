@@ -15,6 +15,7 @@ from types import ModuleType
 
 from sdde_serve import __version__
 from sdde_serve.errors import UserError
+from sdde_serve.extras import EXTRA_MODULES, require_extra
 
 # name -> (module, one-line summary shown before the module is imported)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -33,12 +34,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def _load(name: str) -> ModuleType:
     module_name, _ = COMMANDS[name]
     try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        missing = exc.name or "?"
-        extra = "train" if missing.split(".")[0] in {"torch", "torchvision", "training"} else None
-        hint = f"; install the [{extra}] extra: pip install 'sdde-serve[{extra}]'" if extra else ""
-        raise UserError(f"'sdde {name}' needs the missing module {missing!r}{hint}") from None
+        with require_extra(*EXTRA_MODULES, what=f"'sdde {name}' needs an optional module"):
+            return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:  # not an extra's: a broken install
+        raise UserError(f"'sdde {name}' needs the missing module {exc.name!r}") from None
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from sdde_serve.errors import UserError
+from sdde_serve.extras import require_extra
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # digits is split once, with this seed, into a train part (which training splits again into
@@ -165,12 +166,8 @@ def load_dataset(spec: str, *, split: str = "train") -> ArrayDataset:
 
 
 def _load_digits(spec: DataSpec, split: str) -> ArrayDataset:
-    try:
+    with require_extra("eval", "train", what="the 'digits' data spec needs scikit-learn"):
         from sklearn.datasets import load_digits
-    except ModuleNotFoundError:
-        raise UserError(
-            "the 'digits' data spec needs scikit-learn: pip install scikit-learn"
-        ) from None
     bunch = load_digits()
     # pixel values are 0..16: stretch to the 0..255 of ordinary images
     images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
@@ -294,10 +291,8 @@ def _load_folder(spec: DataSpec, split: str) -> ArrayDataset:
 
 
 def _load_torchvision(spec: DataSpec, split: str) -> ArrayDataset:
-    try:
+    with require_extra("train", what="torchvision data specs need torchvision"):
         import torchvision.datasets as tvd
-    except ModuleNotFoundError:
-        raise UserError("torchvision data specs need the [train] extra (torchvision)") from None
     cls = getattr(tvd, spec.location, None)
     if cls is None:
         raise UserError(f"torchvision has no dataset {spec.location!r}")

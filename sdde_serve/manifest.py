@@ -310,22 +310,6 @@ def save_onnx_atomic(model: onnx.ModelProto, path: str | Path) -> None:
     A reader (a server restarting, a batch job) sees either the old file or the new one, never a
     half-written one; rename within one directory is atomic on POSIX.
     """
-    import os
-    import tempfile
+    from sdde_serve.atomic import write_bytes_atomic
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, model.SerializeToString(), unique=True)

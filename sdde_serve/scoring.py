@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -14,7 +14,7 @@ from sdde_serve.engine import EngineOutput
 from sdde_serve.manifest import OOD_SCORES, Manifest
 
 OODPolicy = Literal["flag", "reject"]
-OOD_POLICIES: tuple[str, ...] = ("flag", "reject")
+OOD_POLICIES: tuple[str, ...] = get_args(OODPolicy)
 
 
 class ClassProbability(BaseModel):

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
+
+if TYPE_CHECKING:
+    from training.config import TrainConfig
 
 # Tests are tiny and share two cores with the servers and workers they start: one thread per
 # process avoids oversubscription (measured: a LeNet step was ~10x slower with 2 under load).
@@ -20,24 +24,30 @@ os.environ["OMP_NUM_THREADS"] = "1"  # torch sizes its pool from it on import
 TINY_RUN_STEPS = 30
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_train_config(out: Path, **overrides: Any) -> TrainConfig:
+    """The tiny run the tests train: 3-member LeNet SDDE on digits, seeded; a test overrides
+    what it needs (steps, batch size, ...). Written once here (it was copied per test file)."""
     from training.config import TrainConfig
-    from training.trainer import train
 
-    out = tmp_path_factory.mktemp("tiny_run") / "run"
-    cfg = TrainConfig(
+    base: dict[str, Any] = dict(
         data="digits",
         arch="lenet",
         members=3,
         method="sdde",
         epochs=2,
-        max_steps=TINY_RUN_STEPS,
         batch_size=64,
-        out=str(out),
         seed=0,
+        out=str(out),
     )
-    return Path(train(cfg))
+    return TrainConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training.trainer import train
+
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    return Path(train(tiny_train_config(out, max_steps=TINY_RUN_STEPS)))
 
 
 @pytest.fixture(scope="session")

@@ -12,28 +12,49 @@ Exit codes (also in docs/batch.md):
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
-import sys
-import threading
-import traceback
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
-from typing import Any
 
+from sdde_serve.deprecation import add_deprecated_alias
 from sdde_serve.errors import UserError
 from sdde_serve.scoring import OOD_POLICIES
 
-from .fdr import BHResult, apply_bh
 from .inputs import check_inputs, iter_inputs
-from .pipeline import JobResult, ScoreOptions, run_job
-from .writers import JobFiles, check_format, journal_path, parts_dir, result_columns
+from .job import (  # job_header, run_and_report: also imported from here by tests and benchmarks
+    EXIT_JOB_FAILED,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    BackendRun,
+    Job,
+    JobResult,
+    ScoreOptions,
+    errors_path,
+    job_header,
+    report_failure,
+    run_and_report,
+    summary_path,
+)
+from .pipeline import Backend, run_job
+from .writers import JobFiles, check_format
+
+__all__ = [
+    "EXIT_JOB_FAILED",
+    "EXIT_OK",
+    "EXIT_SOME_FAILED",
+    "add_arguments",
+    "job_header",
+    "main",
+    "run_and_report",
+    "summary_path",
+]
 
 HELP = (
     "score image files offline with the server's preprocessing and OOD rule: one row per image, "
     "failed files in an errors file, crash-safe and resumable"
 )
-
-EXIT_OK, EXIT_SOME_FAILED, EXIT_JOB_FAILED = 0, 1, 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,20 +80,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=64, help="images per engine call")
     parser.add_argument(
-        "--workers",
+        "--concurrency",
         type=int,
         default=min(4, os.cpu_count() or 1),
-        help="decoding threads (processes with --processes; actors with --ray)",
+        metavar="N",
+        help="decoders at once: threads (processes with --processes; Ray actors with --ray)",
     )
+    add_deprecated_alias(parser, "--workers", new="--concurrency", dest="concurrency", type=int)
     parser.add_argument(
         "--processes",
         action="store_true",
-        help="decode in --workers processes instead of threads (many cores, small images)",
+        help="decode in --concurrency processes instead of threads (many cores, small images)",
     )
     parser.add_argument(
         "--threads", type=int, default=0, help="onnxruntime intra-op threads (0: one per core)"
     )
-    parser.add_argument("--policy", choices=OOD_POLICIES, default="flag", help="OOD policy")
+    parser.add_argument(
+        "--ood-policy",
+        choices=OOD_POLICIES,
+        default="flag",
+        help="flag: OOD images keep their label, is_ood marks them; reject: they get no label",
+    )
+    add_deprecated_alias(
+        parser, "--policy", new="--ood-policy", dest="ood_policy", choices=OOD_POLICIES
+    )
     parser.add_argument(
         "--top-k", type=int, default=0, help="add a top_k column with the K best classes (0: none)"
     )
@@ -114,89 +145,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def errors_path(out: Path) -> Path:
-    return out.with_name(f"{out.stem}.errors{out.suffix}")
-
-
-def summary_path(out: Path) -> Path:
-    return out.with_name(f"{out.stem}.summary.json")
-
-
-class Progress:
-    """A tqdm bar with rate and ETA on a terminal; nothing otherwise.
-
-    The total is counted in a background thread (a second, lazy walk of the inputs), so the bar
-    starts at once and gains its ETA when the count is known; stdin cannot be read twice, so
-    ``-`` inputs get a bar without ETA.
-    """
-
-    def __init__(self, inputs: list[str], *, enabled: bool) -> None:
-        self.bar = None
-        if not enabled:
-            return
-        from tqdm import tqdm
-
-        self.bar = tqdm(unit="img", dynamic_ncols=True, smoothing=0.1, file=sys.stderr)
-        if "-" not in inputs:
-            threading.Thread(target=self._count, args=(inputs,), daemon=True).start()
-
-    def _count(self, inputs: list[str]) -> None:
-        n = sum(1 for _ in iter_inputs(inputs))
-        if self.bar is not None:
-            self.bar.total = n
-            self.bar.refresh()
-
-    def update(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def summarize(
-    result: JobResult,
-    *,
-    model: str,
-    version: str,
-    out: Path,
-    errors: Path,
-    backend: str,
-    resumed: bool,
-) -> dict[str, Any]:
-    c = result.counts
-    return {
-        "model": model,
-        "version": version,
-        "backend": backend,
-        "output": str(out),
-        "errors": str(errors),
-        "images_scored": c.scored,
-        "failed": c.failed,
-        "ood": c.ood,
-        "ood_rate": c.ood / c.scored if c.scored else 0.0,
-        "rejected": c.rejected,
-        "resumed": resumed,
-        "processed_this_run": result.processed,
-        "elapsed_s": round(result.elapsed_s, 3),
-        "images_per_s": round(result.processed / result.elapsed_s, 1) if result.elapsed_s else 0.0,
-    }
-
-
 def _validate(args: argparse.Namespace) -> ScoreOptions:
     if args.fdr is not None and not 0.0 < args.fdr < 1.0:
         raise UserError(f"--fdr must be in (0, 1), got {args.fdr}")
     for flag, value, low in (
         ("--batch-size", args.batch_size, 1),
-        ("--workers", args.workers, 1),
+        ("--concurrency", args.concurrency, 1),
         ("--threads", args.threads, 0),
         ("--top-k", args.top_k, 0),
     ):
@@ -204,10 +158,10 @@ def _validate(args: argparse.Namespace) -> ScoreOptions:
             raise UserError(f"{flag} must be >= {low}, got {value}")
     return ScoreOptions(
         batch_size=args.batch_size,
-        workers=args.workers,
+        workers=args.concurrency,
         processes=args.processes,
         top_k=args.top_k,
-        policy=args.policy,
+        policy=args.ood_policy,
         probs=args.probs,
     )
 
@@ -217,11 +171,59 @@ def main(args: argparse.Namespace) -> int:
         return _main(args)
     except (UserError, KeyboardInterrupt):
         raise  # the sdde CLI prints these (exit 2 / 130)
-    except Exception as exc:  # anything else failed the job: exit 2, never a bare traceback
-        if os.environ.get("SDDE_DEBUG"):
-            traceback.print_exc()
-        print(f"error: the job failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_JOB_FAILED
+    except Exception as exc:  # e.g. the model does not load: the job failed before it started
+        return report_failure(exc, resumable=False)
+
+
+def pipeline_job(scorer: Backend, args: argparse.Namespace, opts: ScoreOptions) -> Job:
+    """The pipeline (decode pool in this process) around ``scorer``: an engine or a server."""
+
+    def job(files: JobFiles, progress: Callable[[int], None]) -> JobResult:
+        return run_job(scorer, iter_inputs(args.inputs), files, opts, progress=progress)
+
+    return job
+
+
+@contextlib.contextmanager
+def local_backend(args: argparse.Namespace, opts: ScoreOptions) -> Iterator[BackendRun]:
+    """This machine's onnxruntime; decoding in threads, or processes with ``--processes``."""
+    from sdde_serve.engine import Engine
+
+    engine = Engine(args.model, intra_op_threads=args.threads, expect_sha256=args.expect_sha256)
+    yield BackendRun(
+        pipeline_job(engine, args, opts), engine.manifest, "local:" + ",".join(engine.providers)
+    )
+
+
+@contextlib.contextmanager
+def url_backend(args: argparse.Namespace, opts: ScoreOptions) -> Iterator[BackendRun]:
+    """A running server (``--url``): decoding here, inference there."""
+    from sdde_serve.manifest import load_onnx, read_manifest
+
+    from .remote import RemoteBackend
+
+    remote = RemoteBackend(args.url, read_manifest(load_onnx(args.model), source=args.model))
+    yield BackendRun(pipeline_job(remote, args, opts), remote.manifest, f"url:{remote.url}")
+
+
+@contextlib.contextmanager
+def ray_backend(args: argparse.Namespace, opts: ScoreOptions) -> Iterator[BackendRun]:
+    """Ray Data (``--ray``); imported only when chosen."""
+    from .ray_backend import ray_backend as backend
+
+    with backend(args, opts) as run:
+        yield run
+
+
+BACKENDS: dict[str, Callable[[argparse.Namespace, ScoreOptions], ContextManager[BackendRun]]] = {
+    "local": local_backend,
+    "url": url_backend,
+    "ray": ray_backend,
+}
+
+
+def backend_name(args: argparse.Namespace) -> str:
+    return "ray" if args.ray is not None else "url" if args.url else "local"
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -231,154 +233,19 @@ def _main(args: argparse.Namespace) -> int:
     check_format(out)
     check_format(errors)
     check_inputs(args.inputs)
-    if args.expect_sha256 and (args.url or args.ray is not None):
+    name = backend_name(args)
+    if args.expect_sha256 and name != "local":
         # the local engine checks it itself; the other backends read the file here
         from sdde_serve.model_checks import check_digest, read_model
 
         check_digest(Path(args.model), read_model(Path(args.model))[1], args.expect_sha256)
-
-    if args.ray is not None:
-        from .ray_backend import run_ray_job
-
-        return run_ray_job(args, opts, out, errors)
-
-    backend: Any
-    if args.url:
-        from sdde_serve.manifest import load_onnx, read_manifest
-
-        from .remote import RemoteBackend
-
-        manifest = read_manifest(load_onnx(args.model), source=args.model)
-        backend = RemoteBackend(args.url, manifest)
-        kind = f"url:{backend.url}"
-    else:
-        from sdde_serve.engine import Engine
-
-        backend = Engine(
-            args.model, intra_op_threads=args.threads, expect_sha256=args.expect_sha256
+    with BACKENDS[name](args, opts) as run:
+        return run_and_report(
+            run.job,
+            args=args,
+            opts=opts,
+            manifest=run.manifest,
+            out=out,
+            errors=errors,
+            backend=run.name,
         )
-        manifest = backend.manifest
-        kind = "local:" + ",".join(backend.providers)
-    return run_and_report(
-        lambda files, progress: run_job(
-            backend, iter_inputs(args.inputs), files, opts, progress=progress
-        ),
-        args=args,
-        opts=opts,
-        manifest=manifest,
-        out=out,
-        errors=errors,
-        backend=kind,
-    )
-
-
-def finished_without_journal(out: Path) -> bool:
-    """A finished job's output (its journal is removed when it completes)."""
-    return out.exists() and not journal_path(out).exists() and not parts_dir(out).exists()
-
-
-def bh_summary(bh: BHResult) -> dict[str, Any]:
-    return {"fdr": bh.q, "ood_bh": bh.flagged, "bh_cutoff": bh.cutoff}
-
-
-def bh_line(bh: BHResult) -> str:
-    return (
-        f"Benjamini-Hochberg at FDR {bh.q:g}: {bh.flagged} of {bh.m} images flagged "
-        f"(ood_bh: p-value <= {max(bh.cutoff, 0.0):.4g})"
-    )
-
-
-def bh_only(out: Path, columns: list[Any], q: float) -> int:
-    """``--resume --fdr`` on a finished job: (re)run the BH pass alone (idempotent)."""
-    bh = apply_bh(out, columns, q)
-    path = summary_path(out)
-    if path.exists():
-        summary = json.loads(path.read_text())
-        summary.update(bh_summary(bh))
-        _write_json_atomic(path, summary)
-    print(f"{out}: the job had finished; {bh_line(bh)}")
-    return EXIT_OK
-
-
-def job_header(manifest: Any, opts: ScoreOptions) -> dict[str, Any]:
-    """What must not change between a run and its ``--resume`` (checked by the journal)."""
-    return {
-        "model": manifest.name,
-        "weights_sha256": manifest.weights_sha256,
-        "temperature": manifest.temperature,
-        "threshold": manifest.ood.threshold,
-        "score": manifest.ood.score,
-        "policy": opts.policy,
-        "top_k": opts.top_k,
-        "probs": opts.probs,
-    }
-
-
-def run_and_report(
-    job: Any,
-    *,
-    args: argparse.Namespace,
-    opts: ScoreOptions,
-    manifest: Any,
-    out: Path,
-    errors: Path,
-    backend: str,
-) -> int:
-    """Open the job's files, run ``job(files, progress)``, finish, print and write the summary."""
-    columns = result_columns(manifest.classes, probs=opts.probs, top_k=opts.top_k > 0)
-    fdr = getattr(args, "fdr", None)
-    if fdr is not None and manifest.ood.calibration_scores is None:
-        raise UserError(
-            f"--fdr needs p-values, but model {manifest.name!r} stores no calibration scores "
-            "(exported before p-values); refit it with `sdde calibrate`"
-        )
-    if fdr is not None and args.resume and finished_without_journal(out):
-        return bh_only(out, columns, fdr)
-    files = JobFiles(out, errors, columns, job_header(manifest, opts), resume=args.resume)
-    resumed = files.resumed is not None
-    progress = Progress(args.inputs, enabled=sys.stderr.isatty())
-    if resumed and files.resumed is not None:
-        progress.update(files.resumed.n)
-    try:
-        result: JobResult = job(files, progress.update)
-    except UserError:
-        files.close()
-        raise
-    except KeyboardInterrupt:
-        files.close()
-        raise
-    except Exception as exc:
-        files.close()
-        progress.close()
-        if os.environ.get("SDDE_DEBUG"):
-            traceback.print_exc()
-        print(
-            f"error: the job failed: {type(exc).__name__}: {exc}\n"
-            f"(committed rows are kept; continue with --resume)",
-            file=sys.stderr,
-        )
-        return EXIT_JOB_FAILED
-    finally:
-        progress.close()
-    files.finish()
-    bh = apply_bh(out, columns, fdr) if fdr is not None else None
-    summary = summarize(
-        result,
-        model=manifest.name,
-        version=manifest.version,
-        out=out,
-        errors=errors,
-        backend=backend,
-        resumed=resumed,
-    )
-    if bh is not None:
-        summary.update(bh_summary(bh))
-    _write_json_atomic(summary_path(out), summary)
-    print(
-        f"scored {summary['images_scored']} images, {summary['failed']} failed, "
-        f"OOD rate {100 * summary['ood_rate']:.1f}%, {summary['images_per_s']} images/s "
-        f"-> {out}" + (f" (errors: {errors})" if summary["failed"] else "")
-    )
-    if bh is not None:
-        print(bh_line(bh))
-    return EXIT_SOME_FAILED if summary["failed"] else EXIT_OK

@@ -19,7 +19,6 @@ alone. Rerunning it is idempotent (``ood_bh`` is recomputed from the p-values).
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from sdde_serve import conformal
+from sdde_serve.atomic import atomic_path
 from sdde_serve.errors import UserError
 
 from .writers import Column, open_sink, parts_dir, read_rows
@@ -60,26 +60,24 @@ def apply_bh(out: Path, columns: list[Column], q: float) -> BHResult:
     cutoff = conformal.bh_cutoff(p, q)
     columns = [c for c in columns if c.name != BH_COLUMN.name] + [BH_COLUMN]
     # same suffix: the sink is chosen by the extension
-    tmp = out.with_name(f".{out.stem}.bh-tmp{out.suffix}")
-    tmp.unlink(missing_ok=True)
-    sink = open_sink(tmp, columns)
-    try:
-        chunk: list[dict[str, Any]] = []
-        for row in read_rows(out):
-            row["ood_bh"] = bool(float(row["ood_p_value"]) <= cutoff)
-            chunk.append(row)
-            if len(chunk) >= CHUNK:
-                sink.write(chunk)
-                sink.commit()
-                chunk = []
-        sink.write(chunk)
-        sink.commit()
-        sink.finish()
-    except BaseException:
-        sink.close()
+    with atomic_path(out, tmp=out.with_name(f".{out.stem}.bh-tmp{out.suffix}")) as tmp:
         tmp.unlink(missing_ok=True)
-        shutil.rmtree(parts_dir(tmp), ignore_errors=True)
-        raise
-    sink.close()
-    os.replace(tmp, out)
+        sink = open_sink(tmp, columns)
+        try:
+            chunk: list[dict[str, Any]] = []
+            for row in read_rows(out):
+                row["ood_bh"] = bool(float(row["ood_p_value"]) <= cutoff)
+                chunk.append(row)
+                if len(chunk) >= CHUNK:
+                    sink.write(chunk)
+                    sink.commit()
+                    chunk = []
+            sink.write(chunk)
+            sink.commit()
+            sink.finish()
+        except BaseException:
+            shutil.rmtree(parts_dir(tmp), ignore_errors=True)
+            raise
+        finally:
+            sink.close()
     return BHResult(q=q, m=len(p), flagged=int((p <= cutoff).sum()), cutoff=cutoff)

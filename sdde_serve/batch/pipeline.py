@@ -17,24 +17,24 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from sdde_serve.engine import EngineOutput
-from sdde_serve.errors import UserError
 from sdde_serve.manifest import InputSpec, Manifest
 from sdde_serve.preprocess import ImageError, ImageLimits, decode_image
-from sdde_serve.scoring import OODPolicy, Prediction, make_predictions
+from sdde_serve.scoring import Prediction, make_predictions
 
+from .job import JobResult, ScoreOptions, Tally
 from .writers import JobFiles
+
+__all__ = ["Backend", "ScoreOptions", "decode_chunk", "decoded_stream", "load_image", "run_job"]
 
 
 class Backend(Protocol):
@@ -49,37 +49,6 @@ class Backend(Protocol):
 IDLE_S = 0.5
 # failed inputs staged before a commit is forced (bounds memory on a run of bad files)
 MAX_STAGED_ERRORS = 10_000
-
-
-@dataclass
-class ScoreOptions:
-    batch_size: int = 64
-    workers: int = 2  # decode threads (or processes)
-    # decode in worker processes instead of threads: not limited by the GIL (many cores, small
-    # images, where Pillow's per-image Python overhead dominates), at a start-up cost per worker
-    processes: bool = False
-    top_k: int = 0  # 0: no top_k column
-    policy: OODPolicy = "flag"
-    probs: bool = False
-    limits: ImageLimits = field(default_factory=ImageLimits)
-    # seconds between commits (each commit fsyncs three files); 0 commits after every batch
-    commit_interval: float = 1.0
-
-
-@dataclass
-class Counts:
-    scored: int = 0
-    failed: int = 0
-    ood: int = 0
-    rejected: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {
-            "scored": self.scored,
-            "failed": self.failed,
-            "ood": self.ood,
-            "rejected": self.rejected,
-        }
 
 
 def load_image(path: str, spec: InputSpec, limits: ImageLimits) -> np.ndarray:
@@ -128,45 +97,6 @@ def score_rows(
     ]
 
 
-def path_hash_update(h: Any, path: str) -> None:
-    h.update(path.encode("utf-8", "surrogateescape") + b"\0")
-
-
-def skip_done(paths: Iterator[str], n: int, sha: str) -> tuple[Iterator[str], Any]:
-    """Consume the ``n`` inputs a previous run committed, checking they are the same ones.
-
-    Returns the remaining paths and the running hash (to continue the journal's hash chain).
-    """
-    h = hashlib.sha256()
-    for i in range(n):
-        p = next(paths, None)
-        if p is None:
-            raise UserError(
-                f"cannot resume: the interrupted run had done {n} inputs but the inputs now "
-                f"list only {i}; resume needs the same inputs in the same order"
-            )
-        path_hash_update(h, p)
-    if h.hexdigest() != sha:
-        raise UserError(
-            f"cannot resume: the first {n} inputs differ from the interrupted run's (files "
-            "added, removed or renamed); resume needs the same inputs in the same order, "
-            "or start again without --resume"
-        )
-    return paths, h
-
-
-def resume_point(paths: Iterator[str], files: JobFiles) -> tuple[Iterator[str], Any, Counts, int]:
-    """Where a job starts: after the inputs a resumed run committed, or at the beginning.
-
-    Returns the remaining paths, the running path hash, the counts so far and the number of
-    inputs already done; the local and the Ray backends both start from here.
-    """
-    if files.resumed is None:
-        return paths, hashlib.sha256(), Counts(), 0
-    rest, h = skip_done(paths, files.resumed.n, files.resumed.sha)
-    return rest, h, Counts(**files.resumed.counts), files.resumed.n
-
-
 def make_pool(workers: int, processes: bool) -> Executor:
     if processes:
         import multiprocessing
@@ -178,11 +108,16 @@ def make_pool(workers: int, processes: bool) -> Executor:
     return ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode")
 
 
-def _work(
-    load: Callable[[str], np.ndarray], batch: list[str]
-) -> list[tuple[str, np.ndarray | None, str | None]]:
-    """Decode one chunk of paths (module level: picklable for a process pool)."""
-    out: list[tuple[str, np.ndarray | None, str | None]] = []
+Decoded = tuple[str, np.ndarray | None, str | None]  # (path, image, error): one of the two is None
+
+
+def decode_chunk(load: Callable[[str], np.ndarray], batch: list[str]) -> list[Decoded]:
+    """Decode one chunk of paths: the worker function of every backend (thread and process
+    pools here, Ray actors in :mod:`.ray_backend`). Module level: picklable for a process pool.
+
+    A file that fails to decode is one bad input (its reason in the errors file), never a
+    failed job."""
+    out: list[Decoded] = []
     for p in batch:
         try:
             out.append((p, load(p), None))
@@ -204,7 +139,7 @@ def decoded_stream(
     chunk: int = 16,
     idle_s: float | None = None,
     processes: bool = False,
-) -> Iterator[tuple[str, np.ndarray | None, str | None] | None]:
+) -> Iterator[Decoded | None]:
     """``(path, image or None, error or None)`` in input order, from a decode pool.
 
     With ``idle_s``, ``None`` is yielded whenever no input arrived for that long (a stalled
@@ -237,11 +172,11 @@ def decoded_stream(
             for p in paths:
                 buf.append(p)
                 if len(buf) >= chunk:
-                    if not put(pool.submit(_work, load, buf)):
+                    if not put(pool.submit(decode_chunk, load, buf)):
                         return
                     buf = []
             if buf:
-                put(pool.submit(_work, load, buf))
+                put(pool.submit(decode_chunk, load, buf))
             put(None)
         except BaseException as exc:  # e.g. an unreadable list file: the job fails with it
             put(exc)
@@ -270,13 +205,6 @@ def decoded_stream(
                     item.cancel()
 
 
-@dataclass
-class JobResult:
-    counts: Counts
-    processed: int  # inputs handled by this run (scored + failed), excluding resumed ones
-    elapsed_s: float
-
-
 def run_job(
     backend: Backend,
     paths: Iterator[str],
@@ -288,38 +216,30 @@ def run_job(
     """Score ``paths`` into ``files``; bad files are recorded in the errors file, never fatal."""
     manifest = backend.manifest
     spec = manifest.input
-    paths, h, counts, done = resume_point(paths, files)
-    start = time.perf_counter()
-    processed = 0
+    tally = Tally(paths, files)
     bs = opts.batch_size
     batch = np.empty((bs, spec.channels, spec.height, spec.width), np.float32)
     batch_paths: list[str] = []
-    errors: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []  # staged until the next commit
     last_commit = time.monotonic()
-    committed_n = done  # inputs covered by the last commit
 
     def flush_batch() -> None:
         nonlocal batch_paths
         if not batch_paths:
             return
         out = backend.run(batch[: len(batch_paths)])
-        rows = score_rows(out, batch_paths, manifest, opts)
-        counts.scored += len(rows)
-        counts.ood += sum(r["is_ood"] for r in rows)
-        counts.rejected += sum(r["rejected"] for r in rows)
-        files.write(rows, [])
+        tally.add(score_rows(out, batch_paths, manifest, opts), [])
         batch_paths = []
 
     def commit() -> None:
-        nonlocal errors, last_commit, committed_n
-        files.write([], errors)
+        nonlocal errors, last_commit
+        tally.add([], errors)
         errors = []
-        files.commit(done, h.hexdigest(), counts.as_dict())
-        committed_n = done
+        tally.commit()
         last_commit = time.monotonic()
 
     stream = decoded_stream(
-        paths,
+        tally.paths,
         functools.partial(load_image, spec=spec, limits=opts.limits),  # picklable
         workers=opts.workers,
         window=max(3 * bs, 64),
@@ -330,17 +250,14 @@ def run_job(
     with contextlib.closing(stream):  # stops the feeder and the pool if scoring fails
         for item in stream:
             if item is None:  # the input stalls (slow list on stdin): don't sit on finished work
-                if done > committed_n:
+                if tally.done > tally.committed:
                     flush_batch()
                     commit()
                 continue
             path, image, error = item
-            path_hash_update(h, path)
-            done += 1
-            processed += 1
+            tally.seen(path)
             if error is not None:
                 errors.append({"path": path, "reason": error})
-                counts.failed += 1
             else:
                 batch[len(batch_paths)] = image
                 batch_paths.append(path)
@@ -354,4 +271,4 @@ def run_job(
                 progress(1)
     flush_batch()
     commit()
-    return JobResult(counts, processed, time.perf_counter() - start)
+    return tally.result()

@@ -6,18 +6,20 @@ feeds them to Ray in windows of :data:`WINDOW` paths. Each window is one Ray Dat
     from_items(paths) -> map_batches(RayScorer, concurrency=--workers) -> iter_batches (in order)
 
 :class:`RayScorer` is an actor class: each actor holds **one onnxruntime session** (an
-:class:`~sdde_serve.engine.Engine`), reads and decodes its batch's files with
-:func:`~sdde_serve.batch.pipeline.load_image` and makes the rows with the same
-:func:`~sdde_serve.batch.pipeline.score_rows` as local jobs, so the rows are the same. The model
-travels to the workers through Ray's object store (nodes need no copy of it); the **image paths
-must be readable on every node** (shared filesystem). After each window the driver writes the
-rows and commits the journal, so ``--resume`` works as for local jobs. Memory on the driver is
-bounded by one window.
+:class:`~sdde_serve.engine.Engine`), reads and decodes its batch's files with the same worker
+function as local jobs (:func:`~sdde_serve.batch.pipeline.decode_chunk`) and makes the rows with
+the same :func:`~sdde_serve.batch.pipeline.score_rows`, so the rows and the errors are the same.
+The model travels to the workers through Ray's object store (nodes need no copy of it); the
+**image paths must be readable on every node** (shared filesystem). After each window the driver
+writes the rows and commits the journal, so ``--resume`` works as for local jobs. Memory on the
+driver is bounded by one window.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -28,18 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from sdde_serve.errors import UserError
+from sdde_serve.extras import require_extra
 from sdde_serve.manifest import load_onnx, read_manifest
 
 from .inputs import iter_inputs
-from .pipeline import (
-    JobResult,
-    ScoreOptions,
-    load_image,
-    path_hash_update,
-    resume_point,
-    score_rows,
-)
+from .job import BackendRun, JobResult, ScoreOptions, Tally
+from .pipeline import decode_chunk, load_image, score_rows
 from .writers import JobFiles
 
 WINDOW = 8192  # paths per Ray dataset: bounds driver memory and the work lost to a crash
@@ -68,18 +64,18 @@ class RayScorer:
         self.opts = opts
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from sdde_serve.preprocess import ImageError
-
         manifest, opts = self.engine.manifest, self.opts
         paths = [str(p) for p in batch["path"]]  # as the user gave them: the rows' names
+        files = [str(p) for p in batch["file"]]  # absolute: workers have another working dir
+        load = functools.partial(load_image, spec=manifest.input, limits=opts.limits)
         records: list[dict[str, Any] | None] = [None] * len(paths)
         good, images = [], []
-        for i, p in enumerate(batch["file"]):  # absolute: workers have another working dir
-            try:
-                images.append(load_image(str(p), manifest.input, opts.limits))
+        for i, (_, image, error) in enumerate(decode_chunk(load, files)):
+            if image is None:
+                records[i] = {"error": error}
+            else:
+                images.append(image)
                 good.append(i)
-            except ImageError as exc:
-                records[i] = {"error": str(exc)}
         if good:
             out = self.engine.run(np.stack(images))
             rows = score_rows(out, [paths[i] for i in good], manifest, opts)
@@ -92,11 +88,9 @@ class RayScorer:
 
 
 def _import_ray() -> Any:
-    try:
+    with require_extra("ray", what="--ray needs Ray Data"):
         import ray
         import ray.data
-    except ModuleNotFoundError:
-        raise UserError("--ray needs Ray Data: pip install 'sdde-serve[ray]'") from None
     return ray
 
 
@@ -130,15 +124,12 @@ def ray_job(
     progress: Callable[[int], None] | None = None,
     window: int = WINDOW,
 ) -> JobResult:
-    import time
-
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # rows in input order, like local jobs
     ctx.enable_progress_bars = False
-    paths, h, counts, done = resume_point(paths, files)
+    tally = Tally(paths, files)
     model_ref = ray.put(Path(model_path).read_bytes())
-    start, processed = time.perf_counter(), 0
-    while chunk := list(islice(paths, window)):
+    while chunk := list(islice(tally.paths, window)):
         items = [{"path": p, "file": os.path.abspath(p)} for p in chunk]
         ds = ray.data.from_items(items).map_batches(
             RayScorer,
@@ -162,49 +153,34 @@ def ray_job(
                 if str(p) != chunk[seen]:
                     raise RuntimeError("Ray returned rows out of input order")
                 seen += 1
-            counts.scored += len(rows)
-            counts.failed += len(errors)
-            counts.ood += sum(r["is_ood"] for r in rows)
-            counts.rejected += sum(r["rejected"] for r in rows)
-            files.write(rows, errors)
+            tally.add(rows, errors)
             if progress is not None:
                 progress(len(batch["path"]))
         if seen != len(chunk):
             raise RuntimeError(f"Ray returned {seen} rows for {len(chunk)} inputs")
         for p in chunk:
-            path_hash_update(h, p)
-        done += len(chunk)
-        processed += len(chunk)
-        files.commit(done, h.hexdigest(), counts.as_dict())
-    if files.resumed is None and done == 0:
-        files.commit(0, h.hexdigest(), counts.as_dict())
-    return JobResult(counts, processed, time.perf_counter() - start)
+            tally.seen(p)
+        tally.commit()
+    if files.resumed is None and tally.done == 0:
+        tally.commit()
+    return tally.result()
 
 
-def run_ray_job(args: argparse.Namespace, opts: ScoreOptions, out: Path, errors: Path) -> int:
-    from .cli import run_and_report
-
+@contextlib.contextmanager
+def ray_backend(args: argparse.Namespace, opts: ScoreOptions) -> Iterator[BackendRun]:
+    """The ``--ray`` backend, with Ray connected (or started) for the block and shut down after
+    if we started it."""
     ray = _import_ray()
     manifest = read_manifest(load_onnx(args.model), source=args.model)
     started = _connect(ray, args.ray)
     try:
-        return run_and_report(
-            lambda files, progress: ray_job(
-                ray,
-                args.model,
-                iter_inputs(args.inputs),
-                files,
-                opts,
-                threads=max(1, args.threads),
-                progress=progress,
-            ),
-            args=args,
-            opts=opts,
-            manifest=manifest,
-            out=out,
-            errors=errors,
-            backend=f"ray:{args.ray}",
-        )
+
+        def job(files: JobFiles, progress: Callable[[int], None]) -> JobResult:
+            paths = iter_inputs(args.inputs)
+            threads = max(1, args.threads)
+            return ray_job(ray, args.model, paths, files, opts, threads=threads, progress=progress)
+
+        yield BackendRun(job, manifest, f"ray:{args.ray}")
     finally:
         if started:
             ray.shutdown()

@@ -32,7 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from sdde_serve.atomic import atomic_path, write_text_atomic
 from sdde_serve.errors import UserError
+from sdde_serve.extras import require_extra
 
 JOURNAL_SCHEMA = "sdde-score-journal/1"
 
@@ -84,14 +86,6 @@ class Sink(Protocol):
     def finish(self) -> None: ...
 
     def close(self) -> None: ...
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _committed_prefix(path: Path, size: int, sha256: str | None) -> Any:
@@ -284,11 +278,9 @@ def _arrow_schema(columns: list[Column]):  # -> pyarrow.Schema
 
 
 def _pyarrow():
-    try:
+    with require_extra("parquet", what="parquet output needs pyarrow"):
         import pyarrow
         import pyarrow.parquet  # the submodule must be loaded
-    except ModuleNotFoundError:
-        raise UserError("parquet output needs pyarrow: pip install 'sdde-serve[parquet]'") from None
     return pyarrow
 
 
@@ -326,26 +318,19 @@ class ParquetSink:
         if self._pending:
             pa = _pyarrow()
             table = pa.Table.from_pylist(self._pending, schema=self.schema)
-            final = self.parts_dir / _part_name(self._parts)
-            tmp = final.with_name(final.name + ".tmp")
-            pa.parquet.write_table(table, tmp)
-            _fsync_file(tmp)
-            os.replace(tmp, final)
-            fsync_dir(self.parts_dir)
+            # an unfinished temporary does not end in .parquet: dropped on resume
+            with atomic_path(self.parts_dir / _part_name(self._parts)) as tmp:
+                pa.parquet.write_table(table, tmp)
             self._parts += 1
             self._pending = []
         return {"parts": self._parts}
 
     def finish(self) -> None:
         pa = _pyarrow()
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
         # streaming merge: one part in memory at a time, each becomes a row group
-        with pa.parquet.ParquetWriter(tmp, self.schema) as writer:
+        with atomic_path(self.path) as tmp, pa.parquet.ParquetWriter(tmp, self.schema) as writer:
             for i in range(self._parts):
                 writer.write_table(pa.parquet.read_table(self.parts_dir / _part_name(i)))
-        _fsync_file(tmp)
-        os.replace(tmp, self.path)
-        fsync_dir(self.path.parent)
         shutil.rmtree(self.parts_dir, ignore_errors=True)
 
     def close(self) -> None:
@@ -365,14 +350,6 @@ def _part_index(f: Path) -> int:
         return int(f.name.split("-")[1].split(".")[0])
     except (IndexError, ValueError):
         return 1 << 62
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 SINKS: dict[str, type] = {".jsonl": JsonlSink, ".csv": CsvSink, ".parquet": ParquetSink}
@@ -548,13 +525,7 @@ class JobFiles:
         self._jfd = os.open(self.journal, os.O_WRONLY | os.O_APPEND)
 
     def _start_journal(self, header: dict[str, Any]) -> None:
-        tmp = self.journal.with_name(self.journal.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(header, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.journal)
-        fsync_dir(self.journal.parent)
+        write_text_atomic(self.journal, json.dumps(header, sort_keys=True) + "\n")
 
     def write(self, rows: list[dict[str, Any]], errors: list[dict[str, Any]]) -> None:
         self.out_sink.write(_text_paths(rows))

@@ -18,9 +18,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from sdde_serve.errors import UserError
+
 STD_EPS = 1e-6
 NORM_EPS = 1e-6
 BORDER = 1
+
+
+class MapsTooSmallError(UserError, ValueError):
+    """Maps that cropping the border leaves empty: the similarity is not the training's one.
+
+    A :class:`UserError` for ``sdde eval`` (one line, exit 2), a ``ValueError`` as the training
+    side's ``training.saliency.normalize_maps`` raises for the same maps."""
 
 
 def normalize_maps(maps: np.ndarray, border: int = BORDER) -> np.ndarray:
@@ -29,8 +38,13 @@ def normalize_maps(maps: np.ndarray, border: int = BORDER) -> np.ndarray:
     if maps.ndim != 4:
         raise ValueError(f"CAMs must be [B, N, h, w], got {maps.shape}")
     h, w = maps.shape[2:]
-    # a border crop of a tiny map would leave nothing: keep such maps whole
-    if border > 0 and h > 2 * border and w > 2 * border:
+    if h <= 2 * border or w <= 2 * border:
+        # the training loss refuses these maps too: a whole-map similarity would be another metric
+        raise MapsTooSmallError(
+            f"saliency maps of {h}x{w} leave nothing after cropping a {border}-pixel border; "
+            "choose an earlier saliency layer or a larger input size (or --cam-images 0)"
+        )
+    if border > 0:
         maps = maps[:, :, border:-border, border:-border]
     flat = maps.reshape(*maps.shape[:2], -1)
     flat = (flat - flat.mean(axis=2, keepdims=True)) / (flat.std(axis=2, keepdims=True) + STD_EPS)

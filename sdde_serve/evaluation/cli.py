@@ -7,6 +7,8 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from sdde_serve.deprecation import add_deprecated_alias
+
 if TYPE_CHECKING:
     from sdde_serve.engine import Engine
     from sdde_serve.evaluation.evaluate import CamFn
@@ -35,7 +37,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=SET[,SET...]",
         help="average OOD sets into a group row, e.g. near=a,b (repeatable)",
     )
-    parser.add_argument("-o", "--out", required=True, help="output directory for the report")
+    parser.add_argument(
+        "--out-dir",
+        dest="out",
+        default=None,  # required, checked in main: argparse would not count the old spelling
+        metavar="DIR",
+        help="directory for the report (metrics.json, report.md, plots); required",
+    )
+    # -o names an output *file* in every other command (score); a directory here was a trap
+    add_deprecated_alias(parser, "-o", "--out", new="--out-dir", dest="out")
     parser.add_argument("--batch-size", type=int, default=256, help="images per onnxruntime call")
     parser.add_argument(
         "--cam-images",
@@ -66,23 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     members.add_arguments(parser)
 
 
-# modules whose absence means "PyTorch side not installed" (the [train] extra)
-TRAIN_MODULES = {"torch", "torchvision", "safetensors", "training"}
-
-
 def _cam_fn_for_model() -> Callable[[str, Engine], CamFn]:
     """``training.cams.cam_fn_for_model``, imported only here: sdde_serve never imports torch."""
-    from sdde_serve.errors import UserError
+    from sdde_serve.extras import require_extra
 
-    try:
+    with require_extra("train", what="--cams-from-run needs PyTorch"):
         from training.cams import cam_fn_for_model
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] not in TRAIN_MODULES:
-            raise
-        raise UserError(
-            f"--cams-from-run needs PyTorch (missing module {exc.name!r}): "
-            "pip install 'sdde-serve[train]'"
-        ) from None
     return cam_fn_for_model
 
 
@@ -93,6 +92,8 @@ def main(args: argparse.Namespace) -> int:
     from sdde_serve.evaluation.evaluate import evaluate, parse_groups, parse_named_specs
     from sdde_serve.evaluation.report import write_report
 
+    if args.out is None:
+        raise UserError("the report directory is required: --out-dir DIR")
     if args.batch_size < 1 or args.cam_images < 0 or args.threads < 0:
         raise UserError("--batch-size must be >= 1, --cam-images and --threads >= 0")
     from sdde_serve.evaluation import members, shift

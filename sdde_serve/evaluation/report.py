@@ -19,6 +19,7 @@ from sdde_serve.evaluation import conformal_eval
 from sdde_serve.evaluation.cams import pairwise_cosine_per_image
 from sdde_serve.evaluation.evaluate import PRIMARY_SCORES, SCORES, Evaluation
 from sdde_serve.evaluation.sections import section_markdown, section_plots
+from sdde_serve.extras import require_extra
 
 METRIC_LABELS = {"auroc": "AUROC", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out", "fpr95": "FPR@95"}
 DIVERSITY_LABELS = {
@@ -33,12 +34,8 @@ DIVERSITY_LABELS = {
 
 
 def _pyplot() -> Any:
-    try:
+    with require_extra("eval", what="plots need matplotlib", alternative="or pass --no-plots"):
         import matplotlib
-    except ModuleNotFoundError:
-        raise UserError(
-            "plots need matplotlib: pip install 'sdde-serve[eval]' (or pass --no-plots)"
-        ) from None
     matplotlib.use("Agg")  # files only; never open a window (servers and CI have no display)
     import matplotlib.pyplot as plt
 

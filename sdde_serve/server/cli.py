@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from sdde_serve.errors import UserError
+from sdde_serve.scoring import OOD_POLICIES
 from sdde_serve.server.settings import ENV_PREFIX, Settings
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--max-queue-delay-ms": ("max_queue_delay_ms", {"type": float}),
     "--max-queue-size": ("max_queue_size", {"type": int}),
     "--timeout": ("request_timeout_s", {"type": float}),
-    "--ood-policy": ("ood_policy", {"choices": ["flag", "reject"]}),
+    "--ood-policy": ("ood_policy", {"choices": OOD_POLICIES}),
     "--api-key": ("api_keys", {"action": "append"}),
     "--api-keys-file": ("api_keys_file", {}),
     "--max-body-bytes": ("max_body_bytes", {"type": int}),

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sdde_serve.errors import UserError
+from sdde_serve.scoring import OODPolicy
 
 ENV_PREFIX = "SDDE_"
 
@@ -44,7 +45,7 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         30.0, gt=0.0, description="per request: queue wait plus inference, else 503"
     )
-    ood_policy: Literal["flag", "reject"] = Field(
+    ood_policy: OODPolicy = Field(
         "flag", description="default OOD policy; requests may override it"
     )
     api_keys: Annotated[list[str], NoDecode] = Field(

@@ -47,7 +47,7 @@ def test_ray_mode_gives_the_local_rows(
         "2",
         "--batch-size",
         "8",
-        "--workers",
+        "--concurrency",
         "1",
     ]
     assert score(*args, "-o", local) == 1

@@ -45,7 +45,7 @@ def test_resume_after_sigkill_scores_each_file_once(tmp_path: Path, linear_model
         str(out),
         "--batch-size",
         "4",
-        "--workers",
+        "--concurrency",
         "2",
         "--probs",
     ]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from sdde_serve.batch import cli as batch_cli
 from sdde_serve.batch.inputs import iter_inputs
 from sdde_serve.batch.pipeline import ScoreOptions, decoded_stream, load_image
 from sdde_serve.batch.writers import journal_path, read_rows
@@ -87,7 +89,7 @@ def test_reject_policy_rows(tmp_path: Path, linear_model, images) -> None:
     model, _ = linear_model
     flag, reject = tmp_path / "f.jsonl", tmp_path / "r.jsonl"
     assert score(model, tmp_path / "images", "-o", flag) == 0
-    assert score(model, tmp_path / "images", "-o", reject, "--policy", "reject") == 0
+    assert score(model, tmp_path / "images", "-o", reject, "--ood-policy", "reject") == 0
     n_ood = 0
     for f, r in zip(read_rows(flag), read_rows(reject), strict=True):
         assert f["ood_score"] == r["ood_score"] and f["is_ood"] == r["is_ood"]
@@ -137,9 +139,27 @@ def test_process_pool_decoding_gives_the_same_rows(tmp_path: Path, linear_model,
     model, _ = linear_model
     write_bad_files(tmp_path / "images" / "bad")
     threads, procs = tmp_path / "t.jsonl", tmp_path / "p.jsonl"
-    assert score(model, tmp_path / "images", "-o", threads, "--workers", "2") == 1
-    assert score(model, tmp_path / "images", "-o", procs, "--workers", "2", "--processes") == 1
+    assert score(model, tmp_path / "images", "-o", threads, "--concurrency", "2") == 1
+    assert score(model, tmp_path / "images", "-o", procs, "--concurrency", "2", "--processes") == 1
     assert list(read_rows(procs)) == list(read_rows(threads))
     assert list(read_rows(tmp_path / "p.errors.jsonl")) == list(
         read_rows(tmp_path / "t.errors.jsonl")
     )
+
+
+def test_renamed_flags_still_work_and_warn(tmp_path: Path, linear_model, images, capsys) -> None:
+    """``--policy`` and ``--workers`` were renamed (CHANGELOG.md): hidden, warned, the same."""
+    model, _ = linear_model
+    new, old = tmp_path / "new.jsonl", tmp_path / "old.jsonl"
+    assert score(model, tmp_path / "images", "-o", new, "--ood-policy", "reject") == 0
+    assert "deprecated" not in capsys.readouterr().err
+    assert score(model, tmp_path / "images", "-o", old, "--policy", "reject", "--workers", "1") == 0
+    err = capsys.readouterr().err
+    assert "--policy is deprecated and will be removed; use --ood-policy" in err
+    assert "--workers is deprecated and will be removed; use --concurrency" in err
+    assert list(read_rows(old)) == list(read_rows(new))
+    parser = argparse.ArgumentParser()
+    batch_cli.add_arguments(parser)
+    help_text = parser.format_help()
+    assert "--ood-policy" in help_text and "--policy" not in help_text
+    assert "--concurrency" in help_text and "--workers" not in help_text

@@ -73,3 +73,22 @@ def test_same_as_the_training_loss_similarity() -> None:
     # training's version L2-normalises twice (normalize_maps, then the cosine), so its eps of
     # 1e-6 enters twice; the official code and this module normalise once: ~1e-7 apart
     assert mean_pairwise_cosine(maps) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 2), (1, 6), (6, 2), (3, 3), (3, 5), (6, 4)])
+def test_numpy_and_torch_normalisation_agree_on_every_map_size(size: tuple[int, int]) -> None:
+    """Before: on maps of 2 pixels or fewer a side, numpy kept the whole map (a number unlike
+    the training loss's) while torch refused them; now both refuse, and agree elsewhere."""
+    import torch
+
+    from training.saliency import normalize_maps as torch_normalize_maps
+
+    maps = np.random.default_rng(1).normal(size=(2, 3, *size))
+    try:
+        expected = torch_normalize_maps(torch.from_numpy(maps)).double().numpy()
+    except ValueError as exc:
+        with pytest.raises(ValueError, match="leave nothing after cropping") as info:
+            normalize_maps(maps)
+        assert str(exc).split(";")[0] == str(info.value).split(";")[0]
+        return
+    np.testing.assert_allclose(normalize_maps(maps), expected, atol=1e-6)

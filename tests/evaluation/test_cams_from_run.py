@@ -79,7 +79,16 @@ def test_maps_equal_saliency_gradcam(tiny_run: Path, engine) -> None:
 def test_cli_writes_cam_similarity_and_overlays(tiny_model: Path, tiny_run: Path, engine, tmp_path):
     noise = noise_npz(tmp_path / "noise.npz", 40, 8, seed=7)
     out = tmp_path / "out"
-    argv = ["eval", str(tiny_model), "--data", "digits", "--ood", f"noise={noise}", "-o", str(out)]
+    argv = [
+        "eval",
+        str(tiny_model),
+        "--data",
+        "digits",
+        "--ood",
+        f"noise={noise}",
+        "--out-dir",
+        str(out),
+    ]
     argv += ["--cam-images", str(CAM_IMAGES), "--threads", "1", "--cams-from-run", str(tiny_run)]
     assert sdde_main(argv) == 0
     cams = json.loads((out / "metrics.json").read_text())["cams"]
@@ -127,7 +136,7 @@ def test_flag_wins_over_the_graph_cams(tiny_model: Path, tiny_run: Path, engine,
     assert Engine(model, intra_op_threads=1).has_cams
     argv = ["eval", str(model), "--data", "digits", "--cam-images", str(CAM_IMAGES)]
     argv += ["--threads", "1", "--no-plots", "--cams-from-run", str(tiny_run)]
-    assert sdde_main([*argv, "-o", str(tmp_path / "out")]) == 0
+    assert sdde_main([*argv, "--out-dir", str(tmp_path / "out")]) == 0
     cams = json.loads((tmp_path / "out" / "metrics.json").read_text())["cams"]
     x = _cam_subset(load_dataset("digits", split="test").as_model_input(*engine.input_shape))
     expected = cam_metrics.mean_pairwise_cosine(_reference_cams(tiny_run, engine, x))
@@ -169,10 +178,10 @@ def _one_line_error(capsys) -> str:
 def test_errors_are_one_line(tiny_model: Path, tiny_run: Path, tmp_path, capsys) -> None:
     base = ["eval", str(tiny_model), "--data", "digits", "--no-plots", "--cams-from-run"]
     out = tmp_path / "out"
-    assert sdde_main([*base, str(tmp_path / "nope"), "-o", str(out)]) == 2
+    assert sdde_main([*base, str(tmp_path / "nope"), "--out-dir", str(out)]) == 2
     assert "does not exist" in _one_line_error(capsys)
     bad = _perturbed_copy(tiny_run, tmp_path / "bad", keep_last=None)
-    assert sdde_main([*base, str(bad), "-o", str(out)]) == 2
+    assert sdde_main([*base, str(bad), "--out-dir", str(out)]) == 2
     assert "no checkpoint gives the model's logits" in _one_line_error(capsys)
     assert not out.exists()  # nothing written
 
@@ -182,7 +191,7 @@ def test_missing_torch_says_install_the_train_extra(tiny_model: Path, tiny_run: 
         "import sys; sys.modules['torch'] = None\n"  # as if torch were not installed
         "from sdde_serve.cli import main\n"
         f"sys.exit(main(['eval', {str(tiny_model)!r}, '--data', 'digits', '--no-plots',"
-        f" '-o', {str(tmp_path / 'out')!r}, '--cams-from-run', {str(tiny_run)!r}]))"
+        f" '--out-dir', {str(tmp_path / 'out')!r}, '--cams-from-run', {str(tiny_run)!r}]))"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2, res.stderr

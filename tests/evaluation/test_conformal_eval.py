@@ -31,7 +31,16 @@ def test_eval_reports_the_false_flag_rate_and_the_qq_plot(
     id_spec = str(labelled_npz(tmp_path / "id.npz", 1500, 8, classes=4, seed=8))
     ood_spec = str(_ood_npz(tmp_path / "odd.npz", model))
     out = tmp_path / "report"
-    argv = ["eval", str(model), "--data", id_spec, "--ood", f"odd={ood_spec}", "-o", str(out)]
+    argv = [
+        "eval",
+        str(model),
+        "--data",
+        id_spec,
+        "--ood",
+        f"odd={ood_spec}",
+        "--out-dir",
+        str(out),
+    ]
     assert sdde_main([*argv, "--cam-images", "0"]) == 0
     printed = capsys.readouterr().out
     m = json.loads((out / "metrics.json").read_text())["conformal"]
@@ -66,7 +75,7 @@ def test_a_model_without_calibration_scores_has_no_conformal_section(
     model, _ = linear_model
     id_spec = str(labelled_npz(tmp_path / "id.npz", 50, 8, classes=4))
     out = tmp_path / "r"
-    argv = ["eval", str(model), "--data", id_spec, "-o", str(out), "--no-plots"]
+    argv = ["eval", str(model), "--data", id_spec, "--out-dir", str(out), "--no-plots"]
     assert sdde_main(argv) == 0
     assert json.loads((out / "metrics.json").read_text())["conformal"] is None
     assert "p-values: none" in capsys.readouterr().out

@@ -49,7 +49,7 @@ def linear_report(linear_model, tmp_path_factory: pytest.TempPathFactory):
             "far=noise,tex",
             "--group",
             "near=tex",
-            "-o",
+            "--out-dir",
             str(out),
             "--threads",
             "1",
@@ -134,7 +134,9 @@ def test_files_and_conventions(linear_report) -> None:
 def test_no_plots_needs_no_matplotlib(linear_model, tmp_path: Path) -> None:
     path, _ = linear_model
     id_spec = str(labelled_npz(tmp_path / "id.npz", 50, 8, classes=4))
-    rc = sdde_main(["eval", str(path), "--data", id_spec, "--no-plots", "-o", str(tmp_path / "o")])
+    rc = sdde_main(
+        ["eval", str(path), "--data", id_spec, "--no-plots", "--out-dir", str(tmp_path / "o")]
+    )
     assert rc == 0
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["metrics.json", "report.md"]
 
@@ -155,7 +157,7 @@ def test_bad_arguments_are_clear_errors(
     path, _ = linear_model
     id_spec = str(labelled_npz(tmp_path / "id.npz", 20, 8, classes=4))
     extra = [e.replace("=X", f"={id_spec}").replace("=Y", f"={id_spec}") for e in extra]
-    rc = sdde_main(["eval", str(path), "--data", id_spec, "-o", str(tmp_path / "o"), *extra])
+    rc = sdde_main(["eval", str(path), "--data", id_spec, "--out-dir", str(tmp_path / "o"), *extra])
     err = capsys.readouterr().err
     assert rc == 2
     assert err.startswith("error: ") and message in err, err
@@ -165,10 +167,14 @@ def test_bad_arguments_are_clear_errors(
 def test_unlabelled_or_mismatched_id_data(linear_model, tmp_path: Path, capsys) -> None:
     path, _ = linear_model
     unlabelled = str(noise_npz(tmp_path / "u.npz", 10, 8))
-    assert sdde_main(["eval", str(path), "--data", unlabelled, "-o", str(tmp_path / "o")]) == 2
+    assert (
+        sdde_main(["eval", str(path), "--data", unlabelled, "--out-dir", str(tmp_path / "o")]) == 2
+    )
     assert "needs labels" in capsys.readouterr().err
     ten_classes = str(labelled_npz(tmp_path / "ten.npz", 40, 8, classes=10, seed=4))
-    assert sdde_main(["eval", str(path), "--data", ten_classes, "-o", str(tmp_path / "o")]) == 2
+    assert (
+        sdde_main(["eval", str(path), "--data", ten_classes, "--out-dir", str(tmp_path / "o")]) == 2
+    )
     assert "the model has 4 classes" in capsys.readouterr().err
     assert (
         sdde_main(
@@ -177,7 +183,7 @@ def test_unlabelled_or_mismatched_id_data(linear_model, tmp_path: Path, capsys) 
                 str(tmp_path / "missing.onnx"),
                 "--data",
                 ten_classes,
-                "-o",
+                "--out-dir",
                 str(tmp_path / "o"),
             ]
         )
@@ -317,3 +323,17 @@ def test_cams_from_the_graph(linear_model, tmp_path: Path) -> None:
     written = write_report(ev, tmp_path / "out")
     check_png(tmp_path / "out" / "cams.png")
     assert tmp_path / "out" / "cams.png" in written
+
+
+def test_the_old_output_flag_still_works_and_warns(linear_model, tmp_path: Path, capsys) -> None:
+    """``-o`` names an output file everywhere else; eval's directory is ``--out-dir`` now
+    (CHANGELOG.md). The old spellings keep working for a while, with a warning."""
+    path, _ = linear_model
+    id_spec = str(labelled_npz(tmp_path / "id.npz", 50, 8, classes=4))
+    base = ["eval", str(path), "--data", id_spec, "--no-plots"]
+    assert sdde_main([*base, "-o", str(tmp_path / "a")]) == 0
+    assert "-o is deprecated and will be removed; use --out-dir" in capsys.readouterr().err
+    assert sdde_main([*base, "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "a" / "metrics.json").exists() and (tmp_path / "b" / "report.md").exists()
+    assert sdde_main(base) == 2
+    assert "--out-dir DIR" in capsys.readouterr().err

@@ -124,7 +124,7 @@ def test_cli_shift_and_sweep_render_for_the_tiny_model(tiny_model: Path, tmp_pat
             "digits@test",
             "--ood",
             f"noise={noise}",
-            "-o",
+            "--out-dir",
             str(out),
             "--cam-images",
             "0",
@@ -177,7 +177,7 @@ def test_cli_shift_and_sweep_render_for_the_tiny_model(tiny_model: Path, tmp_pat
 def test_bad_shift_and_sweep_arguments(linear_model, tmp_path: Path, capsys, extra, message):
     path, _ = linear_model
     id_spec = str(labelled_npz(tmp_path / "id.npz", 20, 8, classes=4))
-    rc = sdde_main(["eval", str(path), "--data", id_spec, "-o", str(tmp_path / "o"), *extra])
+    rc = sdde_main(["eval", str(path), "--data", id_spec, "--out-dir", str(tmp_path / "o"), *extra])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and message in err, err
     assert not (tmp_path / "o" / "metrics.json").exists()

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from sdde_serve.data import load_dataset, train_val_split
 from sdde_serve.errors import UserError
-from training.config import TrainConfig
+from tests.conftest import tiny_train_config
 from training.run import load_run
 from training.trainer import train
 
@@ -24,18 +24,7 @@ def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("load_run") / "run"
     # 10 steps per epoch at batch 128: records at the epoch end (step 10) and at the
     # max_steps stop (step 14), so "best" and "last" can be different checkpoints.
-    cfg = TrainConfig(
-        data="digits",
-        arch="lenet",
-        members=3,
-        method="sdde",
-        epochs=2,
-        batch_size=128,
-        max_steps=14,
-        out=str(out),
-        progress=False,
-    )
-    train(cfg)
+    train(tiny_train_config(out, batch_size=128, max_steps=14, progress=False))
     return out
 
 

@@ -12,7 +12,7 @@ import base64
 import binascii
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
@@ -21,7 +21,7 @@ from starlette.datastructures import UploadFile
 
 from sdde_serve.manifest import InputSpec
 from sdde_serve.preprocess import ImageError, ImageLimits, check_request_pixels, decode_image
-from sdde_serve.scoring import OODPolicy, Prediction, make_predictions
+from sdde_serve.scoring import OOD_POLICIES, OODPolicy, Prediction, make_predictions
 from sdde_serve.server.batcher import RequestTimeoutError
 from sdde_serve.server.deps import AuthDep, ModelRuntime, RuntimeDep, ServerState, StateDep
 from sdde_serve.server.errors import ApiError
@@ -37,7 +37,7 @@ class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     images: list[str] = Field(min_length=1, description="base64 of each encoded image file")
-    ood_policy: Literal["flag", "reject"] | None = Field(
+    ood_policy: OODPolicy | None = Field(
         None, description="override the server's OOD policy for this request"
     )
     top_k: int | None = Field(None, ge=1, le=1000, description="classes listed in top_k")
@@ -56,7 +56,7 @@ class ImagePrediction(Prediction):
 class PredictResponse(BaseModel):
     model: str
     version: str
-    ood_policy: Literal["flag", "reject"]
+    ood_policy: OODPolicy
     predictions: list[ImagePrediction]
 
 
@@ -65,7 +65,7 @@ _FORM_SCHEMA: dict[str, Any] = {
     "required": ["files"],
     "properties": {
         "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-        "ood_policy": {"type": "string", "enum": ["flag", "reject"]},
+        "ood_policy": {"type": "string", "enum": list(OOD_POLICIES)},
         "top_k": {"type": "integer", "minimum": 1, "maximum": 1000},
         "probabilities": {"type": "boolean"},
         "alpha": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
@@ -185,7 +185,7 @@ def _resolve(
     probs_q: bool,
 ) -> tuple[OODPolicy, int, bool]:  # fmt: skip
     policy = _option(options, "ood_policy", policy_q) or state.settings.ood_policy
-    if policy not in ("flag", "reject"):
+    if policy not in OOD_POLICIES:
         raise ApiError(422, f"ood_policy must be 'flag' or 'reject', got {policy!r}")
     top_k = _option(options, "top_k", top_k_q) or state.settings.top_k
     try:
@@ -308,7 +308,7 @@ async def predict(
     runtime: RuntimeDep,
     state: StateDep,
     ood_policy: Annotated[
-        Literal["flag", "reject"] | None, Query(description="override the server's OOD policy")
+        OODPolicy | None, Query(description="override the server's OOD policy")
     ] = None,
     top_k: Annotated[int | None, Query(ge=1, le=1000)] = None,
     probabilities: Annotated[bool, Query(description="include the full vector")] = False,

@@ -28,7 +28,7 @@ from sdde_serve import __version__
 from sdde_serve.calibration import member_agreement
 from sdde_serve.engine import EngineOutput
 from sdde_serve.manifest import Manifest
-from sdde_serve.scoring import Prediction, make_predictions, score_of
+from sdde_serve.scoring import OOD_POLICIES, Prediction, make_predictions, score_of
 from sdde_serve.server.deps import (
     AuthDep,
     ModelRuntime,
@@ -391,7 +391,7 @@ def _requested(req: InferenceRequest, available: list[str]) -> list[tuple[str, b
 
 def _policy(req: InferenceRequest, state: ServerState) -> str:
     policy = (req.parameters or {}).get("ood_policy", state.settings.ood_policy)
-    if policy not in ("flag", "reject"):
+    if policy not in OOD_POLICIES:
         raise ApiError(400, f"parameter ood_policy must be 'flag' or 'reject', got {policy!r}")
     return policy
 
