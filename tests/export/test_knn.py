@@ -20,6 +20,7 @@ from export.knn import (
 from export.select import ScoreInputs, choose, select_score
 from export.verify import VerificationError, run_onnx, verification_inputs, verify
 from sdde_serve import calibration as cal
+from sdde_serve import conformal
 from sdde_serve.engine import Engine
 from sdde_serve.errors import UserError
 from sdde_serve.manifest import KNN_BANK_INITIALIZER, load_onnx, read_manifest
@@ -247,7 +248,9 @@ def test_calibrate_refits_the_knn_threshold_from_the_graph(tiny_model, tmp_path)
     assert ood.score == "knn" and after.ood.selection == before.ood.selection
     assert after.knn == before.knn
     knn = Engine(path).run(load_dataset("digits@test").as_model_input(1, 28, 28)).knn
-    assert ood.threshold == pytest.approx(cal.threshold_for_acceptance(knn, 0.9), abs=0)
+    # the refit rule is the conformal one, on the graph's own knn output
+    assert ood.calibration_scores == conformal.sorted_scores(knn)
+    assert ood.threshold == conformal.threshold_for_alpha(ood.calibration_scores, 0.1)
     _, ood = calibrate_file(path, "digits@test", score="minmax")
     m = read_manifest(load_onnx(path))
     assert m.ood.score == "minmax" and m.ood.selection.method == "given"
