@@ -9,10 +9,16 @@ its manifest (docs/export.md).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdde_serve.errors import UserError
 from sdde_serve.manifest import Manifest
+
+if TYPE_CHECKING:
+    import onnx
+
+    from export.quantize import PrecisionOptions
+    from sdde_serve.manifest import CalibrationInfo, OODSpec
 
 __all__ = ["export_run"]
 
@@ -60,12 +66,18 @@ def export_run(
     with_cams: bool = True,
     opset: int | None = None,
     score: str = "mal",
+    precision: PrecisionOptions | None = None,
 ) -> Manifest:
-    """Export ``run_dir``'s ensemble to ``output`` (one ONNX file); returns its manifest."""
+    """Export ``run_dir``'s ensemble to ``output`` (one ONNX file); returns its manifest.
+
+    ``precision`` (default fp32) converts the verified fp32 graph (``export/quantize.py``),
+    refits T and the threshold on the converted graph and refuses it beyond its tolerances.
+    """
     # torch and the exporter load slowly; keep `import export` cheap for the CLI
     from export.calibrate import calibrate_on_validation
     from export.graph import DEFAULT_OPSET, build_graph, to_onnx
     from export.layouts import default_layout, get_layout
+    from export.quantize import PrecisionOptions, lower_precision, run_training_images
     from export.verify import verification_inputs, verify
     from sdde_serve.manifest import InputSpec, save_onnx_atomic, weights_sha256, write_manifest
     from training.run import load_run
@@ -83,27 +95,43 @@ def export_run(
     get_layout(layout)  # fail on a bad name before the slow part
     opset = opset or DEFAULT_OPSET
     shape = (int(data["channels"]), int(data["height"]), int(data["width"]))
+    precision = precision or PrecisionOptions()
+    precision.validate()
     if run.val.labels is None or len(run.val) == 0:
         raise UserError(f"{run_dir}: the validation split has no labelled images to calibrate on")
     val_images = run.val.as_model_input(*shape)
 
     graph = build_graph(ensemble, layout, input_shape=shape, with_cams=with_cams)
     proto = to_onnx(graph, input_shape=shape, opset=opset)
-    # T is fitted on the graph's outputs and written into its `temperature` initializer
-    info, ood = calibrate_on_validation(
-        proto,
-        val_images,
-        run.val.labels,
-        data=run.val.name,
-        id_acceptance=id_acceptance,
-        score=score,
-    )
+
+    def calibrate(model: onnx.ModelProto) -> tuple[CalibrationInfo, OODSpec]:
+        # T is fitted on the graph's outputs and written into its `temperature` initializer
+        return calibrate_on_validation(
+            model,
+            val_images,
+            run.val.labels,
+            data=run.val.name,
+            id_acceptance=id_acceptance,
+            score=score,
+        )
+
+    info, ood = calibrate(proto)
     # verified as written: with the fitted T in the file
     verify(
         proto,
         ensemble,
         temperature=info.temperature,
         inputs=verification_inputs(shape, val_images),
+    )
+    proto, info, ood, precision_check = lower_precision(
+        proto,
+        precision,
+        fp32_calibration=(info, ood),
+        calibrate=calibrate,
+        val_images=val_images,
+        val_labels=run.val.labels,
+        val_name=run.val.name,
+        train_images=lambda n: run_training_images(run, n, shape),
     )
     manifest = Manifest(
         name=name or Path(run_dir).resolve().name,
@@ -128,6 +156,8 @@ def export_run(
         ood=ood,
         calibration=info,
         weights_sha256=weights_sha256(proto),
+        precision=precision.precision,
+        precision_check=precision_check,
         training_config={k: v for k, v in config.items() if k != "schema"},
     )
     write_manifest(proto, manifest)

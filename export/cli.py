@@ -16,6 +16,8 @@ HELP = (
 # kept in sync with export.layouts.LAYOUTS (a test checks); listed here so --help needs no torch
 LAYOUT_CHOICES = ("loop", "packed")
 SCORE_CHOICES = ("mal", "msp")
+# kept in sync with export.quantize.PRECISIONS (a test checks)
+PRECISION_CHOICES = ("fp32", "int8", "bf16", "fp16")
 # `sdde` shows defaults in --help; a zero-width "%(default)" field stops it from appending
 # "(default: None)" where the help text already says what None means
 NO_AUTO_DEFAULT = "%(default).0s"
@@ -55,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-cams", action="store_true", help="leave out the class-activation-map output"
     )
+    add_precision_arguments(parser)
     parser.add_argument(
         "--triton-repo",
         type=Path,
@@ -63,6 +66,83 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also write a Triton model repository entry for the exported file under DIR"
         + NO_AUTO_DEFAULT,
     )
+
+
+def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("precision (docs/export.md, Precision)")
+    group.add_argument(
+        "--precision",
+        choices=PRECISION_CHOICES,
+        default="fp32",
+        help="numeric precision of the member networks: int8 (static QDQ, for CPUs), fp16 (for "
+        "the CUDA provider); T and the threshold are refitted on the converted graph and it is "
+        "compared with fp32 on the validation split",
+    )
+    group.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=0.3,
+        help="refuse a converted graph whose validation accuracy is this many points below fp32",
+    )
+    group.add_argument(
+        "--max-auroc-drop",
+        type=float,
+        default=0.5,
+        help="refuse a converted graph whose validation OOD AUROC (with --ood-val) is this many "
+        "points below fp32",
+    )
+    group.add_argument(
+        "--calibration-images",
+        type=int,
+        default=512,
+        help="training images (never validation) that int8 activation ranges are calibrated on",
+    )
+    if not any("--ood-val" in a.option_strings for a in parser._actions):
+        group.add_argument(
+            "--ood-val",
+            action="append",
+            default=[],
+            metavar="NAME=SPEC",
+            help="a validation OOD set (repeatable; default split: train), never one you report "
+            "results on: the AUROC of the deployed score against it is compared across precisions",
+        )
+
+
+def precision_options(args: argparse.Namespace):  # -> export.quantize.PrecisionOptions
+    from export.quantize import PrecisionOptions
+    from sdde_serve.data import load_dataset
+    from sdde_serve.evaluation.evaluate import parse_named_specs
+
+    specs = parse_named_specs(getattr(args, "ood_val", None), "--ood-val")
+    return PrecisionOptions(
+        precision=args.precision,
+        max_accuracy_drop=args.max_accuracy_drop,
+        max_auroc_drop=args.max_auroc_drop,
+        calibration_images=args.calibration_images,
+        ood_val=[load_dataset(spec, split="train") for spec in specs.values()],
+    )
+
+
+def print_precision(manifest) -> None:  # manifest: sdde_serve.manifest.Manifest
+    check = manifest.precision_check
+    if check is None:
+        return
+    a, b = check.fp32, check.converted
+    print(f"  precision {check.precision} vs fp32 on {check.data} ({check.n} images):")
+    drop = -check.accuracy_drop_points
+    print(f"    accuracy {a.accuracy:.4f} -> {b.accuracy:.4f} ({drop:+.2f} points)")
+    print(f"    NLL {a.nll:.4f} -> {b.nll:.4f}, ECE {a.ece:.4f} -> {b.ece:.4f}")
+    print(
+        f"    labels agree on {check.label_agreement:.2%}; "
+        f"max |logit diff| {check.max_abs_logit_diff:.3g}"
+    )
+    if check.auroc_drop_points is not None:
+        print(
+            f"    AUROC ({manifest.ood.score}) vs {check.ood_data} ({check.n_ood} images): "
+            f"{a.auroc:.4f} -> {b.auroc:.4f} ({-check.auroc_drop_points:+.2f} points)"
+        )
+    if check.calibration_data:
+        print(f"    int8 activation ranges from {check.calibration_data}")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -79,6 +159,7 @@ def main(args: argparse.Namespace) -> int:
         with_cams=not args.no_cams,
         opset=args.opset,
         score=args.score,
+        precision=precision_options(args),
     )
     cal = manifest.calibration
     print(
@@ -95,6 +176,7 @@ def main(args: argparse.Namespace) -> int:
         f"  OOD: {manifest.ood.score} < {manifest.ood.threshold:.6g} "
         f"(accepts {manifest.ood.id_acceptance:.1%} of validation images)"
     )
+    print_precision(manifest)
     if cal.warning:
         print(f"warning: {cal.warning}")
     if args.triton_repo is not None:
