@@ -25,6 +25,7 @@ from sdde_serve.server.batcher import Batcher
 from sdde_serve.server.deps import ModelRuntime, ServerState
 from sdde_serve.server.errors import BodyLimitMiddleware, install_error_handlers
 from sdde_serve.server.metrics import Metrics
+from sdde_serve.server.multiprocess import worker_exiting
 from sdde_serve.server.routes import metrics as metrics_routes
 from sdde_serve.server.routes import predict, v2
 from sdde_serve.server.settings import Settings
@@ -111,6 +112,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             set_ready(state, False)
             await batcher.close(settings.drain_timeout_s)
             state.decode_pool.shutdown(wait=False, cancel_futures=True)
+            worker_exiting(metrics.multiprocess_dir)
 
     app = FastAPI(
         title="sdde-serve",

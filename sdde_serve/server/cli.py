@@ -112,7 +112,10 @@ class DrainingServer(uvicorn.Server):
 
 def _serve_one(settings: Settings) -> int:
     from sdde_serve.server.app import create_app, load_engine
+    from sdde_serve.server.multiprocess import clean_dir, multiprocess_dir
 
+    if (metrics_dir := multiprocess_dir()) is not None:  # set by the operator: start afresh
+        clean_dir(metrics_dir)
     engine = load_engine(settings)  # ModelLoadError: one clear line, before binding
     app = create_app(settings, engine)
     state = app.state.sdde
@@ -137,19 +140,24 @@ def _serve_one(settings: Settings) -> int:
 
 def _serve_many(settings: Settings) -> int:
     from sdde_serve.server.app import load_engine
+    from sdde_serve.server.multiprocess import shared_metrics_dir
 
     load_engine(settings)  # fail fast in the parent; each worker then loads its own session
     os.environ.update(settings_env(settings))
-    uvicorn.run(
-        "sdde_serve.server.app:app_from_env",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
-        access_log=settings.log_level == "debug",
-    )
+    # the workers (spawned, so they import prometheus_client afresh) find the directory in
+    # PROMETHEUS_MULTIPROC_DIR and write their metrics there; any of them merges them all
+    with shared_metrics_dir() as metrics_dir:
+        log.info("%d workers; metrics merged from %s", settings.workers, metrics_dir)
+        uvicorn.run(
+            "sdde_serve.server.app:app_from_env",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level=settings.log_level,
+            timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+            access_log=settings.log_level == "debug",
+        )
     return 0
 
 
