@@ -131,7 +131,7 @@ def to_int8(model: onnx.ModelProto, calibration_images: np.ndarray) -> onnx.Mode
         raise UserError("int8 calibration needs training images; the training split is empty")
     model = onnx.ModelProto.FromString(model.SerializeToString())
     _require_node_names(model)
-    members = member_nodes(model)
+    members = [n for n in member_nodes(model) if n not in _batched_matmuls(model)]
     with tempfile.TemporaryDirectory(prefix="sdde-int8-") as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(model, str(src))
@@ -156,6 +156,19 @@ def to_int8(model: onnx.ModelProto, calibration_images: np.ndarray) -> onnx.Mode
     _keep_metadata(model, quantized)
     _check_temperature(quantized)
     return quantized
+
+
+def _batched_matmuls(model: onnx.ModelProto) -> set[str]:
+    """MatMul nodes with a 3-D weight (the packed layout's per-member Linear layers): their
+    per-channel int8 form is refused at run time by onnxruntime's QLinearMatMul ("weight zero
+    point must be a scalar, 1D tensor of size 1, or last to second dimension is 1"); they stay
+    float32 (a few thousand multiply-adds per image next to the convolutions)."""
+    dims = {t.name: len(t.dims) for t in model.graph.initializer}
+    return {
+        n.name
+        for n in model.graph.node
+        if n.op_type == "MatMul" and any(dims.get(i, 0) > 2 for i in n.input)
+    }
 
 
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
