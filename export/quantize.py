@@ -126,21 +126,29 @@ def to_int8(model: onnx.ModelProto, calibration_images: np.ndarray) -> onnx.Mode
     """Static int8 QDQ copy of ``model``: per-channel weights, activations from the images."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if len(calibration_images) == 0:
         raise UserError("int8 calibration needs training images; the training split is empty")
+
     model = onnx.ModelProto.FromString(model.SerializeToString())
     _require_node_names(model)
-    members = [n for n in member_nodes(model) if n not in _batched_matmuls(model)]
+    quantizable = _inline_identity_weights(model)
     with tempfile.TemporaryDirectory(prefix="sdde-int8-") as tmp:
-        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        onnx.save(model, str(src))
-        # onnxruntime logs a "consider pre-processing" warning on the root logger; its
-        # pre-processing (shape inference, graph fusion) renames nodes and gains nothing here:
-        # the exporter already folded BatchNorm into the convolutions
+        src, pre, dst = (Path(tmp) / f"{n}.onnx" for n in ("fp32", "pre", "int8"))
+        onnx.save(quantizable, str(src))
+        # shape inference only: onnxruntime's graph optimisation here would turn the division
+        # by `temperature` into a multiplication by its reciprocal (sdde calibrate needs it)
+        with _quiet_root_logger():
+            quant_pre_process(str(src), str(pre), skip_optimization=True)
+        prepared = onnx.load(str(pre))
+        _require_node_names(prepared)
+        onnx.save(prepared, str(pre))
+        members = [n for n in member_nodes(prepared) if n not in _batched_matmuls(prepared)]
+        # onnxruntime logs a "consider pre-processing" warning on the root logger even after it
         with _quiet_root_logger():
             quantize_static(
-                str(src),
+                str(pre),
                 str(dst),
                 _ImageReader(calibration_images),
                 quant_format=QuantFormat.QDQ,
@@ -156,6 +164,35 @@ def to_int8(model: onnx.ModelProto, calibration_images: np.ndarray) -> onnx.Mode
     _keep_metadata(model, quantized)
     _check_temperature(quantized)
     return quantized
+
+
+def _inline_identity_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy where each ``Identity`` of an initializer is replaced by its own initializer.
+
+    The TorchScript exporter deduplicates equal initializers and hands the duplicates to their
+    convolutions through Identity nodes. The quantizer then sees no constant weight and leaves
+    those as DequantizeLinear -> float Conv -> QuantizeLinear, which onnxruntime does not fuse
+    into QLinearConv (measured on ResNet18_32: 8 of 20 convolutions int8 with the Identity
+    nodes, 20 without). onnxruntime's own pre-processing removes them too, but its graph
+    optimisation also turns the division by ``temperature`` into a multiplication.
+    """
+    import onnx
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[node.input[0]])
+            copy.name = node.output[0]
+            graph.initializer.append(copy)
+        else:
+            keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return model
 
 
 def _batched_matmuls(model: onnx.ModelProto) -> set[str]:
