@@ -205,3 +205,61 @@ def test_member_nodes_are_the_ancestors_of_logits(tiny_model):
     heads = {n.op_type for n in model.graph.node if n.name not in members}
     assert {"Softmax", "ReduceMax"} <= heads  # probs, MAL, MSP stay out of the conversion
     assert not any("temperature" in n.input for n in model.graph.node if n.name in members)
+
+
+def _identity_shared_model() -> onnx.ModelProto:
+    """Two convolutions with equal biases, the second's fed through an Identity (the TorchScript
+    exporter deduplicates equal tensors so: BatchNorm-folded biases of an untrained ResNet),
+    under a `logits` output and a temperature head."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(4, 4, 3, 3)).astype(np.float32), "w")
+    w2 = numpy_helper.from_array(rng.normal(size=(4, 4, 3, 3)).astype(np.float32), "w2")
+    bias = numpy_helper.from_array(rng.normal(size=4).astype(np.float32), "b")
+    temperature = numpy_helper.from_array(np.array(1.5, np.float32), "temperature")
+    shape = numpy_helper.from_array(np.array([0, 1, 4], np.int64), "shape")
+    nodes = [
+        helper.make_node("Conv", ["images", "w", "b"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Identity", ["b"], ["b_shared"], name="dedup"),
+        helper.make_node("Conv", ["r1", "w2", "b_shared"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["c2"], ["pooled"], name="pool"),
+        helper.make_node("Reshape", ["pooled", "shape"], ["logits"], name="to_logits"),
+        helper.make_node("Div", ["logits", "temperature"], ["scaled"], name="div_t"),
+        helper.make_node("Softmax", ["scaled"], ["probs"], name="softmax", axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, 4]),
+            helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 1, 4]),
+        ],
+        [w, w2, bias, temperature, shape],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_int8_fuses_every_convolution_even_with_identity_shared_weights(tmp_path):
+    """onnxruntime must turn both convolutions into QLinearConv: a weight reached through an
+    Identity left the second one as float Conv between Dequantize/Quantize (3x slower)."""
+    import onnxruntime as ort
+
+    model = _identity_shared_model()
+    images = np.random.default_rng(1).random((16, 4, 8, 8), dtype=np.float32)
+    q = to_int8(model, images)
+    onnx.checker.check_model(q, full_check=True)
+    assert get_temperature(q) == pytest.approx(1.5)  # the head is untouched
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(
+        q.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 2 and "Conv" not in ops
+    # and the int8 graph still computes what the float one does, to int8 precision
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a, b = (s.run(["logits"], {"images": images})[0] for s in (ref, session))
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
