@@ -91,12 +91,12 @@ def export_run(
     config, data, model_cfg = run.config, run.config["data"], run.config["model"]
     ensemble = run.ensemble.eval()
     arch = str(model_cfg["arch"])
-    layout = layout or default_layout(arch)
+    precision = precision or PrecisionOptions()
+    precision.validate()
+    layout = layout or precision.default_layout(arch) or default_layout(arch)
     get_layout(layout)  # fail on a bad name before the slow part
     opset = opset or DEFAULT_OPSET
     shape = (int(data["channels"]), int(data["height"]), int(data["width"]))
-    precision = precision or PrecisionOptions()
-    precision.validate()
     if run.val.labels is None or len(run.val) == 0:
         raise UserError(f"{run_dir}: the validation split has no labelled images to calibrate on")
     val_images = run.val.as_model_input(*shape)

@@ -344,6 +344,13 @@ PRECISIONS: dict[str, Converter | None] = {
     "fp16": lambda model, _images: to_fp16(model),
 }
 NEEDS_CALIBRATION_IMAGES = frozenset({"int8"})
+# (precision, arch) -> the layout measured faster for it (benchmarks/bench_engine.py
+# --precision-runs; docs/export.md): int8 packs differently from fp32. ResNet18_32 x5 int8:
+# loop 3.62x / 5.22x fp32 at batch 64 / 1, packed 3.37x / 3.82x; LeNet x5 int8: packed ahead
+DEFAULT_LAYOUTS: dict[tuple[str, str], str] = {
+    ("int8", "resnet18_32"): "loop",
+    ("int8", "lenet"): "packed",
+}
 
 
 # --- comparison with the fp32 graph -----------------------------------------------------------
@@ -449,6 +456,10 @@ class PrecisionOptions:
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES
     # validation OOD sets (never a set reported as a result); AUROC is over their union
     ood_val: list[ArrayDataset] = field(default_factory=list)
+
+    def default_layout(self, arch: str) -> str | None:
+        """The layout measured faster for this precision and arch, if it differs from fp32's."""
+        return DEFAULT_LAYOUTS.get((self.precision, arch))
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:

@@ -88,6 +88,8 @@ def test_int8_manifest_records_precision_and_deltas(int8_model, tiny_model, tiny
     manifest = read_manifest(load_onnx(int8_model))
     fp32 = read_manifest(load_onnx(tiny_model))
     assert manifest.precision == "int8" and fp32.precision == "fp32"
+    # the layout measured faster for int8 LeNet (fp32 LeNet defaults to loop)
+    assert (manifest.layout, fp32.layout) == ("packed", "loop")
     assert fp32.precision_check is None
     check = manifest.precision_check
     assert check is not None and check.precision == "int8"
