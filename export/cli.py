@@ -109,6 +109,8 @@ def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def precision_options(args: argparse.Namespace):  # -> export.quantize.PrecisionOptions
+    import dataclasses
+
     from export.quantize import PrecisionOptions
     from sdde_serve.data import load_dataset
     from sdde_serve.evaluation.evaluate import parse_named_specs
@@ -119,7 +121,11 @@ def precision_options(args: argparse.Namespace):  # -> export.quantize.Precision
         max_accuracy_drop=args.max_accuracy_drop,
         max_auroc_drop=args.max_auroc_drop,
         calibration_images=args.calibration_images,
-        ood_val=[load_dataset(spec, split="train") for spec in specs.values()],
+        # each set under the NAME the user gave it (recorded in the manifest as ood_data)
+        ood_val=[
+            dataclasses.replace(load_dataset(spec, split="train"), name=name)
+            for name, spec in specs.items()
+        ],
     )
 
 
@@ -129,7 +135,7 @@ def print_precision(manifest) -> None:  # manifest: sdde_serve.manifest.Manifest
         return
     a, b = check.fp32, check.converted
     print(f"  precision {check.precision} vs fp32 on {check.data} ({check.n} images):")
-    drop = -check.accuracy_drop_points
+    drop = 0.0 - check.accuracy_drop_points  # 0.0 - 0.0 prints +0.00, not -0.00
     print(f"    accuracy {a.accuracy:.4f} -> {b.accuracy:.4f} ({drop:+.2f} points)")
     print(f"    NLL {a.nll:.4f} -> {b.nll:.4f}, ECE {a.ece:.4f} -> {b.ece:.4f}")
     print(

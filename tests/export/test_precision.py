@@ -265,3 +265,25 @@ def test_int8_fuses_every_convolution_even_with_identity_shared_weights(tmp_path
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     a, b = (s.run(["logits"], {"images": images})[0] for s in (ref, session))
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+
+
+def test_cli_options_name_each_validation_ood_set_as_given(tmp_path):
+    import argparse
+
+    from export.cli import add_arguments, precision_options
+
+    np.savez(tmp_path / "n.npz", images=_noise_set(5).images)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    npz = tmp_path / "n.npz"
+    flags = ["--precision", "int8", "--max-auroc-drop", "1.5"]
+    flags += ["--ood-val", f"noise={npz}", "--ood-val", f"more={npz}"]
+    args = parser.parse_args(["RUN", "-o", "m.onnx", *flags])
+    options = precision_options(args)
+    assert (options.precision, options.max_auroc_drop, options.max_accuracy_drop) == (
+        "int8",
+        1.5,
+        0.3,
+    )
+    assert [d.name for d in options.ood_val] == ["noise", "more"]
+    assert all(len(d) == 5 for d in options.ood_val)
