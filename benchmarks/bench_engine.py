@@ -13,6 +13,15 @@ torch, best of both) measured in the same run. Prints a table, writes
 ``benchmarks/results/bench_engine.json``.
 
     .venv/bin/python benchmarks/bench_engine.py [--quick] [--threads 2]
+
+With ``--precision-runs CASE=RUN_DIR ...`` it measures precisions instead, on *trained* runs:
+each run is exported by ``export_run`` in fp32 and int8 (``--precision``; tolerances lifted so
+that the deltas are recorded even beyond them), and the graphs are timed side by side at batch
+1, 8 and 64, with the export's own deltas (accuracy, NLL, ECE, label agreement, AUROC against
+``--ood-val``) next to the speed. Writes ``benchmarks/results/bench_engine_precision.json``.
+
+    .venv/bin/python benchmarks/bench_engine.py --threads 2 \
+        --precision-runs lenet_x5=runs/lenet resnet18_32_x5=runs/r18 --ood-val flipped=ood.npz
 """
 
 from __future__ import annotations
@@ -339,6 +348,175 @@ def print_table(results: dict, summary: dict, matmul: dict[str, float]) -> None:
     print("cells: images/s (achieved GFLOP/s as a fraction of the matmul rate)")
 
 
+# --- precisions on trained runs ---------------------------------------------------------------
+
+PRECISION_BENCH = ("fp32", "int8")
+PRECISION_GOALS = {"resnet18_32_x5": {64: 3.5, 1: 2.0}}  # int8 / fp32 images/s
+
+
+def export_precisions(
+    run_dir: Path, work: Path, case: str, ood_val: list[str]
+) -> dict[str, tuple[Path, dict]]:
+    """``{variant: (path, manifest dict)}``: fp32 in the default layout, int8 in each layout."""
+    from export import export_run
+    from export.quantize import PrecisionOptions
+    from sdde_serve.data import load_dataset
+    from sdde_serve.evaluation.evaluate import parse_named_specs
+
+    ood = [
+        load_dataset(spec, split="train")
+        for spec in parse_named_specs(ood_val, "--ood-val").values()
+    ]
+    out = {}
+    variants = [("fp32", None)] + [("int8", layout) for layout in LAYOUTS]
+    for precision, layout in variants:
+        name = precision if layout is None else f"{precision}-{layout}"
+        path = work / f"{case}-{name}.onnx"
+        options = PrecisionOptions(
+            precision, max_accuracy_drop=100.0, max_auroc_drop=100.0, ood_val=ood
+        )
+        t0 = time.perf_counter()
+        manifest = export_run(run_dir, path, layout=layout, with_cams=False, precision=options)
+        print(f"  exported {case} {name} ({manifest.layout}) in {time.perf_counter() - t0:.0f} s",
+              flush=True)  # fmt: skip
+        out[name] = (path, manifest.model_dump())
+    return out
+
+
+def within_tolerances(check: dict | None) -> bool | None:
+    from export.quantize import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MAX_AUROC_DROP
+
+    if check is None:
+        return None
+    acc = 100 * (check["fp32"]["accuracy"] - check["converted"]["accuracy"])
+    ok = acc <= DEFAULT_MAX_ACCURACY_DROP + 1e-9
+    if check["fp32"].get("auroc") is not None:
+        auroc = 100 * (check["fp32"]["auroc"] - check["converted"]["auroc"])
+        ok = ok and auroc <= DEFAULT_MAX_AUROC_DROP + 1e-9
+    return ok
+
+
+def bench_precision_case(
+    case: str, run_dir: Path, threads: int, min_time: float, ood_val: list[str], work: Path
+) -> dict:
+    models = export_precisions(run_dir, work, case, ood_val)
+    sessions = {name: session(path.read_bytes(), threads) for name, (path, _) in models.items()}
+    m = models["fp32"][1]
+    shape = (m["input"]["channels"], m["input"]["height"], m["input"]["width"])
+    rows = []
+    for batch in BATCHES:
+        x = np.random.default_rng(batch).random((batch, *shape), dtype=np.float32)
+        paths = {n: (lambda s=s, x=x: s.run(None, {"images": x})) for n, s in sessions.items()}
+        secs = time_interleaved(paths, min_time)
+        for name, seconds in secs.items():
+            rows.append(
+                {
+                    "variant": name,
+                    "layout": models[name][1]["layout"],
+                    "batch": batch,
+                    "images_per_s": batch / seconds,
+                    "speedup_vs_fp32": secs["fp32"] / seconds,
+                }
+            )
+            print(f"  {case:15s} {name:12s} batch {batch:3d}: {batch / seconds:9.1f} img/s "
+                  f"({secs['fp32'] / seconds:.2f}x fp32)", flush=True)  # fmt: skip
+    checks = {
+        name: {
+            "precision_check": man["precision_check"],
+            "within_default_tolerances": within_tolerances(man["precision_check"]),
+            "calibration": man["calibration"],
+        }
+        for name, (_, man) in models.items()
+    }
+    return {"run_dir": str(run_dir), "rows": rows, "checks": checks}
+
+
+def print_precision_table(results: dict) -> None:
+    print(f"\n{'case':15s} {'variant':12s} " + " ".join(f"{'b=' + str(b):>18s}" for b in BATCHES)
+          + "  acc drop  AUROC drop  agree  in tol")  # fmt: skip
+    for case, res in results.items():
+        for name in dict.fromkeys(r["variant"] for r in res["rows"]):
+            cells = [
+                f"{r['images_per_s']:8.1f} ({r['speedup_vs_fp32']:.2f}x)"
+                for b in BATCHES
+                for r in res["rows"]
+                if r["variant"] == name and r["batch"] == b
+            ]
+            check = res["checks"][name]["precision_check"]
+            tail = ""
+            if check is not None:
+                acc = 100 * (check["fp32"]["accuracy"] - check["converted"]["accuracy"])
+                auroc = (
+                    "-"
+                    if check["fp32"].get("auroc") is None
+                    else f"{100 * (check['fp32']['auroc'] - check['converted']['auroc']):.2f}"
+                )
+                ok = res["checks"][name]["within_default_tolerances"]
+                tail = f"  {acc:8.2f}  {auroc:>10s}  {check['label_agreement']:.2%}  {ok}"
+            print(f"{case:15s} {name:12s} " + " ".join(f"{c:>18s}" for c in cells) + tail)
+    print("cells: images/s (speed-up over fp32 in the same round); drops in points vs fp32")
+
+
+def precision_main(args: argparse.Namespace) -> int:
+    import tempfile
+
+    t0 = time.time()
+    runs = dict(item.split("=", 1) for item in args.precision_runs)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench-precision-") as tmp:
+        for case, run_dir in runs.items():
+            results[case] = bench_precision_case(
+                case, Path(run_dir), args.threads, args.min_time, args.ood_val, Path(tmp)
+            )
+    print_precision_table(results)
+    goals = {}
+    for case, per_batch in PRECISION_GOALS.items():
+        if case not in results:
+            continue
+        for batch, goal in per_batch.items():
+            best = max(
+                (
+                    r
+                    for r in results[case]["rows"]
+                    if r["batch"] == batch and r["variant"] != "fp32"
+                ),
+                key=lambda r: r["speedup_vs_fp32"],
+            )
+            ok = within_tolerances(results[case]["checks"][best["variant"]]["precision_check"])
+            goals[f"{case} int8 >= {goal}x fp32 at batch {batch}"] = {
+                "best_variant": best["variant"],
+                "speedup": best["speedup_vs_fp32"],
+                "met": bool(best["speedup_vs_fp32"] >= goal and ok),
+            }
+    for goal, v in goals.items():
+        verdict = "met" if v["met"] else "MISSED"
+        print(f"goal {goal}: {verdict} ({v['best_variant']} {v['speedup']:.2f}x)")
+    load = os.getloadavg()
+    out = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "threads": args.threads,
+            "loadavg_end": load,
+            "onnxruntime": ort.__version__,
+        },
+        "ood_val": args.ood_val,
+        "results": results,
+        "goals": goals,
+        "wall_s": time.time() - t0,
+        "cpu_s": time.process_time(),
+    }
+    path = (
+        args.out.with_name("bench_engine_precision.json")
+        if args.out.name == "bench_engine.json"
+        else args.out
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2, default=str))
+    print(f"wrote {path} ({time.time() - t0:.0f} s, load average {load[0]:.1f})")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -352,11 +530,21 @@ def main() -> int:
         help="only measure the cost of the knn output (default bank) and write "
         "benchmarks/results/bench_engine_knn.json",
     )
+    parser.add_argument(
+        "--precision-runs",
+        nargs="*",
+        default=[],
+        metavar="CASE=RUN_DIR",
+        help="measure fp32 vs int8 on these trained runs instead (see the module docstring)",
+    )
+    parser.add_argument("--ood-val", action="append", default=[], metavar="NAME=SPEC")
     args = parser.parse_args()
     global SPIN
     SPIN = args.spin
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
+    if args.precision_runs:
+        return precision_main(args)
     t0 = time.time()
     if args.knn_cost:
         from export.knn import DEFAULT_BANK_ROWS

@@ -10,10 +10,16 @@ that temperature and writes it with its manifest (docs/export.md).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdde_serve.errors import UserError
 from sdde_serve.manifest import Manifest
+
+if TYPE_CHECKING:
+    import onnx
+
+    from export.quantize import PrecisionOptions
+    from sdde_serve.manifest import CalibrationInfo, OODSpec
 
 __all__ = ["export_run"]
 
@@ -66,6 +72,7 @@ def export_run(
     knn_bank: int | None = None,
     knn_dtype: str = "float32",
     knn_seed: int = 0,
+    precision: PrecisionOptions | None = None,
 ) -> Manifest:
     """Export ``run_dir``'s ensemble to ``output`` (one ONNX file); returns its manifest.
 
@@ -73,6 +80,8 @@ def export_run(
     best validation AUROC against the ``ood_val`` sets ``{NAME: SPEC}``, else the benchmark's
     default). ``knn_bank``: most rows of the KNN bank (None: export.knn.DEFAULT_BANK_ROWS;
     0: no bank and no ``knn`` output); ``knn_k``: its k (None: chosen, see export/select.py).
+    ``precision`` (default fp32) converts the verified fp32 graph (``export/quantize.py``),
+    refits T and the threshold on the converted graph and refuses it beyond its tolerances.
     """
     # torch and the exporter load slowly; keep `import export` cheap for the CLI
     from export.calibrate import calibrate_on_validation
@@ -80,6 +89,7 @@ def export_run(
     from export.graph import DEFAULT_OPSET, build_graph, to_onnx
     from export.knn import DEFAULT_BANK_ROWS
     from export.layouts import default_layout, get_layout
+    from export.quantize import PrecisionOptions, lower_precision, run_training_images
     from export.verify import verification_inputs, verify
     from sdde_serve.manifest import InputSpec, save_onnx_atomic, weights_sha256, write_manifest
     from training.run import load_run
@@ -95,14 +105,16 @@ def export_run(
     config, data, model_cfg = run.config, run.config["data"], run.config["model"]
     ensemble = run.ensemble.eval()
     arch = str(model_cfg["arch"])
-    layout = layout or default_layout(arch)
+    precision = precision or PrecisionOptions()
+    precision.validate()
+    layout = layout or precision.default_layout(arch) or default_layout(arch)
     get_layout(layout)  # fail on a bad name before the slow part
     opset = opset or DEFAULT_OPSET
     shape = (int(data["channels"]), int(data["height"]), int(data["width"]))
     if run.val.labels is None or len(run.val) == 0:
         raise UserError(f"{run_dir}: the validation split has no labelled images to calibrate on")
     val_images = run.val.as_model_input(*shape)
-    ood = choose_ood_score(
+    choice = choose_ood_score(
         run, score, shape, ood_val or {}, knn_k=knn_k, rows=knn_bank, dtype=knn_dtype, seed=knn_seed
     )
 
@@ -111,30 +123,44 @@ def export_run(
         layout,
         input_shape=shape,
         with_cams=with_cams,
-        knn_bank=ood.bank_tensor(),
-        knn_k=ood.k,
+        knn_bank=choice.bank_tensor(),
+        knn_k=choice.k,
     )
     proto = to_onnx(graph, input_shape=shape, opset=opset)
-    if ood.bank is not None and ood.bank.dtype != "float32":
+    if choice.bank is not None and choice.bank.dtype != "float32":
         from export.knn import store_bank_as
 
-        store_bank_as(proto, ood.bank.dtype)
-    # T is fitted on the graph's outputs and written into its `temperature` initializer
-    info, threshold = calibrate_on_validation(
-        proto,
-        val_images,
-        run.val.labels,
-        data=run.val.name,
-        id_acceptance=id_acceptance,
-        score=ood.score,
-    )
+        store_bank_as(proto, choice.bank.dtype)
+
+    def calibrate(model: onnx.ModelProto) -> tuple[CalibrationInfo, OODSpec]:
+        # T is fitted on the graph's outputs and written into its `temperature` initializer
+        return calibrate_on_validation(
+            model,
+            val_images,
+            run.val.labels,
+            data=run.val.name,
+            id_acceptance=id_acceptance,
+            score=choice.score,
+        )
+
+    info, ood = calibrate(proto)
     # verified as written: with the fitted T in the file
     verify(
         proto,
         ensemble,
         temperature=info.temperature,
         inputs=verification_inputs(shape, val_images),
-        knn=None if ood.bank is None else (ood.bank.bank, ood.k),
+        knn=None if choice.bank is None else (choice.bank.bank, choice.k),
+    )
+    proto, info, ood, precision_check = lower_precision(
+        proto,
+        precision,
+        fp32_calibration=(info, ood),
+        calibrate=calibrate,
+        val_images=val_images,
+        val_labels=run.val.labels,
+        val_name=run.val.name,
+        train_images=lambda n: run_training_images(run, n, shape),
     )
     manifest = Manifest(
         name=name or Path(run_dir).resolve().name,
@@ -156,10 +182,12 @@ def export_run(
         opset=opset,
         outputs=graph.output_names,
         temperature=info.temperature,
-        ood=threshold.model_copy(update={"selection": ood.selection}),
+        ood=ood.model_copy(update={"selection": choice.selection}),
         calibration=info,
-        knn=ood.knn_spec(),
+        knn=choice.knn_spec(),
         weights_sha256=weights_sha256(proto),
+        precision=precision.precision,
+        precision_check=precision_check,
         training_config={k: v for k, v in config.items() if k != "schema"},
     )
     write_manifest(proto, manifest)

@@ -18,6 +18,8 @@ LAYOUT_CHOICES = ("loop", "packed")
 # kept in sync with export.select.SCORE_CHOICES and export.knn's defaults (a test checks)
 SCORE_CHOICES = ("mal", "msp", "minmax", "knn", "auto")
 DEFAULT_BANK_ROWS = 10_000
+# kept in sync with export.quantize.PRECISIONS (a test checks)
+PRECISION_CHOICES = ("fp32", "int8", "bf16", "fp16")
 # `sdde` shows defaults in --help; a zero-width "%(default)" field stops it from appending
 # "(default: None)" where the help text already says what None means
 NO_AUTO_DEFAULT = "%(default).0s"
@@ -57,8 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=SPEC",
-        help="validation OOD data for --ood-score auto (repeatable); never the sets you report "
-        "results on",
+        help="validation OOD data (repeatable; default split: train) for --ood-score auto and for "
+        "comparing a --precision other than fp32 with fp32; never the sets you report results on",
     )
     parser.add_argument(
         "--knn-bank",
@@ -101,6 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-cams", action="store_true", help="leave out the class-activation-map output"
     )
+    add_precision_arguments(parser)
     parser.add_argument(
         "--triton-repo",
         type=Path,
@@ -109,6 +112,80 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also write a Triton model repository entry for the exported file under DIR"
         + NO_AUTO_DEFAULT,
     )
+
+
+def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("precision (docs/export.md, Precision)")
+    group.add_argument(
+        "--precision",
+        choices=PRECISION_CHOICES,
+        default="fp32",
+        help="numeric precision of the member networks: int8 (static QDQ, for CPUs), fp16 (for "
+        "the CUDA provider); T and the threshold are refitted on the converted graph and it is "
+        "compared with fp32 on the validation split",
+    )
+    group.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=0.3,
+        help="refuse a converted graph whose validation accuracy is this many points below fp32",
+    )
+    group.add_argument(
+        "--max-auroc-drop",
+        type=float,
+        default=0.5,
+        help="refuse a converted graph whose validation OOD AUROC (with --ood-val) is this many "
+        "points below fp32",
+    )
+    group.add_argument(
+        "--calibration-images",
+        type=int,
+        default=512,
+        help="training images (never validation) that int8 activation ranges are calibrated on",
+    )
+
+
+def precision_options(args: argparse.Namespace):  # -> export.quantize.PrecisionOptions
+    import dataclasses
+
+    from export.quantize import PrecisionOptions
+    from sdde_serve.data import load_dataset
+    from sdde_serve.evaluation.evaluate import parse_named_specs
+
+    specs = parse_named_specs(getattr(args, "ood_val", None), "--ood-val")
+    return PrecisionOptions(
+        precision=args.precision,
+        max_accuracy_drop=args.max_accuracy_drop,
+        max_auroc_drop=args.max_auroc_drop,
+        calibration_images=args.calibration_images,
+        # each set under the NAME the user gave it (recorded in the manifest as ood_data)
+        ood_val=[
+            dataclasses.replace(load_dataset(spec, split="train"), name=name)
+            for name, spec in specs.items()
+        ],
+    )
+
+
+def print_precision(manifest) -> None:  # manifest: sdde_serve.manifest.Manifest
+    check = manifest.precision_check
+    if check is None:
+        return
+    a, b = check.fp32, check.converted
+    print(f"  precision {check.precision} vs fp32 on {check.data} ({check.n} images):")
+    drop = 0.0 - check.accuracy_drop_points  # 0.0 - 0.0 prints +0.00, not -0.00
+    print(f"    accuracy {a.accuracy:.4f} -> {b.accuracy:.4f} ({drop:+.2f} points)")
+    print(f"    NLL {a.nll:.4f} -> {b.nll:.4f}, ECE {a.ece:.4f} -> {b.ece:.4f}")
+    print(
+        f"    labels agree on {check.label_agreement:.2%}; "
+        f"max |logit diff| {check.max_abs_logit_diff:.3g}"
+    )
+    if check.auroc_drop_points is not None:
+        print(
+            f"    AUROC ({manifest.ood.score}) vs {check.ood_data} ({check.n_ood} images): "
+            f"{a.auroc:.4f} -> {b.auroc:.4f} ({-check.auroc_drop_points:+.2f} points)"
+        )
+    if check.calibration_data:
+        print(f"    int8 activation ranges from {check.calibration_data}")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -132,6 +209,7 @@ def main(args: argparse.Namespace) -> int:
         knn_bank=args.knn_bank,
         knn_dtype=args.knn_dtype,
         knn_seed=args.knn_seed,
+        precision=precision_options(args),
     )
     cal = manifest.calibration
     print(
@@ -157,6 +235,7 @@ def main(args: argparse.Namespace) -> int:
             f"  KNN bank: {knn.rows} x {knn.dims} {knn.dtype} ({knn.memory_bytes / 1e6:.1f} MB), "
             f"k = {knn.k}, from the {knn.source}"
         )
+    print_precision(manifest)
     if cal.warning:
         print(f"warning: {cal.warning}")
     if args.triton_repo is not None:

@@ -143,6 +143,42 @@ class CalibrationInfo(_Model):
     rule: TemperatureRule | None = None
 
 
+class PrecisionMetrics(_Model):
+    """One graph's numbers on the validation split (each graph at its own fitted T)."""
+
+    accuracy: float
+    nll: float
+    ece: float
+    auroc: float | None = None  # deployed OOD score vs the validation OOD set, when one is given
+
+
+class PrecisionCheck(_Model):
+    """A lower-precision graph measured against the fp32 graph it came from (export/quantize.py)."""
+
+    precision: str
+    data: str  # validation split the comparison ran on
+    n: int
+    calibration_data: str | None = None  # training images the int8 ranges came from
+    ood_data: str | None = None
+    n_ood: int | None = None
+    fp32: PrecisionMetrics
+    converted: PrecisionMetrics
+    label_agreement: float  # fraction of images with the same predicted class
+    max_abs_logit_diff: float
+    max_accuracy_drop: float | None = None  # tolerances the export was checked against (points)
+    max_auroc_drop: float | None = None
+
+    @property
+    def accuracy_drop_points(self) -> float:
+        return 100.0 * (self.fp32.accuracy - self.converted.accuracy)
+
+    @property
+    def auroc_drop_points(self) -> float | None:
+        if self.fp32.auroc is None or self.converted.auroc is None:
+            return None
+        return 100.0 * (self.fp32.auroc - self.converted.auroc)
+
+
 class Manifest(_Model):
     schema_version: Literal[1] = SCHEMA_VERSION
     name: str
@@ -164,6 +200,9 @@ class Manifest(_Model):
     # SHA-256 of the graph's structure (graph_sha256()); stamped by write_manifest, absent in
     # files written before it existed
     graph_sha256: str | None = None
+    # numeric precision of the member networks (fp32, int8, fp16); heads stay float32
+    precision: str = "fp32"
+    precision_check: PrecisionCheck | None = None  # None for fp32
     created_at: str = Field(default_factory=lambda: now_iso())
     training_config: dict[str, Any] = Field(default_factory=dict)
 

@@ -26,6 +26,7 @@ from sdde_serve.server.errors import BodyLimitMiddleware, install_error_handlers
 from sdde_serve.server.feedback import FeedbackStore
 from sdde_serve.server.lifecycle_metrics import LifecycleMetrics
 from sdde_serve.server.metrics import Metrics
+from sdde_serve.server.multiprocess import worker_exiting
 from sdde_serve.server.repository import ModelRepository, Preloaded, open_engine
 from sdde_serve.server.routes import feedback as feedback_routes
 from sdde_serve.server.routes import metrics as metrics_routes
@@ -157,6 +158,7 @@ def create_app(
             await state.shadow.close()
             await repository.close(settings.drain_timeout_s)
             state.decode_pool.shutdown(wait=False, cancel_futures=True)
+            worker_exiting(metrics.multiprocess_dir)
 
     app = FastAPI(
         title="sdde-serve",

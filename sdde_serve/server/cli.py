@@ -169,7 +169,10 @@ def _preload(settings: Settings) -> dict[str, Any]:
 
 def _serve_one(settings: Settings) -> int:
     from sdde_serve.server.app import create_app
+    from sdde_serve.server.multiprocess import clean_dir, multiprocess_dir
 
+    if (metrics_dir := multiprocess_dir()) is not None:  # set by the operator: start afresh
+        clean_dir(metrics_dir)
     app = create_app(settings, **_preload(settings))
     state = app.state.sdde
 
@@ -192,18 +195,24 @@ def _serve_one(settings: Settings) -> int:
 
 
 def _serve_many(settings: Settings) -> int:
+    from sdde_serve.server.multiprocess import shared_metrics_dir
+
     _preload(settings)  # fail fast in the parent; each worker then loads its own sessions
     os.environ.update(settings_env(settings))
-    uvicorn.run(
-        "sdde_serve.server.app:app_from_env",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=drain_seconds(settings),
-        access_log=settings.log_level == "debug",
-    )
+    # the workers (spawned, so they import prometheus_client afresh) find the directory in
+    # PROMETHEUS_MULTIPROC_DIR and write their metrics there; any of them merges them all
+    with shared_metrics_dir() as metrics_dir:
+        log.info("%d workers; metrics merged from %s", settings.workers, metrics_dir)
+        uvicorn.run(
+            "sdde_serve.server.app:app_from_env",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level=settings.log_level,
+            timeout_graceful_shutdown=drain_seconds(settings),
+            access_log=settings.log_level == "debug",
+        )
     return 0
 
 

@@ -12,7 +12,7 @@ import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from sdde_serve.server.metrics import LATENCY_BUCKETS
+from sdde_serve.server.metrics import GAUGE_MODES, LATENCY_BUCKETS
 
 ECE_BINS = 15  # equal-width confidence bins, as sdde_serve.calibration.ece's default
 FEEDBACK_RESULTS = ("accepted", "duplicate", "conflict", "unknown", "expired", "invalid")
@@ -33,6 +33,7 @@ class LifecycleMetrics:
             "Loaded model versions (always 1); role = serving | shadow",
             ["model", "version", "role"],
             registry=r,
+            multiprocess_mode=GAUGE_MODES["sdde_model_version_info"],
         )
         self.loads = Counter(
             "sdde_model_loads_total", "Model versions loaded, verified and warmed up", labels,
@@ -98,7 +99,10 @@ class LifecycleMetrics:
         for result in FEEDBACK_RESULTS:
             self.feedback.labels(result=result)
         self.store_size = Gauge(
-            "sdde_feedback_store_size", "Predictions kept, waiting for a label", registry=r
+            "sdde_feedback_store_size",
+            "Predictions kept, waiting for a label",
+            registry=r,
+            multiprocess_mode=GAUGE_MODES["sdde_feedback_store_size"],
         )
         self.labels_total = Counter(
             "sdde_feedback_labels_total",

@@ -1,7 +1,9 @@
 """Prometheus metrics (names and labels are a contract: see docs/architecture.md).
 
 Every app gets its own :class:`CollectorRegistry`, so several apps in one test process don't
-collide and ``/metrics`` shows exactly this app's series.
+collide and ``/metrics`` shows exactly this app's series. Under ``sdde serve --workers N`` the
+values live in prometheus_client's multiprocess files instead and ``/metrics`` merges every
+worker's (``multiprocess.py``): counters and histograms are summed, gauges by ``GAUGE_MODES``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from sdde_serve.manifest import Manifest
 from sdde_serve.scoring import Prediction
+from sdde_serve.server.multiprocess import multiprocess_dir
 
 OUTCOMES = ("in_distribution", "ood_flagged", "rejected")
 
@@ -49,6 +52,21 @@ def p_value_buckets(alpha: float) -> list[float]:
     return sorted({*P_VALUE_BUCKETS, float(alpha)} - {0.0})
 
 
+# how each gauge merges across worker processes (prometheus_client multiprocess modes; ignored
+# in a single process): queued images add up, the model is ready only when every live worker is,
+# and the info gauge is 1 in every worker
+GAUGE_MODES = {
+    "sdde_queue_depth": "livesum",
+    "sdde_model_ready": "livemin",
+    "sdde_model_info": "livemax",
+    "sdde_ood_alpha": "livemax",
+    # lifecycle_metrics.py: what each worker loaded (the same everywhere), and the predictions
+    # each worker keeps for delayed labels (its own store: they add up)
+    "sdde_model_version_info": "livemax",
+    "sdde_feedback_store_size": "livesum",
+}
+
+
 def score_buckets(kind: str, threshold: float) -> list[float]:
     """The score's buckets plus the threshold itself, so the histogram can count
     ``score < threshold`` exactly (``le`` equal to the threshold is the boundary)."""
@@ -61,6 +79,8 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        # set for `--workers N`: /metrics then merges every worker's files in this directory
+        self.multiprocess_dir = multiprocess_dir()
         r = self.registry
         self.predictions = Counter(
             "sdde_predictions_total",
@@ -111,17 +131,19 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self.queue_depth = Gauge(
-            "sdde_queue_depth", "Images waiting for the engine", ["model"], registry=r
-        )
+            "sdde_queue_depth", "Images waiting for the engine", ["model"], registry=r,
+            multiprocess_mode=GAUGE_MODES["sdde_queue_depth"],
+        )  # fmt: skip
         self.model_ready = Gauge(
             "sdde_model_ready", "1 when the model is loaded, warmed up and not draining",
-            ["model"], registry=r,
+            ["model"], registry=r, multiprocess_mode=GAUGE_MODES["sdde_model_ready"],
         )  # fmt: skip
         self.model_info = Gauge(
             "sdde_model_info",
             "The served model (always 1)",
             ["model", "version", "members", "providers", "threshold", "score"],
             registry=r,
+            multiprocess_mode=GAUGE_MODES["sdde_model_info"],
         )
         self._ood_score: Histogram | None = None
         self._p_value: Histogram | None = None
@@ -136,6 +158,7 @@ class Metrics:
             "The model's alpha = 1 - id_acceptance: the promised in-distribution false-flag rate",
             ["model"],
             registry=r,
+            multiprocess_mode=GAUGE_MODES["sdde_ood_alpha"],
         )
         # the model's own threshold (p-value < its alpha <=> score < it), per model
         self._alpha_threshold: dict[str, float] = {}

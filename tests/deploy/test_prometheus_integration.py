@@ -84,12 +84,15 @@ def _test_rules_text() -> str:
     return RULES.read_text().replace("[5m]", f"[{TEST_WINDOW}]")
 
 
-@pytest.fixture(scope="module")
-def server(known_mix, tmp_path_factory) -> Iterator[str]:
+# one server process, and `--workers 2`: its /metrics merges both workers' samples
+# (prometheus_client multiprocess mode), so every query below must give the same answers
+@pytest.fixture(scope="module", params=[1, 2], ids=["1-worker", "2-workers"])
+def server(known_mix, tmp_path_factory, request) -> Iterator[str]:
     model, _, _ = known_mix
     port = free_port()
     env = clean_env(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "sdde_serve", "serve", str(model), "--host", "127.0.0.1"]
+    cmd += ["--workers", str(request.param)]
     proc = subprocess.Popen(
         [*cmd, "--port", str(port), "--threads", "1", "--log-level", "warning"],
         cwd=tmp_path_factory.mktemp("srv"),

@@ -1,0 +1,98 @@
+"""Prometheus metrics across ``sdde serve --workers N`` processes (prometheus_client's
+multiprocess mode, docs/server.md).
+
+Each worker writes its samples to memory-mapped files in one directory; ``/metrics``, answered
+by any worker, reads every process's files and merges them:
+
+* counters and histograms are **summed** over the workers (and over workers that have exited, so
+  a restarted worker does not make a counter go backwards);
+* gauges merge by the mode their definition states (``GAUGE_MODES`` in ``metrics.py``): the
+  queue depth is summed over live workers, readiness is the minimum over live workers (1 only
+  when every worker is ready), the model-info gauge the maximum.
+
+The directory is ``$PROMETHEUS_MULTIPROC_DIR`` when set (it must be set before
+``prometheus_client`` is imported, which is why the parent sets it before it starts the workers),
+else a fresh temporary directory removed at exit. ``sdde serve`` empties it of ``*.db`` files at
+start: files left by an earlier server would otherwise be added to this one's counters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+# gauge_livesum_1234.db: the live modes' files carry the pid of the process that wrote them
+_LIVE_FILE = re.compile(r"^gauge_live\w+?_(\d+)\.db$")
+
+
+def multiprocess_dir() -> Path | None:
+    """The directory the workers share, when this process runs in multiprocess mode."""
+    value = os.environ.get(ENV) or os.environ.get(ENV.lower())
+    return Path(value) if value else None
+
+
+def clean_dir(path: Path) -> None:
+    """Create ``path`` or remove the metric files an earlier server left in it."""
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):
+        stale.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def shared_metrics_dir() -> Iterator[Path]:
+    """Set up the directory for the workers (in the parent, before any worker starts)."""
+    given = multiprocess_dir()
+    path = given or Path(tempfile.mkdtemp(prefix="sdde-metrics-"))
+    clean_dir(path)
+    os.environ[ENV] = str(path)
+    try:
+        yield path
+    finally:
+        if given is None:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def forget_dead_workers(path: Path) -> None:
+    """Drop the live-gauge files of processes that have exited (a crashed worker's queue depth
+    and readiness must not count). uvicorn restarts dead workers without telling us, so this
+    runs at each scrape; counters and histograms of dead workers are kept."""
+    from prometheus_client import multiprocess
+
+    pids = {int(m.group(1)) for f in path.iterdir() if (m := _LIVE_FILE.match(f.name))}
+    for pid in pids:
+        if pid != os.getpid() and not _alive(pid):
+            multiprocess.mark_process_dead(pid, str(path))
+
+
+def collect(path: Path) -> bytes:
+    """Prometheus text of every worker's metrics, merged."""
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+    forget_dead_workers(path)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, str(path))
+    return generate_latest(registry)
+
+
+def worker_exiting(path: Path | None) -> None:
+    """A worker shutting down removes its live gauges (its counters stay in the sums)."""
+    if path is not None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(os.getpid(), str(path))
