@@ -113,7 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from export import export_run
-    from sdde_serve.calibrate_cmd import decision_lines
+    from sdde_serve.calibrate import decision_lines
     from sdde_serve.evaluation.evaluate import parse_named_specs
 
     manifest = export_run(
