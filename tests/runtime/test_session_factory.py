@@ -41,3 +41,19 @@ def test_the_composition_root_hands_eval_its_cam_provider() -> None:
     # called without it (not through `sdde`), --cams-from-run fails clearly, before any work
     with pytest.raises(UserError, match="--cams-from-run needs a CAM provider"):
         eval_cli.main(args)
+
+
+def test_make_session_is_the_only_place_that_builds_a_session() -> None:
+    import ast
+
+    root = Path(__file__).resolve().parents[2]
+    builders = []
+    for package in ("sdde_serve", "export"):
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Attribute) and node.attr in (
+                    "InferenceSession",
+                    "SessionOptions",
+                ):
+                    builders.append(str(path.relative_to(root)))
+    assert builders and set(builders) == {"sdde_serve/engine.py"}, builders
