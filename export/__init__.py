@@ -84,13 +84,13 @@ def export_run(
     refits T and the threshold on the converted graph and refuses it beyond its tolerances.
     """
     # torch and the exporter load slowly; keep `import export` cheap for the CLI
-    from export.calibrate import calibrate_on_validation
     from export.choice import choose_ood_score
     from export.graph import DEFAULT_OPSET, build_graph, to_onnx
     from export.knn import DEFAULT_BANK_ROWS
     from export.layouts import default_layout, get_layout
     from export.quantize import PrecisionOptions, lower_precision, run_training_images
     from export.verify import verification_inputs, verify
+    from sdde_serve.calibrate import calibrate_model as calibrate_on_validation
     from sdde_serve.manifest import InputSpec, save_onnx_atomic, weights_sha256, write_manifest
     from training.run import load_run
 

@@ -3,7 +3,7 @@
 ``choose_ood_score`` runs the PyTorch ensemble on the training split (bank features), the
 validation split and the ``--ood-val`` sets (candidate scores), then applies the numpy rule of
 export/select.py. The threshold is *not* fitted here: that happens on the exported graph's own
-outputs (export/calibrate.py), once the score is known.
+outputs (sdde_serve/calibrate.py), once the score is known.
 """
 
 from __future__ import annotations

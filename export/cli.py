@@ -190,7 +190,7 @@ def print_precision(manifest) -> None:  # manifest: sdde_serve.manifest.Manifest
 
 def main(args: argparse.Namespace) -> int:
     from export import export_run
-    from sdde_serve.calibrate_cmd import decision_lines
+    from sdde_serve.calibrate import decision_lines
     from sdde_serve.evaluation.evaluate import parse_named_specs
 
     manifest = export_run(

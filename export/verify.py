@@ -117,9 +117,9 @@ def max_differences(
 
 
 def cpu_session(model: onnx.ModelProto):  # -> onnxruntime.InferenceSession
-    import onnxruntime as ort
+    from sdde_serve.engine import make_session
 
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return make_session(model.SerializeToString())
 
 
 def run_onnx(model, images: np.ndarray) -> dict[str, np.ndarray]:

@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module, imported only when that subcommand runs, so that
 ``sdde serve`` and ``sdde score`` never import PyTorch. A command module exposes ``HELP`` (one
-line), ``add_arguments(parser)`` (must not import torch) and ``main(args) -> int``.
+line), ``add_arguments(parser)`` (must not import torch) and ``main(args) -> int`` (plus, as
+keyword arguments, the factories :data:`PROVIDERS` lists for it).
 """
 
 from __future__ import annotations
@@ -10,12 +11,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from sdde_serve import __version__
 from sdde_serve.errors import UserError
 from sdde_serve.extras import EXTRA_MODULES, require_extra
+
+if TYPE_CHECKING:
+    from sdde_serve.evaluation.cli import CamProvider
 
 # name -> (module, one-line summary shown before the module is imported)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -29,6 +35,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("sdde_serve.server.cli", "serve an exported model over HTTP"),
     "score": ("sdde_serve.batch.cli", "score image files offline"),
 }
+
+
+def _cam_provider() -> CamProvider:
+    """GradCAM on a run's checkpoint (training/cams.py) for ``sdde eval --cams-from-run``."""
+    with require_extra("train", what="--cams-from-run needs PyTorch"):
+        return importlib.import_module("training.cams").cam_fn_for_model
+
+
+# This module is the composition root: the one place in sdde_serve that names the layers above
+# the runtime (training needs torch), by module path, loaded only when used. A command's main
+# receives these factories as keyword arguments: command -> {argument: factory}.
+PROVIDERS: dict[str, dict[str, Callable[[], Any]]] = {"eval": {"cam_provider": _cam_provider}}
 
 
 def _load(name: str) -> ModuleType:
@@ -55,7 +73,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             p.description = module.HELP
             p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
             module.add_arguments(p)
-            p.set_defaults(_main=module.main)
+            p.set_defaults(_main=partial(module.main, **PROVIDERS.get(name, {})))
     return parser
 
 

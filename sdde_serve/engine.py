@@ -9,8 +9,10 @@ manifest: hashes, temperature, inputs, outputs and their shapes, see
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,6 +26,9 @@ from sdde_serve.model_checks import (
     read_model,
 )
 
+if TYPE_CHECKING:  # onnxruntime loads lazily: importing the engine must stay cheap
+    import onnxruntime
+
 log = logging.getLogger("sdde.engine")
 
 REQUIRED_OUTPUTS = ("logits", "probs", "mal", "msp")
@@ -32,7 +37,7 @@ OPTIONAL_SCORES = ("minmax", "knn")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider")
 
 
-__all__ = ["Engine", "EngineOutput", "ModelLoadError"]
+__all__ = ["Engine", "EngineOutput", "ModelLoadError", "make_session"]
 
 
 @dataclass
@@ -118,6 +123,40 @@ def default_providers() -> list[str]:
     return [*gpu, "CPUExecutionProvider"]
 
 
+def make_session(
+    model: bytes | str | Path,
+    *,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    intra_op_threads: int = 0,
+    inter_op_threads: int = 0,
+    spin_wait: bool = True,
+    source: str = "the model",
+) -> onnxruntime.InferenceSession:
+    """THE onnxruntime session of this repository (engine, calibration, export's verification).
+
+    ``model``: the serialized graph or its file. Threads: 0 lets onnxruntime use one per physical
+    core. Raises :class:`ModelLoadError` ("``source``: onnxruntime cannot load the graph (...)").
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # explicit threads: servers pin this to the CPU request so replicas on one node don't
+    # oversubscribe
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = inter_op_threads
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # the CUDA-missing warning is reported via .providers
+    # spinning keeps idle threads hot for the next call; on CPUs shared with other processes
+    # it burns their time instead (measured several-fold slowdowns in bench_engine)
+    options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spin_wait)))
+    graph = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(graph, sess_options=options, providers=list(providers))
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/RuntimeException
+        raise ModelLoadError(f"{source}: onnxruntime cannot load the graph ({exc})") from None
+
+
 class Engine:
     """A loaded, verified model. ``run`` is thread-safe (onnxruntime sessions are)."""
 
@@ -133,8 +172,6 @@ class Engine:
         spin_wait: bool = True,
         expect_sha256: str | None = None,
     ) -> None:
-        import onnxruntime as ort
-
         self.path = Path(path)
         proto, self.sha256 = read_model(self.path)  # sha256: of the file's bytes
         check_digest(self.path, self.sha256, expect_sha256)  # pinned: before anything else
@@ -144,29 +181,18 @@ class Engine:
             raise ModelLoadError(str(exc)) from None
         if verify_weights:
             check_file(proto, self.manifest, self.path)
-        options = ort.SessionOptions()
-        # explicit threads: 0 lets onnxruntime use one per physical core; servers pin this to the
-        # CPU request so replicas on one node don't oversubscribe
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = inter_op_threads
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # the CUDA-missing warning is reported via .providers
-        # spinning keeps idle threads hot for the next call; on CPUs shared with other processes
-        # it burns their time instead (measured several-fold slowdowns in bench_engine)
-        options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spin_wait)))
         if require_gpu and not providers and not cuda_usable():
             # asking onnxruntime would only print C++ errors and fall back to the CPU
             raise ModelLoadError("--require-gpu: the CUDA provider cannot load on this machine")
         requested = providers or default_providers()
-        try:
-            self.session = ort.InferenceSession(
-                proto.SerializeToString(), sess_options=options, providers=requested
-            )
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/RuntimeException
-            raise ModelLoadError(
-                f"{self.path}: onnxruntime cannot load the graph ({exc})"
-            ) from None
+        self.session = make_session(
+            proto.SerializeToString(),
+            providers=requested,
+            intra_op_threads=intra_op_threads,
+            inter_op_threads=inter_op_threads,
+            spin_wait=spin_wait,
+            source=str(self.path),
+        )
         self.providers: list[str] = self.session.get_providers()
         fell_back = [p for p in requested if p in GPU_PROVIDERS and p not in self.providers]
         if require_gpu and not any(p in GPU_PROVIDERS for p in self.providers):

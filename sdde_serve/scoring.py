@@ -81,7 +81,7 @@ def deployed_score(out: EngineOutput, manifest: Manifest) -> np.ndarray:
 
     The one place that says which number decides ``is_ood`` (server, batch scoring, evaluation's
     operating point); its validation-split counterpart at export/calibration is
-    :func:`sdde_serve.calibrate_cmd.validation_scores`.
+    :func:`sdde_serve.calibrate.validation_scores`.
     """
     return score_of(out, manifest.ood.score)
 

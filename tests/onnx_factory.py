@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from sdde_serve.calibrate_cmd import conformal_ood_spec
+from sdde_serve.calibrate import conformal_ood_spec
 from sdde_serve.calibration import ensemble_probs, mal, msp
 from sdde_serve.manifest import (
     CalibrationInfo,

@@ -13,6 +13,11 @@ if TYPE_CHECKING:
     from sdde_serve.engine import Engine
     from sdde_serve.evaluation.evaluate import CamFn
 
+# (run_dir, engine) -> the member CAMs of that run's checkpoint for the engine's images (GradCAM:
+# needs torch). The composition root (sdde_serve/cli.py) hands main a factory of one, so that this
+# torch-free package never names the layer above it.
+CamProvider = Callable[[str, "Engine"], "CamFn"]
+
 HELP = "evaluate an exported model: accuracy, calibration, OOD metrics, diversity, report"
 
 
@@ -76,16 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     members.add_arguments(parser)
 
 
-def _cam_fn_for_model() -> Callable[[str, Engine], CamFn]:
-    """``training.cams.cam_fn_for_model``, imported only here: sdde_serve never imports torch."""
-    from sdde_serve.extras import require_extra
-
-    with require_extra("train", what="--cams-from-run needs PyTorch"):
-        from training.cams import cam_fn_for_model
-    return cam_fn_for_model
-
-
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, *, cam_provider: Callable[[], CamProvider] | None = None) -> int:
+    """Run ``sdde eval``; ``cam_provider`` loads the ``--cams-from-run`` CAMs (torch) when asked."""
     from sdde_serve.data import load_dataset
     from sdde_serve.engine import Engine
     from sdde_serve.errors import UserError
@@ -105,8 +102,10 @@ def main(args: argparse.Namespace) -> int:
         from sdde_serve.evaluation.report import _pyplot
 
         _pyplot()  # a missing matplotlib fails now, not after minutes of inference
+    if args.cams_from_run and cam_provider is None:
+        raise UserError("--cams-from-run needs a CAM provider (run it as `sdde eval`)")
     # before the slow part, so that a missing torch fails at once
-    cam_fn_for_model = _cam_fn_for_model() if args.cams_from_run else None
+    cam_fn_for_model = cam_provider() if args.cams_from_run and cam_provider else None
     engine = Engine(args.model, intra_op_threads=args.threads)
     cam_fn = cam_fn_for_model(args.cams_from_run, engine) if cam_fn_for_model else None
     id_data = load_dataset(args.data, split="test")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sdde_serve import calibration as cal
-from sdde_serve.calibrate_cmd import fit_calibration
+from sdde_serve.calibrate import fit_calibration
 from sdde_serve.errors import UserError
 from sdde_serve.manifest import get_temperature, load_onnx, read_manifest, weights_sha256
 
@@ -91,7 +91,7 @@ def test_calibrate_without_torch_changes_probs_as_softmax_predicts(model_copy: P
 
 
 def test_calibrate_msp_threshold_and_acceptance(model_copy: Path, tmp_path: Path):
-    from sdde_serve.calibrate_cmd import calibrate_file
+    from sdde_serve.calibrate import calibrate_file
     from sdde_serve.data import load_dataset
 
     _, ood = calibrate_file(model_copy, "digits@test", id_acceptance=0.8, score="msp")

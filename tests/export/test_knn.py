@@ -237,7 +237,7 @@ def test_new_scores_are_higher_for_in_distribution(tiny_model):
 
 
 def test_calibrate_refits_the_knn_threshold_from_the_graph(tiny_model, tmp_path):
-    from sdde_serve.calibrate_cmd import calibrate_file
+    from sdde_serve.calibrate import calibrate_file
     from sdde_serve.data import load_dataset
 
     path = tmp_path / "m.onnx"
@@ -357,7 +357,7 @@ def test_training_bank_equals_build_bank_on_all_features(tiny_run):
 def test_knn_deployed_without_a_knn_output_is_refused(tmp_path, linear_model):
     """A manifest that deploys knn on a graph without the output fails at load, not per request;
     calibrating a bank-less file for knn says why."""
-    from sdde_serve.calibrate_cmd import calibrate_file
+    from sdde_serve.calibrate import calibrate_file
     from sdde_serve.engine import ModelLoadError
     from tests.onnx_factory import make_linear_ensemble
 

@@ -109,7 +109,7 @@ def test_member_agreement_follows_the_calibrated_label():
 
 
 def test_a_fit_on_separable_data_is_flagged_as_on_the_bound():
-    from sdde_serve.calibrate_cmd import fit_calibration
+    from sdde_serve.calibrate import fit_calibration
 
     # every member right on every image: the NLL falls all the way to T -> 0
     logits = np.tile(np.array([[[5.0, 0.0], [4.0, 1.0]]]), (20, 1, 1))

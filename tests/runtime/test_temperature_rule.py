@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from sdde_serve import calibration as cal
-from sdde_serve.calibrate_cmd import fit_calibration
+from sdde_serve.calibrate import fit_calibration
 from sdde_serve.temperature import (
     bootstrap_interval,
     choose_temperature,
