@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sdde_serve import calibration as cal
-from sdde_serve.calibrate_cmd import run_graph
+from sdde_serve.calibrate import run_graph
 from sdde_serve.errors import UserError
 from sdde_serve.manifest import (
     TEMPERATURE_INITIALIZER,

@@ -17,7 +17,7 @@ from export.quantize import (
     to_int8,
 )
 from sdde_serve import calibration as cal
-from sdde_serve.calibrate_cmd import run_graph
+from sdde_serve.calibrate import run_graph
 from sdde_serve.data import ArrayDataset
 from sdde_serve.errors import UserError
 from sdde_serve.manifest import (
