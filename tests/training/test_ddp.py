@@ -67,7 +67,10 @@ def test_two_gloo_processes_stay_identical_and_match_one_process(tmp_path):
         assert ddp[0]["train"][key] == pytest.approx(single[0]["train"][key], rel=1e-4)
     # the diversity term standardises nearly flat maps: it magnifies rounding the most
     assert ddp[0]["train"]["div"] == pytest.approx(single[0]["train"]["div"], abs=5e-3)
-    assert ddp[0]["val"]["member_acc"] == single[0]["val"]["member_acc"]
+    # after 10 steps the members are barely trained (accuracy ~0.2) and many validation logits
+    # are near ties, so the rounding above may flip one image of the 144 (seen on this CPU)
+    for a, b in zip(ddp[0]["val"]["member_acc"], single[0]["val"]["member_acc"], strict=True):
+        assert a == pytest.approx(b, abs=1.01 / 144)
     assert ddp[0]["val"]["ensemble_nll"] == pytest.approx(
         single[0]["val"]["ensemble_nll"], rel=1e-3
     )
