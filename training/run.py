@@ -283,6 +283,7 @@ def save_state(
     running: dict[str, Any],
     elapsed: float,
     cfg: TrainConfig,
+    aux: dict[str, Any] | None = None,
 ) -> None:
     """Everything else ``--resume`` needs; plain containers and tensors (weights_only-loadable).
 
@@ -298,6 +299,8 @@ def save_state(
         "running": running,
         "elapsed_s": elapsed,
     }
+    if aux is not None:  # a method's auxiliary module (DICE's discriminator) and its optimizer
+        state["aux"] = aux
     tmp = out / (STATE + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, out / STATE)
