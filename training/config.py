@@ -76,7 +76,7 @@ class TrainConfig:
     shared_source: str = "member"
     shared_batch: float = 1.0
     diversity_period: int = 1
-    lambda_warmup_epochs: float = 0.0
+    lambda_warmup_epochs: float = 1.0
     # DICE (Rame & Cord 2021), the official code's settings:
     dice_weight: float = 0.2
     dice_rampup_epochs: float = 20.0

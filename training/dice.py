@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from training.ensemble import Ensemble
+from training.ensemble import Ensemble, batchnorm_mode
 
 # Discriminator of the official code: MLP 256-256-100 with LeakyReLU(0.2), label embedding of 64.
 UNITS = (256, 256, 100)
@@ -62,7 +62,8 @@ def logits_and_embeddings(ensemble: Ensemble, x01: Tensor) -> tuple[Tensor, list
 
 
 def embedding_dim(ensemble: Ensemble, sample: Tensor) -> int:
-    with torch.no_grad():
+    """The members' embedding width, from one image in eval mode (BatchNorm stats untouched)."""
+    with torch.no_grad(), batchnorm_mode(ensemble, "eval"):
         return int(logits_and_embeddings(ensemble, sample[:1])[1][0].shape[-1])
 
 

@@ -176,7 +176,11 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
         set_rng_state(state["rng"])
         load_aux_state(aux, aux_optimizer, state)
         start_step, best = int(state["step"]), state.get("best")
-        running = Running(dict(state["running"]["sums"]), int(state["running"]["count"]))
+        running = Running(
+            dict(state["running"]["sums"]),
+            int(state["running"]["count"]),
+            dict(state["running"].get("counts") or {}),
+        )
         elapsed = float(state.get("elapsed_s", 0.0))
         if main:
             keep_metrics_up_to(out / METRICS, start_step)
@@ -652,20 +656,30 @@ class Running:
 
     sums: dict[str, float] | None = None
     count: int = 0
+    # Steps that logged each term: a term computed on some steps only (the diversity term under
+    # --diversity-period) is averaged over those steps, not diluted by the others.
+    counts: dict[str, int] | None = None
 
     def add(self, terms: dict[str, float]) -> None:
         self.sums = self.sums or {}
+        self.counts = self.counts or {}
         for k, v in terms.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
         self.count += 1
 
     def to_state(self) -> dict[str, Any]:
-        return {"sums": dict(self.sums or {}), "count": self.count}
+        return {
+            "sums": dict(self.sums or {}),
+            "count": self.count,
+            "counts": dict(self.counts or {}),
+        }
 
     def means(self) -> dict[str, Any]:
         if not self.count or not self.sums:
             return {}
-        return {k: round(v / self.count, 6) for k, v in self.sums.items()}
+        counts = self.counts or {}
+        return {k: round(v / counts.get(k, self.count), 6) for k, v in self.sums.items()}
 
 
 # --- stop requests (Ctrl-C) --------------------------------------------------------------------
