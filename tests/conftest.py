@@ -35,6 +35,10 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         batch_size=64,
         out=str(out),
         seed=0,
+        # the protocol this fixture was built with before issue 13's defaults (the λ warm-up,
+        # the diversity batch from a member's batch): tests downstream rely on its exact model
+        shared_source="stream",
+        lambda_warmup_epochs=0.0,
     )
     return Path(train(cfg))
 

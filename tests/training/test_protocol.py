@@ -299,7 +299,8 @@ def test_dice_losses_match_a_hand_computation():
     # joint logits: <e0_b, e1_b> + b_y
     joint = [0.5 + 0.5, 0.0 - 0.25, 2.0 + 0.5]
     # product pairs: sample 0 <-> 2 within class 0 (sample 1 is alone in class 1)
-    product = [float(e[0][0] @ e[1][2]) + 0.5, float(e[0][2] @ e[1][0]) + 0.5]
+    with torch.no_grad():
+        product = [float(e[0][0] @ e[1][2]) + 0.5, float(e[0][2] @ e[1][0]) + 0.5]
 
     def clipped(d: float) -> float:
         p = 1 / (1 + math.exp(-d))
