@@ -63,6 +63,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "s1/2": {"shared_batch": 0.5},
     "s1/4": {"shared_batch": 0.25},
     "k2-s1/2": {"diversity_period": 2, "shared_batch": 0.5},
+    "k4-s1/2": {"diversity_period": 4, "shared_batch": 0.5},
     "warmup1": {"lambda_warmup_epochs": 1.0},
     "dice": {"method": "dice"},
 }
@@ -169,6 +170,8 @@ def run_variant(
         batch_size=128,
         lr=0.1,
         lambda_div=0.1,
+        lambda_warmup_epochs=0.0,  # the paper's protocol; the "warmup1" variant turns it on
+        diversity_period=1,  # the paper's; the k variants change it
         seed=seed,
         device="cpu",
         progress=False,
@@ -231,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "arch": "lenet",
         "batch_size": 128,
-        "base": "sdde, lambda 0.1, shared_source member, k 1, shared 1, augment none",
+        "base": "sdde, lambda 0.1, shared_source member, k 1, shared 1, augment none, "
+        "no lambda warm-up",
         "torch": torch.__version__,
         "machine": platform.machine(),
         "command": "python benchmarks/sdde_protocol.py " + " ".join(argv or sys.argv[1:]),

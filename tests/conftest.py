@@ -39,6 +39,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         # the diversity batch from a member's batch): tests downstream rely on its exact model
         shared_source="stream",
         lambda_warmup_epochs=0.0,
+        diversity_period=1,
     )
     return Path(train(cfg))
 

@@ -126,7 +126,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
         world=ctx.world,
         shared_size=shared_batch_size(cfg),
         shared_source=cfg.shared_source,
-        diversity_period=cfg.diversity_period,
+        diversity_period=int(cfg.diversity_period or 1),
     )
     if plan.shared_batch_size % ctx.world:
         raise UserError(
