@@ -66,6 +66,9 @@ def train_config(method: str, seed: int, args: argparse.Namespace, run_dir: Path
         diversity_period=args.diversity_period if method == "sdde" else 1,
         shared_batch=args.shared_batch if method == "sdde" else 1.0,
         lambda_warmup_epochs=args.lambda_warmup_epochs,
+        dice_rampup_epochs=args.dice_rampup_epochs
+        if args.dice_rampup_epochs is not None
+        else args.epochs / 5,
         augment=args.augment,
         seed=seed,
         max_steps=args.max_steps,
@@ -165,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shared-batch", type=float, default=1.0)
     # the paper trained without a warm-up; 0 keeps its protocol (the trainer default is 1 epoch)
     p.add_argument("--lambda-warmup-epochs", type=float, default=0.0)
+    # the official DICE ramp-up is 20 of 100 epochs: the same fifth of a 1-epoch run by default
+    p.add_argument("--dice-rampup-epochs", type=float, default=None, help="(None: epochs / 5)")
     p.add_argument("--augment", default="auto")
     p.add_argument("--max-steps", type=int, default=None, help="cap optimizer steps (smoke runs)")
     p.add_argument("--threads", type=int, default=1)
@@ -200,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             "diversity_period": args.diversity_period,
             "shared_batch": args.shared_batch,
             "lambda_warmup_epochs": args.lambda_warmup_epochs,
+            "dice_rampup_epochs": args.dice_rampup_epochs
+            if args.dice_rampup_epochs is not None
+            else args.epochs / 5,
             "augment": args.augment,
             "max_steps": args.max_steps,
         },
