@@ -40,6 +40,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shared_source="stream",
         lambda_warmup_epochs=0.0,
         diversity_period=1,
+        shared_batch=1.0,
     )
     return Path(train(cfg))
 

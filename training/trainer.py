@@ -359,7 +359,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
 
 def shared_batch_size(cfg: TrainConfig) -> int:
     """Images in the diversity batch: ``--shared-batch`` of the member batch, at least one."""
-    return max(1, round(cfg.batch_size * cfg.shared_batch))
+    return max(1, round(cfg.batch_size * (cfg.shared_batch or 1.0)))
 
 
 def diversity_ramp(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:

@@ -218,6 +218,8 @@ def test_protocol_options_are_checked():
     # the diversity period resolves to 4 for sdde (the measured cost/quality choice), else 1
     assert TrainConfig().resolve(data_channels=1).diversity_period == 4
     assert TrainConfig(method="ncl").resolve(data_channels=1).diversity_period == 1
+    assert TrainConfig().resolve(data_channels=1).shared_batch == 0.5
+    assert TrainConfig(method="adp").resolve(data_channels=1).shared_batch == 1.0
     assert TrainConfig().resolve(data_channels=1).grad_clip == 0.0
 
 
