@@ -11,7 +11,8 @@ RUN_DIR/last_state.pt       optimizer, RNG, step, best, running sums: torch.load
 
 In config.json the TrainConfig field ``data`` (the spec string) is replaced by the ``data`` block
 (``{"spec", "split", "name", "classes", "channels", "height", "width", "mean", "std"}``), whose
-``spec`` holds that string. Nothing here unpickles objects: safetensors for weights, and
+``spec`` holds that string. A run recorded before a config field existed loads with the value it
+trained with (``LEGACY_DEFAULTS``), not the field's new default. Nothing here unpickles objects: safetensors for weights, and
 ``weights_only=True`` for the resume state. Files are written to a temporary name and renamed,
 so an interrupted write never leaves a truncated file under the real name.
 """
@@ -142,8 +143,19 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     return raw
 
 
+# What runs recorded before these fields existed trained with: a resumed or reloaded old run keeps
+# its protocol instead of silently taking the new defaults.
+LEGACY_DEFAULTS: dict[str, Any] = {
+    "shared_source": "stream",
+    "shared_batch": 1.0,
+    "diversity_period": 1,
+    "lambda_warmup_epochs": 0.0,
+}
+
+
 def _train_config(raw: dict[str, Any]) -> TrainConfig:
     fields = {k: v for k, v in raw.items() if k not in ("schema", "data", "model")}
+    fields = {**LEGACY_DEFAULTS, **fields}
     fields["data"] = raw["data"]["spec"]
     return TrainConfig.from_dict(fields)
 

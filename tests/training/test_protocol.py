@@ -207,6 +207,17 @@ def test_protocol_options_round_trip_through_config_json_and_the_manifest(tmp_pa
     assert dice["dice_weight"] == 0.2 and dice["grad_clip"] == 1.0
 
 
+def test_a_run_recorded_before_the_protocol_options_keeps_its_protocol(tmp_path, digits300):
+    run = train(tiny(tmp_path / "old", data=digits300, max_steps=1))
+    raw = json.loads((run / "config.json").read_text())
+    for k in ("shared_source", "shared_batch", "diversity_period", "lambda_warmup_epochs"):
+        del raw[k]
+    (run / "config.json").write_text(json.dumps(raw))
+    old = load_run(run).train_config
+    assert (old.shared_source, old.shared_batch, old.diversity_period) == ("stream", 1.0, 1)
+    assert old.lambda_warmup_epochs == 0.0
+
+
 def test_protocol_options_are_checked():
     with pytest.raises(UserError, match="--diversity-period and --shared-batch apply"):
         TrainConfig(method="ncl", diversity_period=2).validate()
@@ -314,9 +325,9 @@ def test_dice_losses_match_a_hand_computation():
     def logsig(d: float) -> float:
         return -math.log1p(math.exp(-d))
 
-    assert float(red) == pytest.approx(sum(clipped(d) for d in joint) / 3, rel=1e-5)
+    assert float(red.detach()) == pytest.approx(sum(clipped(d) for d in joint) / 3, rel=1e-5)
     hand = -0.5 * (sum(logsig(d) for d in joint) / 3 + sum(logsig(-d) for d in product) / 2)
-    assert float(d_loss) == pytest.approx(hand, rel=1e-5)
+    assert float(d_loss.detach()) == pytest.approx(hand, rel=1e-5)
     assert acc == pytest.approx((2 + 0) / 5)  # joint > 0: 2 of 3 (1.0, 2.5); product < 0: none
     # the redundancy term trains the members only; the discriminator loss the discriminator only
     g_emb = torch.autograd.grad(red, e, retain_graph=True)
