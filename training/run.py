@@ -12,8 +12,8 @@ RUN_DIR/last_state.pt       optimizer, RNG, step, best, running sums: torch.load
 In config.json the TrainConfig field ``data`` (the spec string) is replaced by the ``data`` block
 (``{"spec", "split", "name", "classes", "channels", "height", "width", "mean", "std"}``), whose
 ``spec`` holds that string. A run recorded before a config field existed loads with the value it
-trained with (``LEGACY_DEFAULTS``), not the field's new default. Nothing here unpickles objects: safetensors for weights, and
-``weights_only=True`` for the resume state. Files are written to a temporary name and renamed,
+trained with (``LEGACY_DEFAULTS``), not the field's new default. Nothing here unpickles
+objects: safetensors for weights, and ``weights_only=True`` for the resume state. Files are written to a temporary name and renamed,
 so an interrupted write never leaves a truncated file under the real name.
 """
 
