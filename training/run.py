@@ -13,8 +13,9 @@ In config.json the TrainConfig field ``data`` (the spec string) is replaced by t
 (``{"spec", "split", "name", "classes", "channels", "height", "width", "mean", "std"}``), whose
 ``spec`` holds that string. A run recorded before a config field existed loads with the value it
 trained with (``LEGACY_DEFAULTS``), not the field's new default. Nothing here unpickles
-objects: safetensors for weights, and ``weights_only=True`` for the resume state. Files are written to a temporary name and renamed,
-so an interrupted write never leaves a truncated file under the real name.
+objects: safetensors for weights, and ``weights_only=True`` for the resume state. Files are
+written to a temporary name and renamed, so an interrupted write never leaves a truncated file
+under the real name.
 """
 
 from __future__ import annotations
