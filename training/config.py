@@ -74,8 +74,8 @@ class TrainConfig:
     backend: str = "loop"
     # The SDDE training protocol (docs/training-methods.md, "The official protocol"):
     shared_source: str = "member"
-    shared_batch: float | None = None
-    diversity_period: int | None = None
+    shared_batch: float = 1.0
+    diversity_period: int = 1
     lambda_warmup_epochs: float = 1.0
     # DICE (Rame & Cord 2021), the official code's settings:
     dice_weight: float = 0.2
@@ -121,10 +121,6 @@ class TrainConfig:
             cfg.augment = auto_augment(cfg.in_chans, cfg.input_size)
         if cfg.outlier_batch_size is None:
             cfg.outlier_batch_size = cfg.batch_size
-        if cfg.diversity_period is None:
-            cfg.diversity_period = default_diversity_period(cfg.method)
-        if cfg.shared_batch is None:
-            cfg.shared_batch = default_shared_batch(cfg.method)
         if cfg.grad_clip is None:
             # the official DICE config clips gradients at 1.0; the other configs do not clip
             cfg.grad_clip = 1.0 if cfg.method == "dice" else 0.0
@@ -151,11 +147,11 @@ class TrainConfig:
             raise UserError("--dice-tau and --discriminator-lr must be > 0")
         if self.grad_clip is not None and self.grad_clip < 0:
             raise UserError(f"--grad-clip must be >= 0 (0: off), got {self.grad_clip}")
-        if self.shared_batch is not None and not 0.0 < self.shared_batch <= 1.0:
+        if not 0.0 < self.shared_batch <= 1.0:
             raise UserError(f"--shared-batch must be in (0, 1], got {self.shared_batch}")
-        if self.diversity_period is not None and self.diversity_period < 1:
+        if self.diversity_period < 1:
             raise UserError(f"--diversity-period must be >= 1, got {self.diversity_period}")
-        if ((self.diversity_period or 1) > 1 or (self.shared_batch or 1.0) < 1.0) and (
+        if (self.diversity_period > 1 or self.shared_batch < 1.0) and (
             self.method not in PERIODIC_METHODS
         ):
             raise UserError(
@@ -210,21 +206,6 @@ class TrainConfig:
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
         return cls.from_dict(json.loads(text))
-
-
-def default_diversity_period(method: str) -> int:
-    """``diversity_period`` left ``None``: 4 for sdde, 1 (every step) for every other method.
-
-    With ``default_shared_batch`` (half the batch), L_div every 4th step kept SDDE's validation
-    OOD quality within the seed-to-seed noise of the paper's every-step, full-batch term at
-    1.1-1.2x a DE step instead of 2.3-2.5x (docs/training-methods.md, "Cost levers").
-    """
-    return 4 if method in PERIODIC_METHODS else 1
-
-
-def default_shared_batch(method: str) -> float:
-    """``shared_batch`` left ``None``: half the batch for sdde (see above), else all of it."""
-    return 0.5 if method in PERIODIC_METHODS else 1.0
 
 
 def auto_augment(channels: int, size: int) -> str:
@@ -293,10 +274,10 @@ FIELD_HELP: dict[str, str] = {
     "backend": "ensemble backend: loop over members, or fused (torch.func vmap over members)",
     "shared_source": "diversity batch: member (one member's batch, chosen at random each step, "
     "fed to all: the official trainer) or stream (a batch stream of its own)",
-    "shared_batch": "sdde: diversity batch size as a fraction of --batch-size (None: 0.5 for "
-    "sdde, else 1)",
+    "shared_batch": "sdde: diversity batch size as a fraction of --batch-size (1: all of it; "
+    "0.5 with --diversity-period 4 costs 1.1-1.2x a DE step)",
     "diversity_period": "sdde: compute the diversity term every k-th step only (official "
-    "diversity_loss_period; None: 4 for sdde, else 1)",
+    "diversity_loss_period)",
     "lambda_warmup_epochs": "ramp the diversity weight linearly from 0 over this many epochs",
     "dice_weight": "dice: weight of the conditional-redundancy term",
     "dice_rampup_epochs": "dice: ramp the DICE weight linearly from 0 over this many epochs",

@@ -126,7 +126,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
         world=ctx.world,
         shared_size=shared_batch_size(cfg),
         shared_source=cfg.shared_source,
-        diversity_period=int(cfg.diversity_period or 1),
+        diversity_period=cfg.diversity_period,
     )
     if plan.shared_batch_size % ctx.world:
         raise UserError(
@@ -359,7 +359,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
 
 def shared_batch_size(cfg: TrainConfig) -> int:
     """Images in the diversity batch: ``--shared-batch`` of the member batch, at least one."""
-    return max(1, round(cfg.batch_size * (cfg.shared_batch or 1.0)))
+    return max(1, round(cfg.batch_size * cfg.shared_batch))
 
 
 def diversity_ramp(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:

@@ -226,11 +226,9 @@ def test_protocol_options_are_checked():
     with pytest.raises(UserError, match="--shared-source must be one of"):
         TrainConfig(shared_source="other").validate()
     assert TrainConfig(method="dice").resolve(data_channels=1).grad_clip == 1.0
-    # the diversity period resolves to 4 for sdde (the measured cost/quality choice), else 1
-    assert TrainConfig().resolve(data_channels=1).diversity_period == 4
-    assert TrainConfig(method="ncl").resolve(data_channels=1).diversity_period == 1
-    assert TrainConfig().resolve(data_channels=1).shared_batch == 0.5
-    assert TrainConfig(method="adp").resolve(data_channels=1).shared_batch == 1.0
+    # the paper's every-step, full-batch term is the default (docs: "Cost levers")
+    resolved = TrainConfig().resolve(data_channels=1)
+    assert (resolved.diversity_period, resolved.shared_batch) == (1, 1.0)
     assert TrainConfig().resolve(data_channels=1).grad_clip == 0.0
 
 

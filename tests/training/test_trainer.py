@@ -72,8 +72,6 @@ def records(run: Path) -> list[dict]:
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_each_method_trains_a_few_steps_without_nan(method, tmp_path, noise_npz):
     extra = {"outliers": str(noise_npz)} if METHODS[method].needs_outliers else {}
-    if method == "sdde":  # the term on both steps (the default period would skip step 1)
-        extra["diversity_period"] = 1
     run = train(tiny(tmp_path / method, method=method, **extra))
     last = records(run)[-1]
     assert last["step"] == 2
