@@ -15,6 +15,13 @@ Derived numbers:
 * ``fused_over_loop``: fused backend step time / loop backend step time (< 1: fused is faster).
 * ``sdde_shared_quarter_over_de``: SDDE with a shared batch of 1/4 of the member batch, over DE
   (not the paper's setting; shows how the diversity cost scales with the shared batch).
+* ``<variant>_over_de`` for every SDDE cost lever: ``sdde_k2``/``sdde_k4`` (the diversity term
+  every 2nd/4th step, ``--diversity-period``; one round is k steps, the first with the term,
+  timed together and divided by k), ``sdde_shared_1/2``/``1/4`` (``--shared-batch``) and their
+  combinations. The goal for the default SDDE setting is <= 1.3x DE.
+
+    .venv/bin/python benchmarks/bench_train.py --variants de sdde sdde_k2 sdde_k4 \
+        sdde_shared_1/2 sdde_shared_1/4 sdde_k2_shared_1/2 --out benchmarks/results/X.json
 """
 
 from __future__ import annotations
@@ -37,16 +44,23 @@ import torch  # noqa: E402
 from training.ensemble import build_ensemble  # noqa: E402
 from training.methods import METHODS, StepBatch  # noqa: E402
 
-# label -> (method, saliency, backend, shared batch as a fraction of the member batch)
+# label -> (method, saliency, backend, shared batch as a fraction of the member batch,
+#           diversity period k)
 VARIANTS = {
-    "de": ("de", "gradcam", "loop", 1.0),
-    "sdde": ("sdde", "gradcam", "loop", 1.0),
-    "sdde_inputgrad": ("sdde", "inputgrad", "loop", 1.0),
-    "de_fused": ("de", "gradcam", "fused", 1.0),
-    "sdde_fused": ("sdde", "gradcam", "fused", 1.0),
-    # Not the paper's setting: how the diversity cost scales with the shared batch.
-    "sdde_shared_1/4": ("sdde", "gradcam", "loop", 0.25),
+    "de": ("de", "gradcam", "loop", 1.0, 1),
+    "sdde": ("sdde", "gradcam", "loop", 1.0, 1),
+    "sdde_inputgrad": ("sdde", "inputgrad", "loop", 1.0, 1),
+    "de_fused": ("de", "gradcam", "fused", 1.0, 1),
+    "sdde_fused": ("sdde", "gradcam", "fused", 1.0, 1),
+    # The cost levers (docs/training-methods.md, "Cost"): shared batch and diversity period.
+    "sdde_shared_1/2": ("sdde", "gradcam", "loop", 0.5, 1),
+    "sdde_shared_1/4": ("sdde", "gradcam", "loop", 0.25, 1),
+    "sdde_k2": ("sdde", "gradcam", "loop", 1.0, 2),
+    "sdde_k4": ("sdde", "gradcam", "loop", 1.0, 4),
+    "sdde_k2_shared_1/2": ("sdde", "gradcam", "loop", 0.5, 2),
+    "sdde_k4_shared_1/2": ("sdde", "gradcam", "loop", 0.5, 4),
 }
+DEFAULT_VARIANTS = ("de", "sdde", "sdde_inputgrad", "de_fused", "sdde_fused", "sdde_shared_1/4")
 
 
 def run_arch(
@@ -87,6 +101,7 @@ def run_arch(
         )
         for frac in {VARIANTS[v][3] for v in variants}
     }
+    no_term = StepBatch(member_batches, None)  # a step the diversity period skips
     # One ensemble per backend (same weights); each variant gets its own optimizer state.
     ensembles = {"loop": base, "fused": _clone(base).set_backend("fused")}
     optims = {
@@ -98,7 +113,7 @@ def run_arch(
     times: dict[str, list[float]] = {v: [] for v in variants}
     for round_ in range(warmup + steps):
         for v in variants:
-            method, saliency, backend, frac = VARIANTS[v]
+            method, saliency, backend, frac, period = VARIANTS[v]
             ens, opt = ensembles[backend], optims[v]
             cfg = SimpleNamespace(
                 lambda_div=None,
@@ -109,11 +124,12 @@ def run_arch(
                 extra={},
             )
             t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss, _ = METHODS[method].loss(ens, step_batches[frac], cfg)
-            loss.backward()
-            opt.step()
-            dt = time.perf_counter() - t0
+            for i in range(period):  # k steps, the first with the diversity term
+                opt.zero_grad(set_to_none=True)
+                loss, _ = METHODS[method].loss(ens, step_batches[frac] if i == 0 else no_term, cfg)
+                loss.backward()
+                opt.step()
+            dt = (time.perf_counter() - t0) / period
             if round_ >= warmup:
                 times[v].append(dt)
             print(f"  {arch} {v:15s} round {round_} {dt:8.3f}s", flush=True)
@@ -146,6 +162,9 @@ def run_arch(
         derived["sdde_fused_over_loop"] = med["sdde_fused"] / med["sdde"]
     if "sdde_shared_1/4" in med and "de" in med:
         derived["sdde_shared_quarter_over_de"] = med["sdde_shared_1/4"] / med["de"]
+    for v in med:
+        if v.startswith("sdde") and "de" in med:
+            derived[f"{v}_over_de"] = med[v] / med["de"]
     out["derived"] = derived
     return out
 
@@ -173,6 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         "--resnet-fused", action="store_true", help="also time the fused backend on ResNet"
     )
     p.add_argument("--skip-resnet", action="store_true")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=None,
+        help="(default: the classic set)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/bench_train.json")
     args = p.parse_args(argv)
@@ -190,13 +216,15 @@ def main(argv: list[str] | None = None) -> int:
             members=args.members,
             steps=args.steps,
             warmup=args.warmup,
-            variants=list(VARIANTS),
+            variants=list(args.variants or DEFAULT_VARIANTS),
         )
     )
     if not args.skip_resnet:
         variants = ["de", "sdde", "sdde_inputgrad", "sdde_shared_1/4"]
         if args.resnet_fused:
             variants += ["de_fused", "sdde_fused"]
+        if args.variants:  # the same levers as LeNet (the fused backend only on request)
+            variants = [v for v in args.variants if "fused" not in v or args.resnet_fused]
         print(
             f"ResNet18_32 x{args.members}, 32x32 RGB, batch {args.resnet_batch}/member", flush=True
         )

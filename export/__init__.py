@@ -36,16 +36,28 @@ COMMON_HPARAMS = (
     "seed",
     "max_steps",
     "val_fraction",
+    "augment",
+    "best_metric",
 )
-_SDDE = ("lambda_div", "saliency", "saliency_layer", "diversity_bn")
+_SDDE = ("lambda_div", "saliency", "saliency_layer", "diversity_bn", "lambda_warmup_epochs")
+# How the diversity batch is drawn and how often the term is computed (sdde only)
+_PROTOCOL = ("shared_source", "shared_batch", "diversity_period")
 _OE = ("outliers", "beta_oe", "outlier_batch_size")
 METHOD_HPARAMS: dict[str, tuple[str, ...]] = {
     "de": (),
-    "sdde": _SDDE,
+    "sdde": _SDDE + _PROTOCOL,
     "oe": _OE,
     "sdde-oe": _SDDE + _OE,
-    "ncl": ("ncl_weight",),
-    "adp": ("adp_weight", "adp_alpha", "adp_beta"),
+    "ncl": ("ncl_weight", "shared_source"),
+    "adp": ("adp_weight", "adp_alpha", "adp_beta", "shared_source"),
+    "dice": (
+        "dice_weight",
+        "dice_rampup_epochs",
+        "dice_tau",
+        "discriminator_lr",
+        "grad_clip",
+        "shared_source",
+    ),
     "de-adv": ("adv_eps",),
 }
 

@@ -38,6 +38,12 @@ def tiny_train_config(out: Path, **overrides: Any) -> TrainConfig:
         batch_size=64,
         seed=0,
         out=str(out),
+        # the protocol this fixture was built with before issue 13's defaults (the λ warm-up,
+        # the diversity batch from a member's batch): tests downstream rely on its exact model
+        shared_source="stream",
+        lambda_warmup_epochs=0.0,
+        diversity_period=1,
+        shared_batch=1.0,
     )
     return TrainConfig(**{**base, **overrides})
 

@@ -19,6 +19,7 @@ from training.config import (
     DIVERSITY_BN_CHOICES,
     FIELD_HELP,
     SALIENCY_CHOICES,
+    SHARED_SOURCE_CHOICES,
     TrainConfig,
     flag,
 )
@@ -43,6 +44,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "augment": AUGMENT_CHOICES,
     "best_metric": BEST_METRIC_CHOICES,
     "backend": BACKEND_CHOICES,
+    "shared_source": SHARED_SOURCE_CHOICES,
 }
 METAVARS: dict[str, str] = {
     "data": "SPEC",

@@ -15,10 +15,15 @@ from typing import Any
 from sdde_serve.errors import UserError
 
 # Methods whose loss compares members with each other: they need at least two members.
-DIVERSITY_METHODS = frozenset({"sdde", "sdde-oe", "ncl", "adp"})
+DIVERSITY_METHODS = frozenset({"sdde", "sdde-oe", "ncl", "adp", "dice"})
+# Methods whose diversity term is an add-on to each member's own cross-entropy: only these may
+# skip it on some steps (--diversity-period) or compute it on a part of a batch (--shared-batch).
+# For ncl/adp/dice the shared batch is the training batch itself.
+PERIODIC_METHODS = frozenset({"sdde"})
 SALIENCY_CHOICES = ("gradcam", "inputgrad")
 DIVERSITY_BN_CHOICES = ("eval", "train")
-AUGMENT_CHOICES = ("auto", "none", "crop-flip")
+AUGMENT_CHOICES = ("auto", "none", "crop", "crop-flip")
+SHARED_SOURCE_CHOICES = ("member", "stream")
 BEST_METRIC_CHOICES = ("acc", "nll")
 BACKEND_CHOICES = ("loop", "fused")
 
@@ -67,6 +72,17 @@ class TrainConfig:
     eval_batch_size: int = 256
     progress: bool = True
     backend: str = "loop"
+    # The SDDE training protocol (docs/training-methods.md, "The official protocol"):
+    shared_source: str = "member"
+    shared_batch: float = 1.0
+    diversity_period: int = 1
+    lambda_warmup_epochs: float = 1.0
+    # DICE (Rame & Cord 2021), the official code's settings:
+    dice_weight: float = 0.2
+    dice_rampup_epochs: float = 20.0
+    dice_tau: float = 10.0
+    discriminator_lr: float = 1e-4
+    grad_clip: float | None = None
 
     # --- resolution -------------------------------------------------------------------------
 
@@ -105,6 +121,9 @@ class TrainConfig:
             cfg.augment = auto_augment(cfg.in_chans, cfg.input_size)
         if cfg.outlier_batch_size is None:
             cfg.outlier_batch_size = cfg.batch_size
+        if cfg.grad_clip is None:
+            # the official DICE config clips gradients at 1.0; the other configs do not clip
+            cfg.grad_clip = 1.0 if cfg.method == "dice" else 0.0
         return cfg
 
     def validate(self) -> None:
@@ -121,6 +140,24 @@ class TrainConfig:
         for name in (*nonnegative, "ncl_weight", "adp_weight", "adp_alpha", "adp_beta"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("lambda_warmup_epochs", "dice_weight", "dice_rampup_epochs"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{flag(name)} must be >= 0, got {getattr(self, name)}")
+        if self.dice_tau <= 0 or self.discriminator_lr <= 0:
+            raise UserError("--dice-tau and --discriminator-lr must be > 0")
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise UserError(f"--grad-clip must be >= 0 (0: off), got {self.grad_clip}")
+        if not 0.0 < self.shared_batch <= 1.0:
+            raise UserError(f"--shared-batch must be in (0, 1], got {self.shared_batch}")
+        if self.diversity_period < 1:
+            raise UserError(f"--diversity-period must be >= 1, got {self.diversity_period}")
+        if (self.diversity_period > 1 or self.shared_batch < 1.0) and (
+            self.method not in PERIODIC_METHODS
+        ):
+            raise UserError(
+                f"--diversity-period and --shared-batch apply to --method sdde only "
+                f"(for {self.method} the shared batch is the training batch)"
+            )
         if self.lambda_div is not None and self.lambda_div < 0:
             raise UserError(f"--lambda-div must be >= 0, got {self.lambda_div}")
         if self.min_lr > self.lr:
@@ -135,6 +172,7 @@ class TrainConfig:
             ("augment", AUGMENT_CHOICES),
             ("best_metric", BEST_METRIC_CHOICES),
             ("backend", BACKEND_CHOICES),
+            ("shared_source", SHARED_SOURCE_CHOICES),
         ):
             if getattr(self, name) not in choices:
                 got = getattr(self, name)
@@ -195,7 +233,7 @@ FIELD_HELP: dict[str, str] = {
     "data": "training data spec: digits, an IDX dir, an image folder, a .npz, torchvision:NAME",
     "arch": "model architecture (e.g. lenet, resnet18_32x32, resnet18, resnet50)",
     "members": "number of ensemble members",
-    "method": "training method: de, sdde, oe, sdde-oe, ncl, adp, de-adv",
+    "method": "training method: de, sdde, oe, sdde-oe, ncl, adp, dice, de-adv",
     "epochs": "training epochs (the cosine schedule spans all of them)",
     "out": "run directory to write (config, split, metrics, checkpoints)",
     "batch_size": "batch size per member (global: split across processes under torchrun)",
@@ -224,7 +262,8 @@ FIELD_HELP: dict[str, str] = {
     "resume": "continue the run in --out from its last_state.pt",
     "input_size": "model input height and width (None: the arch's)",
     "in_chans": "model input channels (None: the training data's)",
-    "augment": "auto (crop+flip for 32x32 colour sets, none otherwise), none, or crop-flip",
+    "augment": "auto (crop+flip for 32x32 colour sets, none otherwise), none, crop (random "
+    "28-px crop of the 4-px padded image, no flip) or crop-flip",
     "amp": "bf16 autocast on CUDA",
     "channels_last": "channels-last memory format on CUDA",
     "best_metric": "validation metric choosing best.safetensors: ensemble acc or nll",
@@ -233,4 +272,17 @@ FIELD_HELP: dict[str, str] = {
     "eval_batch_size": "batch size for validation passes",
     "progress": "progress bar (only shown on a terminal)",
     "backend": "ensemble backend: loop over members, or fused (torch.func vmap over members)",
+    "shared_source": "diversity batch: member (one member's batch, chosen at random each step, "
+    "fed to all: the official trainer) or stream (a batch stream of its own)",
+    "shared_batch": "sdde: diversity batch size as a fraction of --batch-size (1: all of it; "
+    "0.5 with --diversity-period 4 costs 1.1-1.2x a DE step)",
+    "diversity_period": "sdde: compute the diversity term every k-th step only (official "
+    "diversity_loss_period)",
+    "lambda_warmup_epochs": "ramp the diversity weight linearly from 0 over this many epochs",
+    "dice_weight": "dice: weight of the conditional-redundancy term",
+    "dice_rampup_epochs": "dice: ramp the DICE weight linearly from 0 over this many epochs",
+    "dice_tau": "dice: tanh clipping of the discriminator's log density ratio",
+    "discriminator_lr": "dice: learning rate of the discriminator (RMSprop)",
+    "grad_clip": "clip the gradient norm of the members' parameters (None: 1.0 for dice, else "
+    "off; 0: off)",
 }

@@ -1,8 +1,12 @@
 """Torch-side data: in-memory model inputs, augmentation, and the per-step batch plan.
 
 Design: every batch is a pure function of ``(seed, stream, epoch, step)``. Each member has its own
-stream (Deep Ensembles: every member sees its own data order), the diversity term has one shared
-stream, and Outlier Exposure an endless outlier stream. Because nothing depends on generator
+stream (Deep Ensembles: every member sees its own data order), Outlier Exposure an endless outlier
+stream, and the diversity term one shared batch per step, drawn either as the official trainer
+does (``shared_source="member"``: the batch of one member chosen at random, fed to all members) or
+from a stream of its own (``"stream"``). The shared batch may be smaller than the member batch
+(``shared_size``) and exists only on the steps that compute the diversity term (every
+``diversity_period``-th). Because nothing depends on generator
 *state*, a resumed run (even mid-epoch), a run with DataLoader workers, and a run sharded over
 torchrun processes all see exactly the batches a single uninterrupted process sees.
 
@@ -115,7 +119,19 @@ class CropFlip(Augment):
         return out.permute(0, 3, 1, 2).contiguous()  # advanced indexing put channels last
 
 
-AUGMENTATIONS: dict[str, Augment] = {"none": Augment(), "crop-flip": CropFlip()}
+class Crop(CropFlip):
+    """``RandomCrop(size, padding=4)`` alone: the translation part of OpenOOD's augmentation.
+
+    For digits, where a mirrored 2 or 7 is not a digit of its class. The flip is still drawn (and
+    ignored) so a crop-only batch has exactly the offsets of the crop-flip batch of the same seed.
+    """
+
+    def draw(self, rng: np.random.Generator, b: int) -> tuple[Tensor, ...]:
+        oy, ox, flip = super().draw(rng, b)
+        return oy, ox, torch.zeros_like(flip)
+
+
+AUGMENTATIONS: dict[str, Augment] = {"none": Augment(), "crop": Crop(), "crop-flip": CropFlip()}
 
 
 def choose_augment(name: str, channels: int, size: int) -> str:
@@ -124,6 +140,8 @@ def choose_augment(name: str, channels: int, size: int) -> str:
 
 
 # --- the batch plan ----------------------------------------------------------------------------
+
+SHARED_SOURCES = ("member", "stream")
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
@@ -144,10 +162,26 @@ class Plan:
     n_outliers: int = 0
     rank: int = 0
     world: int = 1
+    shared_size: int | None = None  # None: batch_size
+    shared_source: str = "stream"
+    diversity_period: int = 1
 
     @property
     def steps_per_epoch(self) -> int:
         return steps_per_epoch(self.n_train, self.batch_size)
+
+    @property
+    def shared_batch_size(self) -> int:
+        return min(self.batch_size, self.shared_size or self.batch_size)
+
+    def has_diversity(self, step: int) -> bool:
+        """Whether global step ``step`` (0-based) computes the diversity term: every k-th one,
+        starting with the first (``step % k == 0``)."""
+        return step % self.diversity_period == 0
+
+    def shared_member(self, step: int) -> int:
+        """The member whose batch is the shared batch at ``step`` (``shared_source="member"``)."""
+        return int(rng_for(self.seed, SHARED, 0, step, 2).integers(self.members))
 
 
 @lru_cache(maxsize=64)
@@ -159,7 +193,8 @@ class StepDataset(Dataset):
     """Item ``t`` is everything global step ``t`` trains on, for this process's shard.
 
     Returns a dict: ``members`` (list of (x, y) per member), ``shared`` ((x, y) seen by every
-    member: the diversity batch) and ``outliers`` (x or None). Use with ``step_loader``.
+    member: the diversity batch; None on steps without the diversity term) and ``outliers``
+    (x or None). Use with ``step_loader``.
     """
 
     def __init__(self, plan: Plan, train: Tensors, outliers: Tensors | None = None) -> None:
@@ -171,20 +206,32 @@ class StepDataset(Dataset):
     def __len__(self) -> int:  # not used for iteration (the sampler gives the steps)
         return 2**62
 
-    def _labelled(self, kind: int, index: int, step: int) -> tuple[Tensor, Tensor]:
+    def _labelled(
+        self, kind: int, index: int, step: int, size: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Stream ``(kind, index)``'s batch at ``step``; ``size``: only its first ``size`` images
+        (exactly those images, augmented exactly as in the full batch)."""
         p = self.plan
         epoch, k = divmod(step, p.steps_per_epoch)
         perm = _permutation(p.seed, kind, index, epoch, p.n_train)
         idx = perm[k * p.batch_size : (k + 1) * p.batch_size]
-        return self._draw(self.train, idx, kind, index, step)
+        return self._draw(self.train, idx, kind, index, step, size)
 
     def _draw(
-        self, data: Tensors, idx: np.ndarray, kind: int, index: int, step: int
+        self,
+        data: Tensors,
+        idx: np.ndarray,
+        kind: int,
+        index: int,
+        step: int,
+        size: int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         p = self.plan
         # Draw augmentation parameters for the global batch, then keep this rank's shard: every
         # process draws identical parameters, so the shards add up to the single-process batch.
         params = self.augment.draw(rng_for(p.seed, kind, index, step, 1), len(idx))
+        if size is not None:
+            idx, params = idx[:size], tuple(q[:size] for q in params)
         shard = slice(p.rank, None, p.world)
         mine = torch.from_numpy(idx[shard])
         x = self.augment.apply(data.x[mine], tuple(q[shard] for q in params))
@@ -203,9 +250,17 @@ class StepDataset(Dataset):
         x, _ = self._draw(self.outliers, idx, OUTLIER, 0, step)
         return x
 
+    def _shared(self, step: int) -> tuple[Tensor, Tensor] | None:
+        p = self.plan
+        if not p.has_diversity(step):
+            return None  # this step skips the diversity term: nothing to prepare
+        if p.shared_source == "member":
+            return self._labelled(MEMBER, p.shared_member(step), step, p.shared_batch_size)
+        return self._labelled(SHARED, 0, step, p.shared_batch_size)
+
     def __getitem__(self, step: int) -> dict:
         members = [self._labelled(MEMBER, i, step) for i in range(self.plan.members)]
-        shared = self._labelled(SHARED, 0, step)
+        shared = self._shared(step)
         outliers = self._outlier_batch(step) if self.outliers is not None else None
         return {"members": members, "shared": shared, "outliers": outliers}
 

@@ -17,6 +17,7 @@ every N. Diversity terms are means over member pairs and samples for the same re
 | oe       | mean CE + β·L_OE (outlier batch) |
 | sdde-oe  | mean CE + λ·L_div + β·L_OE, both on the outlier batch, pseudo-labels (Algorithm 2) |
 | ncl      | mean CE + w·NCL penalty, all members on the shared batch |
+| dice     | mean CE + w·DICE redundancy (+ the discriminator's own loss), shared batch |
 | adp      | mean CE + w·(−α·H(ensemble) − β·log det), all members on the shared batch |
 | de-adv   | mean CE + mean CE on FGSM samples (Lakshminarayanan et al.) |
 
@@ -51,8 +52,14 @@ class StepBatch:
     """What one optimizer step sees. Pixels in [0, 1], labels int64."""
 
     member_batches: list[tuple[Tensor, Tensor]]  # per-member (x01, y) for cross-entropy
-    shared: tuple[Tensor, Tensor]  # one batch seen by all members (diversity term)
+    # One batch seen by all members (diversity term); None on a step that skips the term
+    # (--diversity-period).
+    shared: tuple[Tensor, Tensor] | None
     outliers: Tensor | None = None  # unlabeled OOD batch (oe, sdde-oe)
+    # Factor on the diversity weight at this step (λ warm-up, DICE ramp-up); 1 = full weight.
+    diversity_scale: float = 1.0
+    # The method's auxiliary module, if it has one (DICE's discriminator); never exported.
+    aux: nn.Module | None = None
 
 
 class Method(Protocol):
@@ -159,6 +166,12 @@ def adp_terms(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return entropy, log_det
 
 
+def _shared(batch: StepBatch, name: str) -> tuple[Tensor, Tensor]:
+    if batch.shared is None:
+        raise ValueError(f"--method {name} trains on the shared batch, but the step has none")
+    return batch.shared
+
+
 def _outliers(batch: StepBatch, name: str) -> Tensor:
     if batch.outliers is None:
         raise UserError(f"--method {name} needs an outlier batch (--outliers SPEC)")
@@ -202,13 +215,17 @@ class SDDE:
     ) -> tuple[Tensor, dict[str, float]]:
         kind = _saliency_kind(cfg)
         ce = member_ce(ensemble, batch)
+        if batch.shared is None or batch.diversity_scale == 0:
+            # --diversity-period: this step is cross-entropy only (the official trainer's
+            # apply_diversity=False); the logged lambda says so
+            return ce, _logs(loss=ce, ce=ce, lambda_div=0.0, diversity_step=0.0)
         x, y = batch.shared
-        lam = diversity_weight(cfg, x)
+        lam = diversity_weight(cfg, x) * batch.diversity_scale
         with batchnorm_mode(ensemble, _bn_mode(cfg)):
             maps, _ = saliency_maps(ensemble, x, y, kind=kind, create_graph=True)
         div = diversity_similarity(maps, kind)
         loss = ce + lam * div
-        logs = _logs(loss=loss, ce=ce, div=div, lambda_div=lam)
+        logs = _logs(loss=loss, ce=ce, div=div, lambda_div=lam, diversity_step=1.0)
         if kind == "gradcam":
             logs["cam_similarity"] = logs["div"]
         return loss, logs
@@ -277,7 +294,7 @@ class NegativeCorrelation:
     def loss(
         self, ensemble: Ensemble, batch: StepBatch, cfg: Any
     ) -> tuple[Tensor, dict[str, float]]:
-        x, y = batch.shared
+        x, y = _shared(batch, self.name)
         logits = ensemble(x)
         ce = shared_ce(logits, y)
         ncl = ncl_penalty(logits)
@@ -295,13 +312,55 @@ class AdaptiveDiversityPromoting:
     def loss(
         self, ensemble: Ensemble, batch: StepBatch, cfg: Any
     ) -> tuple[Tensor, dict[str, float]]:
-        x, y = batch.shared
+        x, y = _shared(batch, self.name)
         logits = ensemble(x)
         ce = shared_ce(logits, y)
         entropy, log_det = adp_terms(logits, y)
         adp = -option(cfg, "adp_alpha") * entropy - option(cfg, "adp_beta") * log_det
         loss = ce + option(cfg, "adp_weight") * adp
         return loss, _logs(loss=loss, ce=ce, adp=adp, entropy=entropy, log_det=log_det)
+
+
+@dataclass(frozen=True)
+class DICE:
+    """DICE (Rame & Cord 2021) as in the official SDDE code: all members on the shared batch
+    (``same_batch: True``); mean CE + w·mean over pairs of the clipped log density ratio that a
+    conditional discriminator assigns to their (detached-discriminator) embedding pairs; plus the
+    discriminator's own loss on detached embeddings, so one backward trains both (the
+    discriminator's parameters get only its loss, the members' only theirs). See training/dice.py.
+    """
+
+    name: str = "dice"
+    needs_outliers: bool = False
+
+    def make_aux(self, ensemble: Ensemble, num_classes: int, sample: Tensor) -> nn.Module:
+        from training.dice import Discriminator, embedding_dim
+
+        return Discriminator(num_classes, embedding_dim(ensemble, sample))
+
+    def loss(
+        self, ensemble: Ensemble, batch: StepBatch, cfg: Any
+    ) -> tuple[Tensor, dict[str, float]]:
+        from training.dice import dice_losses, logits_and_embeddings
+
+        if batch.aux is None:
+            raise ValueError("--method dice needs its discriminator (StepBatch.aux)")
+        x, y = _shared(batch, self.name)
+        logits, emb = logits_and_embeddings(ensemble, x)
+        ce = shared_ce(logits, y)
+        redundancy, disc_loss, disc_acc = dice_losses(
+            batch.aux, emb, y, tau=float(getattr(cfg, "dice_tau", 10.0))
+        )
+        weight = float(getattr(cfg, "dice_weight", 0.2)) * batch.diversity_scale
+        loss = ce + weight * redundancy + disc_loss
+        return loss, _logs(
+            loss=loss,
+            ce=ce,
+            dice=redundancy,
+            dice_weight=weight,
+            discriminator_loss=disc_loss,
+            discriminator_accuracy=disc_acc,
+        )
 
 
 @dataclass(frozen=True)
@@ -348,6 +407,7 @@ METHODS: dict[str, Method] = {
         SDDEOutlierExposure(),
         NegativeCorrelation(),
         AdaptiveDiversityPromoting(),
+        DICE(),
         AdversarialDeepEnsemble(),
     )
 }

@@ -11,9 +11,11 @@ RUN_DIR/last_state.pt       optimizer, RNG, step, best, running sums: torch.load
 
 In config.json the TrainConfig field ``data`` (the spec string) is replaced by the ``data`` block
 (``{"spec", "split", "name", "classes", "channels", "height", "width", "mean", "std"}``), whose
-``spec`` holds that string. Nothing here unpickles objects: safetensors for weights, and
-``weights_only=True`` for the resume state. Files are written to a temporary name and renamed,
-so an interrupted write never leaves a truncated file under the real name.
+``spec`` holds that string. A run recorded before a config field existed loads with the value it
+trained with (``LEGACY_DEFAULTS``), not the field's new default. Nothing here unpickles
+objects: safetensors for weights, and ``weights_only=True`` for the resume state. Files are
+written to a temporary name and renamed, so an interrupted write never leaves a truncated file
+under the real name.
 """
 
 from __future__ import annotations
@@ -156,8 +158,19 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     return raw
 
 
+# What runs recorded before these fields existed trained with: a resumed or reloaded old run keeps
+# its protocol instead of silently taking the new defaults.
+LEGACY_DEFAULTS: dict[str, Any] = {
+    "shared_source": "stream",
+    "shared_batch": 1.0,
+    "diversity_period": 1,
+    "lambda_warmup_epochs": 0.0,
+}
+
+
 def _train_config(raw: dict[str, Any]) -> TrainConfig:
     fields = {k: v for k, v in raw.items() if k not in ("schema", "data", "model")}
+    fields = {**LEGACY_DEFAULTS, **fields}
     fields["data"] = raw["data"]["spec"]
     return TrainConfig.from_dict(fields)
 
@@ -325,6 +338,7 @@ def save_state(
     running: dict[str, Any],
     elapsed: float,
     cfg: TrainConfig,
+    aux: dict[str, Any] | None = None,
 ) -> None:
     """Everything else ``--resume`` needs; plain containers and tensors (weights_only-loadable).
 
@@ -340,6 +354,8 @@ def save_state(
         "running": running,
         "elapsed_s": elapsed,
     }
+    if aux is not None:  # a method's auxiliary module (DICE's discriminator) and its optimizer
+        state["aux"] = aux
     tmp = out / (STATE + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, out / STATE)

@@ -124,7 +124,15 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
         n_outliers=len(outliers_t) if outliers_t is not None else 0,
         rank=ctx.rank,
         world=ctx.world,
+        shared_size=shared_batch_size(cfg),
+        shared_source=cfg.shared_source,
+        diversity_period=cfg.diversity_period,
     )
+    if plan.shared_batch_size % ctx.world:
+        raise UserError(
+            f"the shared batch ({plan.shared_batch_size} images, --shared-batch "
+            f"{cfg.shared_batch}) must be divisible by the {ctx.world} processes"
+        )
     if outliers_t is not None and plan.outlier_batch_size % ctx.world:
         raise UserError("--outlier-batch-size must be divisible by the number of processes")
     steps_per_epoch = plan.steps_per_epoch
@@ -157,6 +165,8 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
     )
 
     method = METHODS[cfg.method]  # the loss: the other half of the algorithm
+    # DICE's discriminator: trained beside the members by its own optimizer, never exported.
+    aux, aux_optimizer = make_aux(method, ensemble, n_classes, train_t.x[:1].to(device), cfg)
 
     # --- resume: weights, optimizer, RNG, step and running sums; or write the fresh run ------
     start_step, best, running, elapsed = 0, None, Running(), 0.0
@@ -164,8 +174,13 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
         ensemble.load_state_dict(read_weights(out / LAST), strict=True)
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
+        load_aux_state(aux, aux_optimizer, state)
         start_step, best = int(state["step"]), state.get("best")
-        running = Running(dict(state["running"]["sums"]), int(state["running"]["count"]))
+        running = Running(
+            dict(state["running"]["sums"]),
+            int(state["running"]["count"]),
+            dict(state["running"].get("counts") or {}),
+        )
         elapsed = float(state.get("elapsed_s", 0.0))
         if main:
             keep_metrics_up_to(out / METRICS, start_step)
@@ -173,6 +188,8 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
     elif main:
         write_run_header(out, cfg, full, fingerprint, val_idx, mean, std, n_classes)
     ctx.broadcast_module(ensemble)  # replicas start identical (no-op on one process)
+    if aux is not None:
+        ctx.broadcast_module(aux)
 
     if start_step >= end_step:
         log(main, f"nothing to do: the run in {out} is at step {start_step} of {end_step}")
@@ -216,19 +233,33 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
                 group["lr"] = lr
             batch = StepBatch(
                 member_batches=[to_device(x, y, device, memory_format) for x, y in item["members"]],
-                shared=to_device(*item["shared"], device, memory_format),
+                shared=to_device(*item["shared"], device, memory_format)
+                if item["shared"] is not None
+                else None,
                 outliers=to_device(item["outliers"], None, device, memory_format)[0]
                 if item["outliers"] is not None
                 else None,
+                diversity_scale=diversity_ramp(step, steps_per_epoch, cfg),
+                aux=aux,
             )
 
             ensemble.train()
             with autocast:
                 loss, terms = method.loss(ensemble, batch, cfg)
             optimizer.zero_grad(set_to_none=True)
+            if aux_optimizer is not None:
+                aux_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             ctx.average_gradients(params)
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, float(cfg.grad_clip))
             optimizer.step()
+            if aux is not None and aux_optimizer is not None:
+                aux_params = list(aux.parameters())
+                ctx.average_gradients(aux_params)
+                if cfg.grad_clip:  # the official code clips the discriminator's too
+                    torch.nn.utils.clip_grad_norm_(aux_params, float(cfg.grad_clip))
+                aux_optimizer.step()
             ctx.average_buffers(ensemble)  # BatchNorm running stats of all shards
             step += 1
 
@@ -279,7 +310,16 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
                     if record["best"]:
                         save_weights(ensemble, out / BEST, step)
                     save_weights(ensemble, out / LAST, step)
-                    save_state(out, optimizer, step, best, running.to_state(), elapsed, cfg)
+                    save_state(
+                        out,
+                        optimizer,
+                        step,
+                        best,
+                        running.to_state(),
+                        elapsed,
+                        cfg,
+                        aux=aux_state(aux, aux_optimizer),
+                    )
                     append_metrics(out / METRICS, record)
                     log_epoch(record, cfg.epochs, bar)
                 t_last = time.perf_counter()  # evaluation time is not training time
@@ -287,7 +327,16 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
             if stop_now:
                 if main:
                     save_weights(ensemble, out / LAST, step)
-                    save_state(out, optimizer, step, best, running.to_state(), elapsed, cfg)
+                    save_state(
+                        out,
+                        optimizer,
+                        step,
+                        best,
+                        running.to_state(),
+                        elapsed,
+                        cfg,
+                        aux=aux_state(aux, aux_optimizer),
+                    )
                 bar.close()
                 log(
                     main,
@@ -303,6 +352,65 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
         f"{best['value'] if best else float('nan'):.4f})",
     )
     return out
+
+
+# --- the protocol: shared batch size, diversity ramp, auxiliary modules ------------------------
+
+
+def shared_batch_size(cfg: TrainConfig) -> int:
+    """Images in the diversity batch: ``--shared-batch`` of the member batch, at least one."""
+    return max(1, round(cfg.batch_size * cfg.shared_batch))
+
+
+def diversity_ramp(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """Factor on the diversity weight at ``step``: a linear ramp from 0 over the warm-up epochs
+    (``--lambda-warmup-epochs`` for sdde, ``--dice-rampup-epochs`` for dice), then 1."""
+    epochs = cfg.dice_rampup_epochs if cfg.method == "dice" else cfg.lambda_warmup_epochs
+    if epochs <= 0:
+        return 1.0
+    return min(1.0, step / (epochs * steps_per_epoch))
+
+
+def make_aux(
+    method: Any, ensemble: Ensemble, n_classes: int, sample: Tensor, cfg: TrainConfig
+) -> tuple[torch.nn.Module | None, torch.optim.Optimizer | None]:
+    """The method's auxiliary module (DICE's discriminator) and its optimizer, else Nones.
+
+    RMSprop with the members' momentum and weight decay, constant learning rate: the official
+    DICE setting.
+    """
+    build = getattr(method, "make_aux", None)
+    if build is None:
+        return None, None
+    aux = build(ensemble, n_classes, sample).to(sample.device)
+    opt = torch.optim.RMSprop(
+        aux.parameters(),
+        lr=cfg.discriminator_lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+    )
+    return aux, opt
+
+
+def aux_state(
+    aux: torch.nn.Module | None, opt: torch.optim.Optimizer | None
+) -> dict[str, Any] | None:
+    if aux is None or opt is None:
+        return None
+    weights = {k: v.detach().cpu() for k, v in aux.state_dict().items()}
+    return {"weights": weights, "optimizer": opt.state_dict()}
+
+
+def load_aux_state(
+    aux: torch.nn.Module | None, opt: torch.optim.Optimizer | None, state: dict[str, Any]
+) -> None:
+    saved = state.get("aux")
+    if aux is None or opt is None:
+        return
+    if saved is None:
+        raise UserError("--resume: the saved state has no discriminator (not a dice run?)")
+    aux.load_state_dict(saved["weights"])
+    opt.load_state_dict(saved["optimizer"])
 
 
 # --- learning rate -----------------------------------------------------------------------------
@@ -548,20 +656,30 @@ class Running:
 
     sums: dict[str, float] | None = None
     count: int = 0
+    # Steps that logged each term: a term computed on some steps only (the diversity term under
+    # --diversity-period) is averaged over those steps, not diluted by the others.
+    counts: dict[str, int] | None = None
 
     def add(self, terms: dict[str, float]) -> None:
         self.sums = self.sums or {}
+        self.counts = self.counts or {}
         for k, v in terms.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
         self.count += 1
 
     def to_state(self) -> dict[str, Any]:
-        return {"sums": dict(self.sums or {}), "count": self.count}
+        return {
+            "sums": dict(self.sums or {}),
+            "count": self.count,
+            "counts": dict(self.counts or {}),
+        }
 
     def means(self) -> dict[str, Any]:
         if not self.count or not self.sums:
             return {}
-        return {k: round(v / self.count, 6) for k, v in self.sums.items()}
+        counts = self.counts or {}
+        return {k: round(v / counts.get(k, self.count), 6) for k, v in self.sums.items()}
 
 
 # --- stop requests (Ctrl-C) --------------------------------------------------------------------

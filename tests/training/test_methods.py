@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -77,6 +78,15 @@ def step_batch(
     ys = [torch.randint(0, classes, (b,), generator=g) for _ in range(n)]
     shared = (torch.rand(b, *shape, generator=g), torch.randint(0, classes, (b,), generator=g))
     return StepBatch(list(zip(xs, ys, strict=True)), shared, torch.rand(b, *shape, generator=g))
+
+
+def with_aux(name: str, ens: Ensemble, batch: StepBatch, classes: int = 4) -> StepBatch:
+    """The batch with the method's auxiliary module (DICE's discriminator), seeded, if any."""
+    make = getattr(METHODS[name], "make_aux", None)
+    if make is None:
+        return batch
+    torch.manual_seed(1)
+    return dataclasses.replace(batch, aux=make(ens, classes, batch.shared[0]))
 
 
 # -- hand-computed loss terms ---------------------------------------------------------------------
@@ -209,7 +219,7 @@ VARIANTS = [(name, {}) for name in METHODS] + [
 @pytest.mark.parametrize(("name", "overrides"), VARIANTS)
 def test_each_method_trains_a_few_steps(name: str, overrides: dict[str, str]) -> None:
     ens = tiny_ensemble(3).train()
-    batch = step_batch(3, (1, 8, 8), b=16)
+    batch = with_aux(name, ens, step_batch(3, (1, 8, 8), b=16))
     opt = torch.optim.SGD(ens.parameters(), lr=0.1, momentum=0.9, nesterov=True)
     losses = []
     for _ in range(6):
@@ -274,7 +284,7 @@ def _grads(ens: Ensemble) -> dict[str, Tensor]:
 def test_fused_and_loop_give_same_losses_and_gradients(name: str) -> None:
     loop = tiny_ensemble(3).train()
     fused = copy.deepcopy(loop).set_backend("fused")
-    batch = step_batch(3, (1, 8, 8))
+    batch = with_aux(name, loop, step_batch(3, (1, 8, 8)))
     results = []
     for ens in (loop, fused):
         loss, logs = METHODS[name].loss(ens, batch, cfg())

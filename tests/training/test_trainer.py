@@ -86,6 +86,7 @@ def test_each_method_trains_a_few_steps_without_nan(method, tmp_path, noise_npz)
         "oe": "oe",
         "ncl": "ncl",
         "adp": "log_det",
+        "dice": "discriminator_loss",
         "de-adv": "adv",
         "de": "ce",
     }[method]
