@@ -38,7 +38,7 @@ from tqdm import tqdm
 from sdde_serve.data import load_dataset, train_val_split
 from sdde_serve.errors import UserError
 from training import data as D
-from training import saliency
+from training import registry, saliency
 from training.config import TrainConfig
 from training.ensemble import Ensemble, build_ensemble
 from training.methods import METHODS, StepBatch
@@ -364,8 +364,9 @@ def shared_batch_size(cfg: TrainConfig) -> int:
 
 def diversity_ramp(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     """Factor on the diversity weight at ``step``: a linear ramp from 0 over the warm-up epochs
-    (``--lambda-warmup-epochs`` for sdde, ``--dice-rampup-epochs`` for dice), then 1."""
-    epochs = cfg.dice_rampup_epochs if cfg.method == "dice" else cfg.lambda_warmup_epochs
+    (the method's registry entry names the field: ``--lambda-warmup-epochs`` for sdde,
+    ``--dice-rampup-epochs`` for dice), then 1."""
+    epochs = float(getattr(cfg, registry.spec(cfg.method).ramp))
     if epochs <= 0:
         return 1.0
     return min(1.0, step / (epochs * steps_per_epoch))

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from sdde_serve import cli as sdde_cli
 from sdde_serve.errors import UserError
 from training import data as D
+from training import registry
 from training.config import FIELD_HELP, TrainConfig
 from training.methods import METHODS
 from training.trainer import cosine_lr, train
@@ -71,7 +72,7 @@ def records(run: Path) -> list[dict]:
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_each_method_trains_a_few_steps_without_nan(method, tmp_path, noise_npz):
-    extra = {"outliers": str(noise_npz)} if METHODS[method].needs_outliers else {}
+    extra = {"outliers": str(noise_npz)} if registry.spec(method).needs_outliers else {}
     run = train(tiny(tmp_path / method, method=method, **extra))
     last = records(run)[-1]
     assert last["step"] == 2
