@@ -29,6 +29,7 @@ See docs/training-methods.md for the formulas and the measured choices.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -56,6 +57,32 @@ class StepBatch:
     diversity_scale: float = 1.0
     # The method's auxiliary module, if it has one (DICE's discriminator); never exported.
     aux: nn.Module | None = None
+
+    def to(self, device: torch.device, memory_format: torch.memory_format | None) -> StepBatch:
+        """The images and labels on ``device`` (images in ``memory_format`` when given)."""
+
+        def move(x: Tensor) -> Tensor:
+            x = x.to(device, non_blocking=True)
+            return x if memory_format is None else x.contiguous(memory_format=memory_format)
+
+        def pair(xy: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+            return move(xy[0]), xy[1].to(device, non_blocking=True)
+
+        return dataclasses.replace(
+            self,
+            member_batches=[pair(xy) for xy in self.member_batches],
+            shared=None if self.shared is None else pair(self.shared),
+            outliers=None if self.outliers is None else move(self.outliers),
+        )
+
+    def pin_memory(self) -> StepBatch:
+        """Page-locked copies (the DataLoader calls this with ``pin_memory=True``)."""
+        return dataclasses.replace(
+            self,
+            member_batches=[(x.pin_memory(), y.pin_memory()) for x, y in self.member_batches],
+            shared=None if self.shared is None else tuple(t.pin_memory() for t in self.shared),
+            outliers=None if self.outliers is None else self.outliers.pin_memory(),
+        )
 
 
 class Method(Protocol):

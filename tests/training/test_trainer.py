@@ -215,17 +215,16 @@ def test_members_get_their_own_orders_and_ddp_shards_add_up():
     data = D.Tensors(x, torch.arange(n))
     plan = D.Plan(seed=0, members=3, batch_size=b, n_train=n, augment="none")
     step = D.StepDataset(plan, data)[5]
-    ys = [y.tolist() for _, y in step["members"]]
+    ys = [y.tolist() for _, y in step.member_batches]
     assert len({tuple(y) for y in ys}) == 3  # three different orders
     # each member sees every sample once per epoch (drop_last: 12 full batches of 8)
-    epoch = [D.StepDataset(plan, data)[t]["members"][1][1] for t in range(plan.steps_per_epoch)]
+    epoch = [D.StepDataset(plan, data)[t].member_batches[1][1] for t in range(plan.steps_per_epoch)]
     assert len(set(torch.cat(epoch).tolist())) == plan.steps_per_epoch * b
     # two shards of a crop-flip batch are exactly the single-process batch, interleaved
     crop = dataclasses.replace(plan, augment="crop-flip")
-    whole = D.StepDataset(crop, data)[3]["shared"][0]
+    whole = D.StepDataset(crop, data)[3].shared[0]
     parts = [
-        D.StepDataset(dataclasses.replace(crop, rank=r, world=2), data)[3]["shared"][0]
-        for r in (0, 1)
+        D.StepDataset(dataclasses.replace(crop, rank=r, world=2), data)[3].shared[0] for r in (0, 1)
     ]
     assert torch.equal(whole[0::2], parts[0]) and torch.equal(whole[1::2], parts[1])
 
@@ -347,6 +346,6 @@ def test_outlier_stream_cycles_through_every_outlier():
         n_outliers=10,
     )
     ds = D.StepDataset(plan, train_t, outliers)
-    seen = torch.cat([ds[t]["outliers"][:, 0, 0, 0] for t in range(5)]).tolist()  # 20 draws
+    seen = torch.cat([ds[t].outliers[:, 0, 0, 0] for t in range(5)]).tolist()  # 20 draws
     assert sorted(seen[:10]) == [100.0 + i for i in range(10)]  # one full pass, then the next
     assert sorted(seen[10:]) == [100.0 + i for i in range(10)]
