@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from sdde_serve import cli as sdde_cli
 from sdde_serve.errors import UserError
+from tests.conftest import tiny_train_config
 from training import data as D
 from training import registry
 from training.config import FIELD_HELP, TrainConfig
@@ -30,20 +31,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny(out: Path, **kw) -> TrainConfig:
-    base = dict(
-        data="digits",
-        arch="lenet",
-        members=2,
-        method="sdde",
-        epochs=1,
-        batch_size=32,
-        max_steps=2,
-        out=str(out),
-        cam_samples=32,
-        eval_train_samples=64,
-        progress=False,
-    )
-    return TrainConfig(**{**base, **kw})
+    settings = dict(members=2, epochs=1, batch_size=32, max_steps=2, cam_samples=32)
+    settings.update(eval_train_samples=64, progress=False)
+    return tiny_train_config(out, official_protocol=True, **{**settings, **kw})
 
 
 @pytest.fixture(scope="module")
