@@ -82,8 +82,9 @@ class TrainConfig:
 
     # --- resolution -------------------------------------------------------------------------
 
-    def resolve(self, *, data_channels: int | None = None) -> TrainConfig:
-        """A copy with every ``None`` default filled in and every value checked.
+    def resolve(self, *, data_channels: int | None = None) -> ResolvedConfig:
+        """A copy with every ``None`` default filled in and every value checked; its type says
+        so (``ResolvedConfig``: those fields are no longer optional).
 
         ``data_channels`` is the channel count of the training images; the model takes that many
         channels unless ``in_chans`` says otherwise. Arch-dependent defaults (input size, saliency
@@ -101,23 +102,25 @@ class TrainConfig:
         if method.needs_outliers and not self.outliers:
             raise UserError(f"--method {self.method} needs --outliers SPEC (unlabeled OOD images)")
         spec = models.ARCHS[self.arch]
-        cfg = dataclasses.replace(self)
-        if cfg.input_size is None:
-            cfg.input_size = int(spec.input_size)
-        if cfg.in_chans is None:
-            cfg.in_chans = int(data_channels) if data_channels is not None else spec.input_channels
-        if cfg.saliency_layer is None:
-            cfg.saliency_layer = spec.default_saliency_layer
-        if cfg.lambda_div is None:
-            cfg.lambda_div = float(methods.default_lambda(cfg.in_chans, cfg.input_size))
-        if cfg.augment == "auto":
-            cfg.augment = auto_augment(cfg.in_chans, cfg.input_size)
-        if cfg.outlier_batch_size is None:
-            cfg.outlier_batch_size = cfg.batch_size
-        if cfg.grad_clip is None:
-            # the official DICE config clips gradients at 1.0; the other configs do not clip
-            cfg.grad_clip = method.grad_clip
-        return cfg
+        size = int(spec.input_size) if self.input_size is None else self.input_size
+        if self.in_chans is not None:
+            chans = self.in_chans
+        else:
+            chans = int(data_channels) if data_channels is not None else spec.input_channels
+        lam, layer, outlier_batch = self.lambda_div, self.saliency_layer, self.outlier_batch_size
+        return ResolvedConfig(
+            **{
+                **self.to_dict(),
+                "input_size": size,
+                "in_chans": chans,
+                "saliency_layer": spec.default_saliency_layer if layer is None else layer,
+                "lambda_div": float(methods.default_lambda(chans, size)) if lam is None else lam,
+                "augment": auto_augment(chans, size) if self.augment == "auto" else self.augment,
+                "outlier_batch_size": self.batch_size if outlier_batch is None else outlier_batch,
+                # the official DICE config clips gradients at 1.0; the other configs do not clip
+                "grad_clip": method.grad_clip if self.grad_clip is None else self.grad_clip,
+            }
+        )
 
     def validate(self) -> None:
         """Checks that need no torch: value ranges and flag combinations (raises UserError)."""
@@ -199,6 +202,20 @@ class TrainConfig:
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
         return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class ResolvedConfig(TrainConfig):
+    """A ``TrainConfig`` after ``resolve()``: each field whose ``None`` means "derive it" holds
+    the derived value, typed as such (the trainer needs no casts). Always built by ``resolve()``;
+    the defaults below only satisfy the dataclass. Same fields, so config.json is unchanged."""
+
+    lambda_div: float = 0.0
+    saliency_layer: str = ""
+    outlier_batch_size: int = 0
+    input_size: int = 0
+    in_chans: int = 0
+    grad_clip: float = 0.0
 
 
 def auto_augment(channels: int, size: int) -> str:

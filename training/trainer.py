@@ -45,7 +45,7 @@ from sdde_serve.data import load_dataset, train_val_split
 from sdde_serve.errors import UserError
 from training import data as D
 from training import registry, saliency
-from training.config import TrainConfig
+from training.config import ResolvedConfig, TrainConfig
 from training.ensemble import Ensemble, build_ensemble
 from training.methods import METHODS, StepBatch
 from training.run import (
@@ -83,7 +83,7 @@ class Run:
     """Everything the loop works with, built once by ``setup``; ``step``, ``best``, ``running``
     and ``elapsed`` change as it trains (and are what a checkpoint saves)."""
 
-    cfg: TrainConfig
+    cfg: ResolvedConfig
     ctx: DistContext
     out: Path
     # data
@@ -131,28 +131,28 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
 # --- setup: data, model, optimizer, resume -----------------------------------------------------
 
 
-def setup(cfg: TrainConfig, ctx: DistContext) -> Run:
+def setup(given: TrainConfig, ctx: DistContext) -> Run:
     """Checks and loads the data, builds the ensemble and its optimizer, then resumes the
     recorded run or writes the fresh run's header. The order of the seeded steps is fixed:
     resuming replays it to restore the same RNG streams."""
-    out = Path(cfg.out)
+    out = Path(given.out)
     state: dict[str, Any] | None = None
-    if cfg.resume:
-        cfg, state = load_resume(cfg, out)
+    if given.resume:
+        given, state = load_resume(given, out)
     else:
         check_fresh_out(out)
     ctx.barrier()  # every process checked `out` before rank 0 writes into it
 
     # --- data: load, split (seeded, recorded), convert to the model's input ------------------
-    full = load_dataset(cfg.data, split="train")
+    full = load_dataset(given.data, split="train")
     if full.labels is None:
-        raise UserError(f"--data {cfg.data!r} has no labels; training needs a labelled set")
-    cfg = cfg.resolve(data_channels=full.channels)
+        raise UserError(f"--data {given.data!r} has no labels; training needs a labelled set")
+    cfg = given.resolve(data_channels=full.channels)
     train_idx, val_idx = train_val_split(len(full), cfg.val_fraction, cfg.seed)
     fingerprint = full.fingerprint()
     if state is not None:
         check_same_data(out, full, fingerprint)
-    size, chans = int(cfg.input_size), int(cfg.in_chans)
+    size, chans = cfg.input_size, cfg.in_chans
     train_t = D.to_tensors(full.subset(train_idx), chans, size)
     val_t = D.to_tensors(full.subset(val_idx), chans, size)
     # Normalisation statistics of the training inputs; they live inside the ensemble (and the
@@ -229,7 +229,7 @@ def setup(cfg: TrainConfig, ctx: DistContext) -> Run:
     return run
 
 
-def batch_plan(cfg: TrainConfig, ctx: DistContext, n_train: int, outliers: D.Tensors | None):
+def batch_plan(cfg: ResolvedConfig, ctx: DistContext, n_train: int, outliers: D.Tensors | None):
     """Per-member orders, the shared diversity batch and outliers, for this process's shard."""
     if cfg.batch_size % ctx.world:
         raise UserError(
@@ -240,8 +240,8 @@ def batch_plan(cfg: TrainConfig, ctx: DistContext, n_train: int, outliers: D.Ten
         members=cfg.members,
         batch_size=cfg.batch_size,
         n_train=n_train,
-        augment=D.choose_augment(cfg.augment, int(cfg.in_chans), int(cfg.input_size)),
-        outlier_batch_size=int(cfg.outlier_batch_size or cfg.batch_size),
+        augment=D.choose_augment(cfg.augment, cfg.in_chans, cfg.input_size),
+        outlier_batch_size=cfg.outlier_batch_size,
         n_outliers=len(outliers) if outliers is not None else 0,
         rank=ctx.rank,
         world=ctx.world,
@@ -379,7 +379,7 @@ def train_step(run: Run, batch: StepBatch, lr: float) -> dict[str, float]:
     # train); the gradient average makes every process take the single-process step.
     loss.backward()
     run.ctx.average_gradients(run.params)
-    clip = float(run.cfg.grad_clip or 0.0)
+    clip = run.cfg.grad_clip
     if clip:
         torch.nn.utils.clip_grad_norm_(run.params, clip)
     run.optimizer.step()

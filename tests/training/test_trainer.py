@@ -23,7 +23,7 @@ from sdde_serve.errors import UserError
 from tests.conftest import tiny_train_config
 from training import data as D
 from training import registry
-from training.config import FIELD_HELP, TrainConfig
+from training.config import FIELD_HELP, ResolvedConfig, TrainConfig
 from training.methods import METHODS
 from training.trainer import cosine_lr, train
 
@@ -339,3 +339,18 @@ def test_outlier_stream_cycles_through_every_outlier():
     seen = torch.cat([ds[t].outliers[:, 0, 0, 0] for t in range(5)]).tolist()  # 20 draws
     assert sorted(seen[:10]) == [100.0 + i for i in range(10)]  # one full pass, then the next
     assert sorted(seen[10:]) == [100.0 + i for i in range(10)]
+
+
+def test_resolve_fills_every_derived_field_and_keeps_the_fields():
+    raw = TrainConfig(method="oe", outliers="digits")
+    resolved = raw.resolve(data_channels=1)
+    assert isinstance(resolved, ResolvedConfig)
+    assert list(resolved.to_dict()) == list(raw.to_dict())  # config.json keeps its keys
+    derived = ("input_size", "in_chans", "saliency_layer", "lambda_div", "outlier_batch_size")
+    assert all(getattr(raw, k) is None for k in derived)
+    assert (resolved.input_size, resolved.in_chans, resolved.lambda_div) == (28, 1, 0.1)
+    assert resolved.outlier_batch_size == raw.batch_size and resolved.grad_clip == 0.0
+    assert resolved.augment == "none" and resolved.saliency_layer
+    # resolving twice changes nothing, and explicit values are kept
+    assert resolved.resolve(data_channels=3) == resolved
+    assert TrainConfig(in_chans=3, lambda_div=0.2).resolve(data_channels=1).in_chans == 3
