@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdde_serve.errors import UserError
 from sdde_serve.manifest import Manifest
+from training import registry
 
 if TYPE_CHECKING:
     import onnx
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
 __all__ = ["export_run"]
 
 # Training hyper-parameters recorded in the manifest: the ones every method uses, plus each
-# method's own (the full resolved config is recorded too, under ``training_config``).
+# method's own as its registry entry lists them (training/registry.py; the full resolved config
+# is recorded too, under ``training_config``).
 COMMON_HPARAMS = (
     "epochs",
     "batch_size",
@@ -39,31 +41,11 @@ COMMON_HPARAMS = (
     "augment",
     "best_metric",
 )
-_SDDE = ("lambda_div", "saliency", "saliency_layer", "diversity_bn", "lambda_warmup_epochs")
-# How the diversity batch is drawn and how often the term is computed (sdde only)
-_PROTOCOL = ("shared_source", "shared_batch", "diversity_period")
-_OE = ("outliers", "beta_oe", "outlier_batch_size")
-METHOD_HPARAMS: dict[str, tuple[str, ...]] = {
-    "de": (),
-    "sdde": _SDDE + _PROTOCOL,
-    "oe": _OE,
-    "sdde-oe": _SDDE + _OE,
-    "ncl": ("ncl_weight", "shared_source"),
-    "adp": ("adp_weight", "adp_alpha", "adp_beta", "shared_source"),
-    "dice": (
-        "dice_weight",
-        "dice_rampup_epochs",
-        "dice_tau",
-        "discriminator_lr",
-        "grad_clip",
-        "shared_source",
-    ),
-    "de-adv": ("adv_eps",),
-}
 
 
 def hyperparameters(config: dict[str, Any]) -> dict[str, Any]:
-    keys = COMMON_HPARAMS + METHOD_HPARAMS.get(str(config.get("method")), ())
+    method = registry.METHODS.get(str(config.get("method")))
+    keys = COMMON_HPARAMS + (method.hparams if method is not None else ())
     return {k: config[k] for k in keys if k in config}
 
 

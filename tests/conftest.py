@@ -24,9 +24,13 @@ os.environ["OMP_NUM_THREADS"] = "1"  # torch sizes its pool from it on import
 TINY_RUN_STEPS = 30
 
 
-def tiny_train_config(out: Path, **overrides: Any) -> TrainConfig:
+def tiny_train_config(
+    out: Path, *, official_protocol: bool = False, **overrides: Any
+) -> TrainConfig:
     """The tiny run the tests train: 3-member LeNet SDDE on digits, seeded; a test overrides
-    what it needs (steps, batch size, ...). Written once here (it was copied per test file)."""
+    what it needs (steps, batch size, ...). Written once here (it was copied per test file).
+    ``official_protocol``: keep TrainConfig's protocol defaults instead of the ones ``tiny_run``
+    was built with."""
     from training.config import TrainConfig
 
     base: dict[str, Any] = dict(
@@ -40,11 +44,11 @@ def tiny_train_config(out: Path, **overrides: Any) -> TrainConfig:
         out=str(out),
         # the protocol this fixture was built with before issue 13's defaults (the λ warm-up,
         # the diversity batch from a member's batch): tests downstream rely on its exact model
-        shared_source="stream",
-        lambda_warmup_epochs=0.0,
-        diversity_period=1,
-        shared_batch=1.0,
     )
+    if not official_protocol:
+        base.update(
+            shared_source="stream", lambda_warmup_epochs=0.0, diversity_period=1, shared_batch=1.0
+        )
     return TrainConfig(**{**base, **overrides})
 
 

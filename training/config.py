@@ -13,13 +13,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from sdde_serve.errors import UserError
+from training import registry
 
-# Methods whose loss compares members with each other: they need at least two members.
-DIVERSITY_METHODS = frozenset({"sdde", "sdde-oe", "ncl", "adp", "dice"})
-# Methods whose diversity term is an add-on to each member's own cross-entropy: only these may
-# skip it on some steps (--diversity-period) or compute it on a part of a batch (--shared-batch).
-# For ncl/adp/dice the shared batch is the training batch itself.
-PERIODIC_METHODS = frozenset({"sdde"})
+# Each choice list exists once: training.saliency and training.ensemble use these.
 SALIENCY_CHOICES = ("gradcam", "inputgrad")
 DIVERSITY_BN_CHOICES = ("eval", "train")
 AUGMENT_CHOICES = ("auto", "none", "crop", "crop-flip")
@@ -86,8 +82,9 @@ class TrainConfig:
 
     # --- resolution -------------------------------------------------------------------------
 
-    def resolve(self, *, data_channels: int | None = None) -> TrainConfig:
-        """A copy with every ``None`` default filled in and every value checked.
+    def resolve(self, *, data_channels: int | None = None) -> ResolvedConfig:
+        """A copy with every ``None`` default filled in and every value checked; its type says
+        so (``ResolvedConfig``: those fields are no longer optional).
 
         ``data_channels`` is the channel count of the training images; the model takes that many
         channels unless ``in_chans`` says otherwise. Arch-dependent defaults (input size, saliency
@@ -101,33 +98,33 @@ class TrainConfig:
             raise UserError(
                 f"unknown --arch {self.arch!r}; choose one of: {', '.join(models.ARCHS)}"
             )
-        if self.method not in methods.METHODS:
-            known = ", ".join(methods.METHODS)
-            raise UserError(f"unknown --method {self.method!r}; choose one of: {known}")
-        method = methods.METHODS[self.method]
-        if getattr(method, "needs_outliers", False) and not self.outliers:
+        method = registry.spec(self.method)
+        if method.needs_outliers and not self.outliers:
             raise UserError(f"--method {self.method} needs --outliers SPEC (unlabeled OOD images)")
         spec = models.ARCHS[self.arch]
-        cfg = dataclasses.replace(self)
-        if cfg.input_size is None:
-            cfg.input_size = int(spec.input_size)
-        if cfg.in_chans is None:
-            cfg.in_chans = int(data_channels) if data_channels is not None else spec.input_channels
-        if cfg.saliency_layer is None:
-            cfg.saliency_layer = spec.default_saliency_layer
-        if cfg.lambda_div is None:
-            cfg.lambda_div = float(methods.default_lambda(cfg.in_chans, cfg.input_size))
-        if cfg.augment == "auto":
-            cfg.augment = auto_augment(cfg.in_chans, cfg.input_size)
-        if cfg.outlier_batch_size is None:
-            cfg.outlier_batch_size = cfg.batch_size
-        if cfg.grad_clip is None:
-            # the official DICE config clips gradients at 1.0; the other configs do not clip
-            cfg.grad_clip = 1.0 if cfg.method == "dice" else 0.0
-        return cfg
+        size = int(spec.input_size) if self.input_size is None else self.input_size
+        if self.in_chans is not None:
+            chans = self.in_chans
+        else:
+            chans = int(data_channels) if data_channels is not None else spec.input_channels
+        lam, layer, outlier_batch = self.lambda_div, self.saliency_layer, self.outlier_batch_size
+        return ResolvedConfig(
+            **{
+                **self.to_dict(),
+                "input_size": size,
+                "in_chans": chans,
+                "saliency_layer": spec.default_saliency_layer if layer is None else layer,
+                "lambda_div": float(methods.default_lambda(chans, size)) if lam is None else lam,
+                "augment": auto_augment(chans, size) if self.augment == "auto" else self.augment,
+                "outlier_batch_size": self.batch_size if outlier_batch is None else outlier_batch,
+                # the official DICE config clips gradients at 1.0; the other configs do not clip
+                "grad_clip": method.grad_clip if self.grad_clip is None else self.grad_clip,
+            }
+        )
 
     def validate(self) -> None:
         """Checks that need no torch: value ranges and flag combinations (raises UserError)."""
+        method = registry.spec(self.method)
         positive = ("members", "epochs", "batch_size", "eval_batch_size")
         for name in positive:
             if getattr(self, name) < 1:
@@ -151,11 +148,10 @@ class TrainConfig:
             raise UserError(f"--shared-batch must be in (0, 1], got {self.shared_batch}")
         if self.diversity_period < 1:
             raise UserError(f"--diversity-period must be >= 1, got {self.diversity_period}")
-        if (self.diversity_period > 1 or self.shared_batch < 1.0) and (
-            self.method not in PERIODIC_METHODS
-        ):
+        if (self.diversity_period > 1 or self.shared_batch < 1.0) and not method.periodic:
+            only = ", ".join(registry.names(periodic=True))
             raise UserError(
-                f"--diversity-period and --shared-batch apply to --method sdde only "
+                f"--diversity-period and --shared-batch apply to --method {only} only "
                 f"(for {self.method} the shared batch is the training batch)"
             )
         if self.lambda_div is not None and self.lambda_div < 0:
@@ -177,7 +173,7 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 got = getattr(self, name)
                 raise UserError(f"--{flag(name)} must be one of {', '.join(choices)}, got {got!r}")
-        if self.method in DIVERSITY_METHODS and self.members < 2:
+        if method.compares_members and self.members < 2:
             raise UserError(
                 f"--method {self.method} compares members with each other: use --members >= 2"
             )
@@ -208,6 +204,20 @@ class TrainConfig:
         return cls.from_dict(json.loads(text))
 
 
+@dataclass
+class ResolvedConfig(TrainConfig):
+    """A ``TrainConfig`` after ``resolve()``: each field whose ``None`` means "derive it" holds
+    the derived value, typed as such (the trainer needs no casts). Always built by ``resolve()``;
+    the defaults below only satisfy the dataclass. Same fields, so config.json is unchanged."""
+
+    lambda_div: float = 0.0
+    saliency_layer: str = ""
+    outlier_batch_size: int = 0
+    input_size: int = 0
+    in_chans: int = 0
+    grad_clip: float = 0.0
+
+
 def auto_augment(channels: int, size: int) -> str:
     """``auto``: crop+flip for 32x32 colour sets (as OpenOOD), none for gray/digit sets.
 
@@ -233,7 +243,7 @@ FIELD_HELP: dict[str, str] = {
     "data": "training data spec: digits, an IDX dir, an image folder, a .npz, torchvision:NAME",
     "arch": "model architecture (e.g. lenet, resnet18_32x32, resnet18, resnet50)",
     "members": "number of ensemble members",
-    "method": "training method: de, sdde, oe, sdde-oe, ncl, adp, dice, de-adv",
+    "method": f"training method: {', '.join(registry.METHODS)}",
     "epochs": "training epochs (the cosine schedule spans all of them)",
     "out": "run directory to write (config, split, metrics, checkpoints)",
     "batch_size": "batch size per member (global: split across processes under torchrun)",
@@ -246,7 +256,8 @@ FIELD_HELP: dict[str, str] = {
     "saliency": "saliency map for the diversity loss: gradcam or inputgrad (paper's Appendix B)",
     "saliency_layer": "layer whose feature map feeds GradCAM (None: the arch's default)",
     "diversity_bn": "BatchNorm mode for the shared diversity batch: eval (running stats) or train",
-    "outliers": "unlabeled OOD data spec, required by --method oe and sdde-oe",
+    "outliers": "unlabeled OOD data spec, required by --method "
+    + " and ".join(registry.names(needs_outliers=True)),
     "outlier_batch_size": "outlier batch size (None: --batch-size)",
     "beta_oe": "weight of the Outlier-Exposure loss",
     "ncl_weight": "ncl: weight of the negative-correlation penalty",

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from sdde_serve.data import ArrayDataset
 from sdde_serve.errors import UserError
 from training.config import auto_augment
+from training.methods import StepBatch
 
 # Stream kinds: part of every seed, so streams never share random numbers.
 MEMBER, SHARED, OUTLIER = 0, 1, 2
@@ -192,9 +193,10 @@ def _permutation(seed: int, kind: int, index: int, epoch: int, n: int) -> np.nda
 class StepDataset(Dataset):
     """Item ``t`` is everything global step ``t`` trains on, for this process's shard.
 
-    Returns a dict: ``members`` (list of (x, y) per member), ``shared`` ((x, y) seen by every
-    member: the diversity batch; None on steps without the diversity term) and ``outliers``
-    (x or None). Use with ``step_loader``.
+    Returns a ``StepBatch`` on the CPU: ``member_batches`` (one (x, y) per member), ``shared``
+    ((x, y) seen by every member: the diversity batch; None on steps without the diversity term)
+    and ``outliers`` (x or None); the trainer moves it to the device and adds the step's
+    diversity scale and the method's auxiliary module. Use with ``step_loader``.
     """
 
     def __init__(self, plan: Plan, train: Tensors, outliers: Tensors | None = None) -> None:
@@ -258,14 +260,14 @@ class StepDataset(Dataset):
             return self._labelled(MEMBER, p.shared_member(step), step, p.shared_batch_size)
         return self._labelled(SHARED, 0, step, p.shared_batch_size)
 
-    def __getitem__(self, step: int) -> dict:
+    def __getitem__(self, step: int) -> StepBatch:
         members = [self._labelled(MEMBER, i, step) for i in range(self.plan.members)]
         shared = self._shared(step)
         outliers = self._outlier_batch(step) if self.outliers is not None else None
-        return {"members": members, "shared": shared, "outliers": outliers}
+        return StepBatch(member_batches=members, shared=shared, outliers=outliers)
 
 
-def _identity(item: dict) -> dict:
+def _identity(item: StepBatch) -> StepBatch:
     return item
 
 

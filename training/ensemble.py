@@ -11,8 +11,9 @@ Two backends compute exactly the same functions (tests pin it):
   ``torch.stack`` on every call: that copy is differentiable, so gradients land on each member's
   own ``Parameter`` and the optimizer, checkpoints and the loop backend keep working on
   ``members`` unchanged. Only forward passes run inside ``vmap``; every ``autograd.grad`` (GradCAM,
-  input gradients, the double backward of the diversity loss) is taken outside it, which is the
-  combination that works (see shared/NOTES.md).
+  input gradients, the double backward of the diversity loss) is taken outside it: double
+  backward through a vmapped forward is not supported by torch.func, while gradients of a
+  vmapped forward taken outside it are.
 
 Logits come out as ``[B, N, L]`` (batch, member, class), the layout of the ONNX graph.
 """
@@ -27,10 +28,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from training.config import BACKEND_CHOICES, DIVERSITY_BN_CHOICES
 from training.models import create_model
 
-BACKENDS = ("loop", "fused")
-BN_MODES = ("eval", "train")
+BACKENDS = BACKEND_CHOICES
+BN_MODES = DIVERSITY_BN_CHOICES
 
 
 class Ensemble(nn.Module):

@@ -3,8 +3,11 @@
 Every method maps ``(ensemble, StepBatch, cfg)`` to ``(scalar loss, {name: float})``. ``cfg`` is
 any object with the fields used here (``TrainConfig`` in training; a namespace in tests):
 ``lambda_div``, ``beta_oe``, ``saliency``, ``diversity_bn``, ``adv_eps``; the baselines' own
-weights (``ncl_weight``, ``adp_weight``, ``adp_alpha``, ``adp_beta``) are read from attributes of
-that name or from a dict ``cfg.extra``, else ``BASELINE_DEFAULTS``.
+weights (``ncl_weight``, ``adp_weight``, ...) are read with ``option``: from attributes of that
+name or from a dict ``cfg.extra``, else the method's defaults in its registry entry.
+
+The registry itself (traits, hyper-parameter names, which class is whose loss) is torch-free and
+lives in training/registry.py; ``METHODS`` here maps each registered name to its loss object.
 
 Reductions: cross-entropy is the mean over samples of each member, then the mean over members
 ("mean CE"), so the loss scale does not grow with the ensemble size and one learning rate fits
@@ -26,6 +29,8 @@ See docs/training-methods.md for the formulas and the measured choices.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,17 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdde_serve.errors import UserError
+from training import registry
 from training.ensemble import Ensemble, batchnorm_mode
-from training.saliency import KINDS, diversity_similarity, saliency_maps
-
-# Weights of the prediction-diversity baselines: the official SDDE code's configs
-# (train_ncl.yml: ncl 0.1; train_adp.yml: adp 0.1, alpha 2, beta 0.5 = Pang et al.'s defaults).
-BASELINE_DEFAULTS: dict[str, float] = {
-    "ncl_weight": 0.1,
-    "adp_weight": 0.1,
-    "adp_alpha": 2.0,
-    "adp_beta": 0.5,
-}
+from training.saliency import diversity_similarity, saliency_maps
 
 
 @dataclass
@@ -61,10 +58,35 @@ class StepBatch:
     # The method's auxiliary module, if it has one (DICE's discriminator); never exported.
     aux: nn.Module | None = None
 
+    def to(self, device: torch.device, memory_format: torch.memory_format | None) -> StepBatch:
+        """The images and labels on ``device`` (images in ``memory_format`` when given)."""
+
+        def move(x: Tensor) -> Tensor:
+            x = x.to(device, non_blocking=True)
+            return x if memory_format is None else x.contiguous(memory_format=memory_format)
+
+        def pair(xy: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+            return move(xy[0]), xy[1].to(device, non_blocking=True)
+
+        return dataclasses.replace(
+            self,
+            member_batches=[pair(xy) for xy in self.member_batches],
+            shared=None if self.shared is None else pair(self.shared),
+            outliers=None if self.outliers is None else move(self.outliers),
+        )
+
+    def pin_memory(self) -> StepBatch:
+        """Page-locked copies (the DataLoader calls this with ``pin_memory=True``)."""
+        return dataclasses.replace(
+            self,
+            member_batches=[(x.pin_memory(), y.pin_memory()) for x, y in self.member_batches],
+            shared=None if self.shared is None else tuple(t.pin_memory() for t in self.shared),
+            outliers=None if self.outliers is None else self.outliers.pin_memory(),
+        )
+
 
 class Method(Protocol):
     name: str
-    needs_outliers: bool
 
     def loss(
         self, ensemble: Ensemble, batch: StepBatch, cfg: Any
@@ -77,12 +99,13 @@ def default_lambda(channels: int, size: int | tuple[int, int] | torch.Size) -> f
     return 0.1 if channels == 1 and hw == (28, 28) else 0.005
 
 
-def option(cfg: Any, name: str) -> float:
-    """A baseline weight: ``cfg.<name>``, else ``cfg.extra[name]``, else ``BASELINE_DEFAULTS``."""
+def option(cfg: Any, name: str, method: str) -> float:
+    """A method's hyper-parameter: ``cfg.<name>``, else ``cfg.extra[name]``, else the default in
+    ``method``'s registry entry (a KeyError there is a method that forgot to declare it)."""
     value = getattr(cfg, name, None)
     if value is None:
         value = (getattr(cfg, "extra", None) or {}).get(name)
-    return float(BASELINE_DEFAULTS[name] if value is None else value)
+    return float(registry.spec(method).defaults[name] if value is None else value)
 
 
 def diversity_weight(cfg: Any, x: Tensor) -> float:
@@ -90,18 +113,14 @@ def diversity_weight(cfg: Any, x: Tensor) -> float:
     return default_lambda(x.shape[1], x.shape[-2:]) if lam is None else float(lam)
 
 
+# The user's choices are checked once, by TrainConfig.validate(); a namespace cfg in a test that
+# lacks them gets the config defaults.
 def _saliency_kind(cfg: Any) -> str:
-    kind = getattr(cfg, "saliency", "gradcam")
-    if kind not in KINDS:
-        raise UserError(f"--saliency must be one of {', '.join(KINDS)}, got {kind!r}")
-    return kind
+    return str(getattr(cfg, "saliency", "gradcam"))
 
 
 def _bn_mode(cfg: Any) -> str:
-    mode = getattr(cfg, "diversity_bn", "eval")
-    if mode not in ("eval", "train"):
-        raise UserError(f"--diversity-bn must be eval or train, got {mode!r}")
-    return mode
+    return str(getattr(cfg, "diversity_bn", "eval"))
 
 
 def member_ce(ensemble: Ensemble, batch: StepBatch) -> Tensor:
@@ -189,7 +208,6 @@ def _logs(**terms: Tensor | float) -> dict[str, float]:
 @dataclass(frozen=True)
 class DeepEnsemble:
     name: str = "de"
-    needs_outliers: bool = False
 
     def loss(
         self, ensemble: Ensemble, batch: StepBatch, cfg: Any
@@ -208,7 +226,6 @@ class SDDE:
     """
 
     name: str = "sdde"
-    needs_outliers: bool = False
 
     def loss(
         self, ensemble: Ensemble, batch: StepBatch, cfg: Any
@@ -239,7 +256,6 @@ class OutlierExposure:
     """
 
     name: str = "oe"
-    needs_outliers: bool = True
 
     def loss(
         self, ensemble: Ensemble, batch: StepBatch, cfg: Any
@@ -262,7 +278,6 @@ class SDDEOutlierExposure:
     """
 
     name: str = "sdde-oe"
-    needs_outliers: bool = True
 
     def loss(
         self, ensemble: Ensemble, batch: StepBatch, cfg: Any
@@ -289,7 +304,6 @@ class NegativeCorrelation:
     ``same_batch: True``): mean CE + w·ncl_penalty from the same forward, in the current mode."""
 
     name: str = "ncl"
-    needs_outliers: bool = False
 
     def loss(
         self, ensemble: Ensemble, batch: StepBatch, cfg: Any
@@ -298,7 +312,7 @@ class NegativeCorrelation:
         logits = ensemble(x)
         ce = shared_ce(logits, y)
         ncl = ncl_penalty(logits)
-        loss = ce + option(cfg, "ncl_weight") * ncl
+        loss = ce + option(cfg, "ncl_weight", self.name) * ncl
         return loss, _logs(loss=loss, ce=ce, ncl=ncl)
 
 
@@ -307,7 +321,6 @@ class AdaptiveDiversityPromoting:
     """ADP: all members on the shared batch; mean CE + w·(−α·H − β·log det)."""
 
     name: str = "adp"
-    needs_outliers: bool = False
 
     def loss(
         self, ensemble: Ensemble, batch: StepBatch, cfg: Any
@@ -316,8 +329,11 @@ class AdaptiveDiversityPromoting:
         logits = ensemble(x)
         ce = shared_ce(logits, y)
         entropy, log_det = adp_terms(logits, y)
-        adp = -option(cfg, "adp_alpha") * entropy - option(cfg, "adp_beta") * log_det
-        loss = ce + option(cfg, "adp_weight") * adp
+        adp = (
+            -option(cfg, "adp_alpha", self.name) * entropy
+            - option(cfg, "adp_beta", self.name) * log_det
+        )
+        loss = ce + option(cfg, "adp_weight", self.name) * adp
         return loss, _logs(loss=loss, ce=ce, adp=adp, entropy=entropy, log_det=log_det)
 
 
@@ -331,7 +347,6 @@ class DICE:
     """
 
     name: str = "dice"
-    needs_outliers: bool = False
 
     def make_aux(self, ensemble: Ensemble, num_classes: int, sample: Tensor) -> nn.Module:
         from training.dice import Discriminator, embedding_dim
@@ -349,9 +364,9 @@ class DICE:
         logits, emb = logits_and_embeddings(ensemble, x)
         ce = shared_ce(logits, y)
         redundancy, disc_loss, disc_acc = dice_losses(
-            batch.aux, emb, y, tau=float(getattr(cfg, "dice_tau", 10.0))
+            batch.aux, emb, y, tau=option(cfg, "dice_tau", self.name)
         )
-        weight = float(getattr(cfg, "dice_weight", 0.2)) * batch.diversity_scale
+        weight = option(cfg, "dice_weight", self.name) * batch.diversity_scale
         loss = ce + weight * redundancy + disc_loss
         return loss, _logs(
             loss=loss,
@@ -374,7 +389,6 @@ class AdversarialDeepEnsemble:
     """
 
     name: str = "de-adv"
-    needs_outliers: bool = False
 
     def loss(
         self, ensemble: Ensemble, batch: StepBatch, cfg: Any
@@ -398,19 +412,23 @@ class AdversarialDeepEnsemble:
         return loss, _logs(loss=loss, ce=ce, adv=adv)
 
 
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        DeepEnsemble(),
-        SDDE(),
-        OutlierExposure(),
-        SDDEOutlierExposure(),
-        NegativeCorrelation(),
-        AdaptiveDiversityPromoting(),
-        DICE(),
-        AdversarialDeepEnsemble(),
-    )
-}
+class _Registered(Mapping[str, Method]):
+    """``METHODS[name]``: the loss object of the registered method ``name`` (training/registry.py),
+    so a method registered anywhere (a test, a plug-in) trains like a built-in one."""
+
+    def __getitem__(self, name: str) -> Method:
+        if name not in registry.METHODS:
+            raise KeyError(name)
+        return registry.METHODS[name].load()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(registry.METHODS)
+
+    def __len__(self) -> int:
+        return len(registry.METHODS)
+
+
+METHODS: Mapping[str, Method] = _Registered()
 
 
 class LossModule(nn.Module):

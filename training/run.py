@@ -14,14 +14,13 @@ In config.json the TrainConfig field ``data`` (the spec string) is replaced by t
 ``spec`` holds that string. A run recorded before a config field existed loads with the value it
 trained with (``LEGACY_DEFAULTS``), not the field's new default. Nothing here unpickles
 objects: safetensors for weights, and ``weights_only=True`` for the resume state. Files are
-written to a temporary name and renamed, so an interrupted write never leaves a truncated file
-under the real name.
+written to a temporary name, fsynced and renamed (``sdde_serve.atomic``), so an interrupted write
+never leaves a truncated file under the real name.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from sdde_serve.atomic import atomic_path, write_bytes_atomic
 from sdde_serve.data import ArrayDataset, load_dataset, parse_spec
 from sdde_serve.errors import UserError
 from training.config import RESUME_OVERRIDABLE, TrainConfig
@@ -254,7 +254,7 @@ def record_resumed_config(out: Path, cfg: TrainConfig) -> None:
     raw = read_config(out)
     updated = {**raw, **{k: getattr(cfg, k) for k in RESUME_OVERRIDABLE}, "resume": False}
     if updated != raw:
-        atomic_write(out / CONFIG, json.dumps(updated, indent=2).encode())
+        write_bytes_atomic(out / CONFIG, json.dumps(updated, indent=2).encode())
 
 
 def check_same_data(out: Path, full: ArrayDataset, fingerprint: str) -> None:
@@ -301,23 +301,16 @@ def write_run_header(
         "val_indices": [int(i) for i in val_idx],
         "fingerprint": fingerprint,
     }
-    atomic_write(out / CONFIG, json.dumps(config, indent=2).encode())
-    atomic_write(out / SPLIT, json.dumps(split).encode())
+    write_bytes_atomic(out / CONFIG, json.dumps(config, indent=2).encode())
+    write_bytes_atomic(out / SPLIT, json.dumps(split).encode())
     (out / METRICS).touch()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def save_weights(ensemble: Ensemble, path: Path, step: int) -> None:
     """Weights only (safetensors): ``members.{i}.*`` plus the normalisation buffers."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in ensemble.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"schema": SCHEMA, "step": str(step)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"schema": SCHEMA, "step": str(step)})
 
 
 def read_weights(path: Path) -> dict[str, Tensor]:
@@ -356,9 +349,8 @@ def save_state(
     }
     if aux is not None:  # a method's auxiliary module (DICE's discriminator) and its optimizer
         state["aux"] = aux
-    tmp = out / (STATE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, out / STATE)
+    with atomic_path(out / STATE) as tmp:
+        torch.save(state, tmp)
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -387,7 +379,7 @@ def keep_metrics_up_to(path: Path, step: int) -> None:
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     kept = [ln for ln in lines if _record_step(ln) <= step]
     if len(kept) != len(lines):
-        atomic_write(path, "".join(ln + "\n" for ln in kept).encode())
+        write_bytes_atomic(path, "".join(ln + "\n" for ln in kept).encode())
 
 
 def _record_step(line: str) -> float:

@@ -24,11 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from training.config import SALIENCY_CHOICES
 from training.ensemble import Ensemble, batchnorm_mode
 
 EPS = 1e-6  # the official code's eps, on the std and on the L2 norm
 CROP = 1  # border pixels dropped before standardising (official ``padding=1``)
-KINDS = ("gradcam", "inputgrad")
+KINDS = SALIENCY_CHOICES
 
 
 def _check_labels(y: Tensor, logits: Tensor) -> None:

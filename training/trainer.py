@@ -1,4 +1,9 @@
-"""The trainer: ``train(cfg) -> Path``. Read ``train`` top to bottom; it is the algorithm.
+"""The trainer: ``train(cfg) -> Path``.
+
+Three parts, in reading order: ``setup`` (data checks, the ensemble and its optimizer, resume)
+builds a ``Run``; ``loop`` feeds one typed ``StepBatch`` per step to ``train_step``, which is
+the algorithm (loss, backward, gradient average, SGD step); ``end_of_epoch`` evaluates, keeps
+the best weights and checkpoints.
 
 One step trains every member at once: the method (``training.methods``) turns a ``StepBatch``
 (one batch per member, one shared diversity batch, optional outliers) into a scalar loss; we take
@@ -18,6 +23,7 @@ of communication with the backward pass.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import os
@@ -26,7 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +44,8 @@ from tqdm import tqdm
 from sdde_serve.data import load_dataset, train_val_split
 from sdde_serve.errors import UserError
 from training import data as D
-from training import saliency
-from training.config import TrainConfig
+from training import registry, saliency
+from training.config import ResolvedConfig, TrainConfig
 from training.ensemble import Ensemble, build_ensemble
 from training.methods import METHODS, StepBatch
 from training.run import (
@@ -72,28 +78,81 @@ def train(cfg: TrainConfig) -> Path:
         ctx.close()
 
 
-def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
-    out = Path(cfg.out)
-    device, main = ctx.device, ctx.rank == 0
+@dataclass
+class Run:
+    """Everything the loop works with, built once by ``setup``; ``step``, ``best``, ``running``
+    and ``elapsed`` change as it trains (and are what a checkpoint saves)."""
 
-    # --- run directory: a fresh one, or the recorded config when resuming -------------------
+    cfg: ResolvedConfig
+    ctx: DistContext
+    out: Path
+    # data
+    train_t: D.Tensors
+    val_t: D.Tensors
+    train_eval: D.Tensors  # a fixed unaugmented train subset for the per-epoch train accuracy
+    outliers_t: D.Tensors | None
+    plan: D.Plan
+    # model and optimisation
+    ensemble: Ensemble
+    params: list[Tensor]
+    optimizer: torch.optim.Optimizer
+    method: Any  # the loss (training.methods): the other half of the algorithm
+    aux: torch.nn.Module | None  # DICE's discriminator: its own optimizer, never exported
+    aux_optimizer: torch.optim.Optimizer | None
+    memory_format: torch.memory_format | None
+    autocast: Any  # bf16 autocast on CUDA with --amp, else a no-op context
+    # schedule and progress
+    total_steps: int  # the cosine schedule spans all epochs
+    end_step: int  # --max-steps may stop earlier
+    step: int = 0
+    best: dict[str, Any] | None = None
+    running: Running = field(default_factory=lambda: Running())
+    elapsed: float = 0.0
+
+    @property
+    def main(self) -> bool:
+        return self.ctx.rank == 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps_per_epoch
+
+
+def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
+    run = setup(cfg, ctx)
+    if run.step >= run.end_step:
+        where = f"the run in {run.out} is at step {run.step} of {run.end_step}"
+        log(run.main, f"nothing to do: {where}")
+        return run.out
+    loop(run)
+    return run.out
+
+
+# --- setup: data, model, optimizer, resume -----------------------------------------------------
+
+
+def setup(given: TrainConfig, ctx: DistContext) -> Run:
+    """Checks and loads the data, builds the ensemble and its optimizer, then resumes the
+    recorded run or writes the fresh run's header. The order of the seeded steps is fixed:
+    resuming replays it to restore the same RNG streams."""
+    out = Path(given.out)
     state: dict[str, Any] | None = None
-    if cfg.resume:
-        cfg, state = load_resume(cfg, out)
+    if given.resume:
+        given, state = load_resume(given, out)
     else:
         check_fresh_out(out)
     ctx.barrier()  # every process checked `out` before rank 0 writes into it
 
     # --- data: load, split (seeded, recorded), convert to the model's input ------------------
-    full = load_dataset(cfg.data, split="train")
+    full = load_dataset(given.data, split="train")
     if full.labels is None:
-        raise UserError(f"--data {cfg.data!r} has no labels; training needs a labelled set")
-    cfg = cfg.resolve(data_channels=full.channels)
+        raise UserError(f"--data {given.data!r} has no labels; training needs a labelled set")
+    cfg = given.resolve(data_channels=full.channels)
     train_idx, val_idx = train_val_split(len(full), cfg.val_fraction, cfg.seed)
     fingerprint = full.fingerprint()
     if state is not None:
         check_same_data(out, full, fingerprint)
-    size, chans = int(cfg.input_size), int(cfg.in_chans)
+    size, chans = cfg.input_size, cfg.in_chans
     train_t = D.to_tensors(full.subset(train_idx), chans, size)
     val_t = D.to_tensors(full.subset(val_idx), chans, size)
     # Normalisation statistics of the training inputs; they live inside the ensemble (and the
@@ -107,39 +166,12 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
     n_classes = len(full.classes) if full.classes else int(full.labels.max()) + 1
     if int(full.labels.min()) < 0 or int(full.labels.max()) >= n_classes:
         raise UserError(f"--data {cfg.data!r}: labels outside 0..{n_classes - 1}")
-
-    # --- the batch plan: per-member orders, the shared diversity batch, outliers ---------------
-    if cfg.batch_size % ctx.world:
-        raise UserError(
-            f"--batch-size {cfg.batch_size} must be divisible by the {ctx.world} processes"
-        )
-    augment = D.choose_augment(cfg.augment, chans, size)
-    plan = D.Plan(
-        seed=cfg.seed,
-        members=cfg.members,
-        batch_size=cfg.batch_size,
-        n_train=len(train_t),
-        augment=augment,
-        outlier_batch_size=int(cfg.outlier_batch_size or cfg.batch_size),
-        n_outliers=len(outliers_t) if outliers_t is not None else 0,
-        rank=ctx.rank,
-        world=ctx.world,
-        shared_size=shared_batch_size(cfg),
-        shared_source=cfg.shared_source,
-        diversity_period=cfg.diversity_period,
-    )
-    if plan.shared_batch_size % ctx.world:
-        raise UserError(
-            f"the shared batch ({plan.shared_batch_size} images, --shared-batch "
-            f"{cfg.shared_batch}) must be divisible by the {ctx.world} processes"
-        )
-    if outliers_t is not None and plan.outlier_batch_size % ctx.world:
-        raise UserError("--outlier-batch-size must be divisible by the number of processes")
-    steps_per_epoch = plan.steps_per_epoch
-    total_steps = cfg.epochs * steps_per_epoch  # the cosine schedule spans all epochs
+    plan = batch_plan(cfg, ctx, len(train_t), outliers_t)
+    total_steps = cfg.epochs * plan.steps_per_epoch
     end_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
     # --- the ensemble: members drawn from the seeded RNG, identical on every process ----------
+    device = ctx.device
     torch.manual_seed(cfg.seed)
     ensemble = build_ensemble(
         cfg.arch,
@@ -163,195 +195,250 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
         nesterov=cfg.nesterov,
         weight_decay=cfg.weight_decay,
     )
-
-    method = METHODS[cfg.method]  # the loss: the other half of the algorithm
-    # DICE's discriminator: trained beside the members by its own optimizer, never exported.
+    method = METHODS[cfg.method]
     aux, aux_optimizer = make_aux(method, ensemble, n_classes, train_t.x[:1].to(device), cfg)
+    run = Run(
+        cfg=cfg,
+        ctx=ctx,
+        out=out,
+        train_t=train_t,
+        val_t=val_t,
+        train_eval=D.train_eval_subset(train_t, cfg.eval_train_samples, cfg.seed),
+        outliers_t=outliers_t,
+        plan=plan,
+        ensemble=ensemble,
+        params=params,
+        optimizer=optimizer,
+        method=method,
+        aux=aux,
+        aux_optimizer=aux_optimizer,
+        memory_format=memory_format,
+        autocast=autocast_for(device, cfg),
+        total_steps=total_steps,
+        end_step=end_step,
+    )
 
     # --- resume: weights, optimizer, RNG, step and running sums; or write the fresh run ------
-    start_step, best, running, elapsed = 0, None, Running(), 0.0
     if state is not None:
-        ensemble.load_state_dict(read_weights(out / LAST), strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        load_aux_state(aux, aux_optimizer, state)
-        start_step, best = int(state["step"]), state.get("best")
-        running = Running(
-            dict(state["running"]["sums"]),
-            int(state["running"]["count"]),
-            dict(state["running"].get("counts") or {}),
-        )
-        elapsed = float(state.get("elapsed_s", 0.0))
-        if main:
-            keep_metrics_up_to(out / METRICS, start_step)
-            record_resumed_config(out, cfg)  # e.g. more --epochs: config.json says so
-    elif main:
+        resume_from(run, state)
+    elif run.main:
         write_run_header(out, cfg, full, fingerprint, val_idx, mean, std, n_classes)
     ctx.broadcast_module(ensemble)  # replicas start identical (no-op on one process)
     if aux is not None:
         ctx.broadcast_module(aux)
+    return run
 
-    if start_step >= end_step:
-        log(main, f"nothing to do: the run in {out} is at step {start_step} of {end_step}")
-        return out
 
-    # --- evaluation data: validation split, a fixed unaugmented train subset ------------------
-    train_eval = D.train_eval_subset(train_t, cfg.eval_train_samples, cfg.seed)
+def batch_plan(cfg: ResolvedConfig, ctx: DistContext, n_train: int, outliers: D.Tensors | None):
+    """Per-member orders, the shared diversity batch and outliers, for this process's shard."""
+    if cfg.batch_size % ctx.world:
+        raise UserError(
+            f"--batch-size {cfg.batch_size} must be divisible by the {ctx.world} processes"
+        )
+    plan = D.Plan(
+        seed=cfg.seed,
+        members=cfg.members,
+        batch_size=cfg.batch_size,
+        n_train=n_train,
+        augment=D.choose_augment(cfg.augment, cfg.in_chans, cfg.input_size),
+        outlier_batch_size=cfg.outlier_batch_size,
+        n_outliers=len(outliers) if outliers is not None else 0,
+        rank=ctx.rank,
+        world=ctx.world,
+        shared_size=shared_batch_size(cfg),
+        shared_source=cfg.shared_source,
+        diversity_period=cfg.diversity_period,
+    )
+    if plan.shared_batch_size % ctx.world:
+        raise UserError(
+            f"the shared batch ({plan.shared_batch_size} images, --shared-batch "
+            f"{cfg.shared_batch}) must be divisible by the {ctx.world} processes"
+        )
+    if outliers is not None and plan.outlier_batch_size % ctx.world:
+        raise UserError("--outlier-batch-size must be divisible by the number of processes")
+    return plan
 
-    # --- the loop ----------------------------------------------------------------------------
-    dataset = D.StepDataset(plan, train_t, outliers_t)
-    loader = D.step_loader(dataset, start_step, end_step, workers=cfg.workers, pin_memory=use_cuda)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if (use_cuda and cfg.amp)
-        else contextlib.nullcontext()
+
+def resume_from(run: Run, state: dict[str, Any]) -> None:
+    """Weights, optimizer, RNG, step, best and the running sums of ``last_state.pt``."""
+    run.ensemble.load_state_dict(read_weights(run.out / LAST), strict=True)
+    run.optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    load_aux_state(run.aux, run.aux_optimizer, state)
+    run.step, run.best = int(state["step"]), state.get("best")
+    run.running = Running(
+        dict(state["running"]["sums"]),
+        int(state["running"]["count"]),
+        dict(state["running"].get("counts") or {}),
+    )
+    run.elapsed = float(state.get("elapsed_s", 0.0))
+    if run.main:
+        keep_metrics_up_to(run.out / METRICS, run.step)
+        record_resumed_config(run.out, run.cfg)  # e.g. more --epochs: config.json says so
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+def loop(run: Run) -> None:
+    """Steps ``run.step .. run.end_step - 1``: one ``train_step`` each, an evaluation and a
+    checkpoint at each epoch end (and at the last step), a checkpoint on Ctrl-C."""
+    cfg, ctx, main = run.cfg, run.ctx, run.main
+    device = ctx.device
+    dataset = D.StepDataset(run.plan, run.train_t, run.outliers_t)
+    loader = D.step_loader(
+        dataset, run.step, run.end_step, workers=cfg.workers, pin_memory=device.type == "cuda"
     )
     bar = tqdm(
-        total=end_step,
-        initial=start_step,
+        total=run.end_step,
+        initial=run.step,
         unit="step",
         dynamic_ncols=True,
         # Only rank 0 draws, and only on a terminal (logs stay clean under CI and torchrun).
         disable=not (main and cfg.progress and sys.stderr.isatty()),
     )
     images_per_step = cfg.batch_size * cfg.members  # member batches (the rate in the bar)
-    elapsed0 = elapsed
+    start_step, elapsed0 = run.step, run.elapsed
     log(
         main,
         f"training {cfg.members} x {cfg.arch} with {cfg.method} on {cfg.data}: "
-        f"{len(train_t)} train / {len(val_t)} val images, {steps_per_epoch} steps per epoch, "
-        f"steps {start_step}..{end_step} of {total_steps}, device {device}, "
-        f"{ctx.world} process(es), augment {augment}",
+        f"{len(run.train_t)} train / {len(run.val_t)} val images, "
+        f"{run.steps_per_epoch} steps per epoch, steps {run.step}..{run.end_step} of "
+        f"{run.total_steps}, device {device}, {ctx.world} process(es), augment {run.plan.augment}",
     )
-    step = start_step
     with StopRequest() as stop:
         t_last = time.perf_counter()
-        for item in loader:
+        for cpu_batch in loader:
             # Per-step cosine decay from lr to min_lr over the whole run (no warm-up, as OpenOOD).
-            lr = cosine_lr(step, total_steps, cfg.lr, cfg.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = StepBatch(
-                member_batches=[to_device(x, y, device, memory_format) for x, y in item["members"]],
-                shared=to_device(*item["shared"], device, memory_format)
-                if item["shared"] is not None
-                else None,
-                outliers=to_device(item["outliers"], None, device, memory_format)[0]
-                if item["outliers"] is not None
-                else None,
-                diversity_scale=diversity_ramp(step, steps_per_epoch, cfg),
-                aux=aux,
+            lr = cosine_lr(run.step, run.total_steps, cfg.lr, cfg.min_lr)
+            batch = dataclasses.replace(
+                cpu_batch.to(device, run.memory_format),
+                diversity_scale=diversity_ramp(run.step, run.steps_per_epoch, cfg),
+                aux=run.aux,
             )
-
-            ensemble.train()
-            with autocast:
-                loss, terms = method.loss(ensemble, batch, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            if aux_optimizer is not None:
-                aux_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            ctx.average_gradients(params)
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, float(cfg.grad_clip))
-            optimizer.step()
-            if aux is not None and aux_optimizer is not None:
-                aux_params = list(aux.parameters())
-                ctx.average_gradients(aux_params)
-                if cfg.grad_clip:  # the official code clips the discriminator's too
-                    torch.nn.utils.clip_grad_norm_(aux_params, float(cfg.grad_clip))
-                aux_optimizer.step()
-            ctx.average_buffers(ensemble)  # BatchNorm running stats of all shards
-            step += 1
+            shard_terms = train_step(run, batch, lr)
+            run.step += 1
 
             # One small all-reduce: loss terms averaged over processes (= the single-process
             # values of the global batch) and the ranks agreeing on when to stop (Ctrl-C, NaN).
-            terms, (stop_now,) = ctx.reduce_step(
-                {**terms, "loss": float(loss.detach())}, stop.requested
-            )
+            terms, (stop_now,) = ctx.reduce_step(shard_terms, stop.requested)
             loss_value = terms["loss"]
-            running.add(terms)
+            run.running.add(terms)
             if not math.isfinite(loss_value):
                 raise UserError(
-                    f"the loss diverged (loss={loss_value}) at step {step}; try a lower --lr "
-                    f"(the last checkpoint in {out} is kept)"
+                    f"the loss diverged (loss={loss_value}) at step {run.step}; try a lower --lr "
+                    f"(the last checkpoint in {run.out} is kept)"
                 )
 
             now = time.perf_counter()
-            elapsed += now - t_last
+            run.elapsed += now - t_last
             t_last = now
             if not bar.disable:
-                rate = (step - start_step) * images_per_step / max(elapsed - elapsed0, 1e-9)
+                rate = (run.step - start_step) * images_per_step / max(run.elapsed - elapsed0, 1e-9)
                 bar.set_postfix(
                     loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", refresh=False
                 )
                 bar.update(1)
 
-            epoch_end = step % steps_per_epoch == 0
-            if epoch_end or step == end_step:
-                record = {
-                    "epoch": round(step / steps_per_epoch, 4),
-                    "step": step,
-                    "lr": lr,
-                    "time_s": round(elapsed, 3),
-                    "train": running.means(),
-                }
-                if epoch_end:  # a max_steps stop mid-epoch keeps summing into the epoch's record
-                    running = Running()
-                if ctx.world > 1:
-                    record["replicas_in_sync"] = ctx.replicas_in_sync(ensemble)
-                if main:
-                    ensemble.eval()
-                    record["train"].update(
-                        accuracy_only(evaluate(ensemble, train_eval, cfg, device))
-                    )
-                    record["val"] = evaluate(ensemble, val_t, cfg, device)
-                    record["val"]["cam_similarity"] = cam_similarity(ensemble, val_t, cfg, device)
-                    best, record["best"] = update_best(best, record["val"], cfg.best_metric)
-                    if record["best"]:
-                        save_weights(ensemble, out / BEST, step)
-                    save_weights(ensemble, out / LAST, step)
-                    save_state(
-                        out,
-                        optimizer,
-                        step,
-                        best,
-                        running.to_state(),
-                        elapsed,
-                        cfg,
-                        aux=aux_state(aux, aux_optimizer),
-                    )
-                    append_metrics(out / METRICS, record)
-                    log_epoch(record, cfg.epochs, bar)
+            if run.step % run.steps_per_epoch == 0 or run.step == run.end_step:
+                end_of_epoch(run, lr, bar)
                 t_last = time.perf_counter()  # evaluation time is not training time
 
             if stop_now:
                 if main:
-                    save_weights(ensemble, out / LAST, step)
-                    save_state(
-                        out,
-                        optimizer,
-                        step,
-                        best,
-                        running.to_state(),
-                        elapsed,
-                        cfg,
-                        aux=aux_state(aux, aux_optimizer),
-                    )
+                    checkpoint(run)
                 bar.close()
                 log(
                     main,
-                    f"interrupted at step {step}: checkpoint saved in {out}; "
+                    f"interrupted at step {run.step}: checkpoint saved in {run.out}; "
                     "continue with --resume",
                 )
                 ctx.barrier()
                 raise KeyboardInterrupt
     bar.close()
+    best = run.best
     log(
         main,
-        f"done: {out} (step {step}, best ensemble val {cfg.best_metric}: "
+        f"done: {run.out} (step {run.step}, best ensemble val {cfg.best_metric}: "
         f"{best['value'] if best else float('nan'):.4f})",
     )
-    return out
+
+
+def train_step(run: Run, batch: StepBatch, lr: float) -> dict[str, float]:
+    """One SGD step of every member (and of the method's auxiliary module); returns the loss
+    terms of this process's shard, ``loss`` included."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.ensemble.train()
+    with run.autocast:
+        loss, terms = run.method.loss(run.ensemble, batch, run.cfg)
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.aux_optimizer is not None:
+        run.aux_optimizer.zero_grad(set_to_none=True)
+    # One backward serves the members and the discriminator (DICE detaches what each must not
+    # train); the gradient average makes every process take the single-process step.
+    loss.backward()
+    run.ctx.average_gradients(run.params)
+    clip = run.cfg.grad_clip
+    if clip:
+        torch.nn.utils.clip_grad_norm_(run.params, clip)
+    run.optimizer.step()
+    if run.aux is not None and run.aux_optimizer is not None:
+        aux_params = list(run.aux.parameters())
+        run.ctx.average_gradients(aux_params)
+        if clip:  # the official code clips the discriminator's too
+            torch.nn.utils.clip_grad_norm_(aux_params, clip)
+        run.aux_optimizer.step()
+    run.ctx.average_buffers(run.ensemble)  # BatchNorm running stats of all shards
+    return {**terms, "loss": float(loss.detach())}
+
+
+# --- the epoch end: evaluate, keep the best, checkpoint ----------------------------------------
+
+
+def end_of_epoch(run: Run, lr: float, bar: tqdm) -> None:
+    """Appends the epoch's record to metrics.jsonl (train means, validation metrics, CAM
+    similarity), saves best/last weights and the resumable state (rank 0 only)."""
+    epoch_end = run.step % run.steps_per_epoch == 0
+    record: dict[str, Any] = {
+        "epoch": round(run.step / run.steps_per_epoch, 4),
+        "step": run.step,
+        "lr": lr,
+        "time_s": round(run.elapsed, 3),
+        "train": run.running.means(),
+    }
+    if epoch_end:  # a max_steps stop mid-epoch keeps summing into the epoch's record
+        run.running = Running()
+    if run.ctx.world > 1:
+        record["replicas_in_sync"] = run.ctx.replicas_in_sync(run.ensemble)
+    if not run.main:
+        return
+    cfg, device, ensemble = run.cfg, run.ctx.device, run.ensemble
+    ensemble.eval()
+    record["train"].update(accuracy_only(evaluate(ensemble, run.train_eval, cfg, device)))
+    record["val"] = evaluate(ensemble, run.val_t, cfg, device)
+    record["val"]["cam_similarity"] = cam_similarity(ensemble, run.val_t, cfg, device)
+    run.best, record["best"] = update_best(run.best, record["val"], cfg.best_metric)
+    if record["best"]:
+        save_weights(ensemble, run.out / BEST, run.step)
+    checkpoint(run)
+    append_metrics(run.out / METRICS, record)
+    log_epoch(record, cfg.epochs, bar)
+
+
+def checkpoint(run: Run) -> None:
+    """last.safetensors and last_state.pt: what ``--resume`` continues from."""
+    save_weights(run.ensemble, run.out / LAST, run.step)
+    save_state(
+        run.out,
+        run.optimizer,
+        run.step,
+        run.best,
+        run.running.to_state(),
+        run.elapsed,
+        run.cfg,
+        aux=aux_state(run.aux, run.aux_optimizer),
+    )
 
 
 # --- the protocol: shared batch size, diversity ramp, auxiliary modules ------------------------
@@ -364,8 +451,9 @@ def shared_batch_size(cfg: TrainConfig) -> int:
 
 def diversity_ramp(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     """Factor on the diversity weight at ``step``: a linear ramp from 0 over the warm-up epochs
-    (``--lambda-warmup-epochs`` for sdde, ``--dice-rampup-epochs`` for dice), then 1."""
-    epochs = cfg.dice_rampup_epochs if cfg.method == "dice" else cfg.lambda_warmup_epochs
+    (the method's registry entry names the field: ``--lambda-warmup-epochs`` for sdde,
+    ``--dice-rampup-epochs`` for dice), then 1."""
+    epochs = float(getattr(cfg, registry.spec(cfg.method).ramp))
     if epochs <= 0:
         return 1.0
     return min(1.0, step / (epochs * steps_per_epoch))
@@ -639,15 +727,6 @@ def weights_digest(module: torch.nn.Module) -> str:
 
 
 # --- batches -----------------------------------------------------------------------------------
-
-
-def to_device(
-    x: Tensor, y: Tensor | None, device: torch.device, memory_format
-) -> tuple[Tensor, Tensor | None]:
-    x = x.to(device, non_blocking=True)
-    if memory_format is not None:
-        x = x.contiguous(memory_format=memory_format)
-    return x, None if y is None else y.to(device, non_blocking=True)
 
 
 @dataclass

@@ -73,32 +73,32 @@ def test_shared_batch_is_the_first_images_of_one_seeded_member_batch_augmented_a
         item = ds[step]
         j = plan.shared_member(step)
         chosen.add(j)
-        xs, ys = item["shared"]
-        xm, ym = item["members"][j]
+        xs, ys = item.shared
+        xm, ym = item.member_batches[j]
         assert torch.equal(xs, xm[:4]) and torch.equal(ys, ym[:4])  # same images, same crops
-        assert torch.equal(D.StepDataset(plan, toy_data())[step]["shared"][0], xs)  # seeded
+        assert torch.equal(D.StepDataset(plan, toy_data())[step].shared[0], xs)  # seeded
     assert len(chosen) > 1  # the member changes from step to step
     # under two processes the shards of the shared batch add up to the single-process batch
-    whole = ds[5]["shared"][0]
+    whole = ds[5].shared[0]
     parts = [
         D.StepDataset(dataclasses.replace(plan, rank=r, world=2), toy_data())[5] for r in (0, 1)
     ]
-    assert torch.equal(whole[0::2], parts[0]["shared"][0])
-    assert torch.equal(whole[1::2], parts[1]["shared"][0])
+    assert torch.equal(whole[0::2], parts[0].shared[0])
+    assert torch.equal(whole[1::2], parts[1].shared[0])
 
 
 def test_stream_source_is_independent_of_the_member_batches():
     plan = D.Plan(seed=0, members=3, batch_size=8, n_train=100, augment="none")
     item = D.StepDataset(plan, toy_data())[2]
-    shared = item["shared"][1].tolist()
-    assert all(shared != y.tolist() for _, y in item["members"])
+    shared = item.shared[1].tolist()
+    assert all(shared != y.tolist() for _, y in item.member_batches)
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_diversity_period_computes_the_term_on_exactly_every_kth_step(k):
     plan = D.Plan(seed=0, members=2, batch_size=8, n_train=100, augment="none", diversity_period=k)
     ds = D.StepDataset(plan, toy_data())
-    with_term = [t for t in range(13) if ds[t]["shared"] is not None]
+    with_term = [t for t in range(13) if ds[t].shared is not None]
     assert with_term == list(range(0, 13, k))
 
 

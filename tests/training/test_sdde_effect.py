@@ -17,22 +17,17 @@ import pytest
 import torch
 
 from sdde_serve.data import load_dataset
+from tests.conftest import tiny_train_config
 from training.config import TrainConfig
 from training.run import load_run
 from training.saliency import cam_similarity
 from training.trainer import train
 
-SETTINGS = dict(
-    data="digits",
-    arch="lenet",
-    members=2,
-    epochs=5,
-    batch_size=32,
-    seed=0,
-    cam_samples=0,
-    eval_train_samples=0,
-    progress=False,
-)
+SETTINGS = dict(members=2, epochs=5, batch_size=32, cam_samples=0, eval_train_samples=0)
+
+
+def config(out, method: str) -> TrainConfig:
+    return tiny_train_config(out, official_protocol=True, method=method, progress=False, **SETTINGS)
 
 
 def held_out_metrics(run_dir) -> tuple[float, float]:
@@ -48,10 +43,8 @@ def held_out_metrics(run_dir) -> tuple[float, float]:
 
 @pytest.mark.slow
 def test_sdde_diversifies_saliency_at_the_same_accuracy(tmp_path):
-    de = held_out_metrics(train(TrainConfig(**SETTINGS, method="de", out=str(tmp_path / "de"))))
-    sdde = held_out_metrics(
-        train(TrainConfig(**SETTINGS, method="sdde", out=str(tmp_path / "sdde")))
-    )
+    de = held_out_metrics(train(config(tmp_path / "de", "de")))
+    sdde = held_out_metrics(train(config(tmp_path / "sdde", "sdde")))
     (de_acc, de_cam), (sdde_acc, sdde_cam) = de, sdde
     print(f"DE acc {de_acc:.4f} cam {de_cam:+.3f} | SDDE acc {sdde_acc:.4f} cam {sdde_cam:+.3f}")
     assert de_acc > 0.95 and sdde_acc > 0.95  # both trained, so the comparison means something

@@ -20,8 +20,10 @@ from safetensors.torch import load_file
 
 from sdde_serve import cli as sdde_cli
 from sdde_serve.errors import UserError
+from tests.conftest import tiny_train_config
 from training import data as D
-from training.config import FIELD_HELP, TrainConfig
+from training import registry
+from training.config import FIELD_HELP, ResolvedConfig, TrainConfig
 from training.methods import METHODS
 from training.trainer import cosine_lr, train
 
@@ -29,20 +31,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny(out: Path, **kw) -> TrainConfig:
-    base = dict(
-        data="digits",
-        arch="lenet",
-        members=2,
-        method="sdde",
-        epochs=1,
-        batch_size=32,
-        max_steps=2,
-        out=str(out),
-        cam_samples=32,
-        eval_train_samples=64,
-        progress=False,
-    )
-    return TrainConfig(**{**base, **kw})
+    settings = dict(members=2, epochs=1, batch_size=32, max_steps=2, cam_samples=32)
+    settings.update(eval_train_samples=64, progress=False)
+    return tiny_train_config(out, official_protocol=True, **{**settings, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +62,7 @@ def records(run: Path) -> list[dict]:
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_each_method_trains_a_few_steps_without_nan(method, tmp_path, noise_npz):
-    extra = {"outliers": str(noise_npz)} if METHODS[method].needs_outliers else {}
+    extra = {"outliers": str(noise_npz)} if registry.spec(method).needs_outliers else {}
     run = train(tiny(tmp_path / method, method=method, **extra))
     last = records(run)[-1]
     assert last["step"] == 2
@@ -214,17 +205,16 @@ def test_members_get_their_own_orders_and_ddp_shards_add_up():
     data = D.Tensors(x, torch.arange(n))
     plan = D.Plan(seed=0, members=3, batch_size=b, n_train=n, augment="none")
     step = D.StepDataset(plan, data)[5]
-    ys = [y.tolist() for _, y in step["members"]]
+    ys = [y.tolist() for _, y in step.member_batches]
     assert len({tuple(y) for y in ys}) == 3  # three different orders
     # each member sees every sample once per epoch (drop_last: 12 full batches of 8)
-    epoch = [D.StepDataset(plan, data)[t]["members"][1][1] for t in range(plan.steps_per_epoch)]
+    epoch = [D.StepDataset(plan, data)[t].member_batches[1][1] for t in range(plan.steps_per_epoch)]
     assert len(set(torch.cat(epoch).tolist())) == plan.steps_per_epoch * b
     # two shards of a crop-flip batch are exactly the single-process batch, interleaved
     crop = dataclasses.replace(plan, augment="crop-flip")
-    whole = D.StepDataset(crop, data)[3]["shared"][0]
+    whole = D.StepDataset(crop, data)[3].shared[0]
     parts = [
-        D.StepDataset(dataclasses.replace(crop, rank=r, world=2), data)[3]["shared"][0]
-        for r in (0, 1)
+        D.StepDataset(dataclasses.replace(crop, rank=r, world=2), data)[3].shared[0] for r in (0, 1)
     ]
     assert torch.equal(whole[0::2], parts[0]) and torch.equal(whole[1::2], parts[1])
 
@@ -346,6 +336,21 @@ def test_outlier_stream_cycles_through_every_outlier():
         n_outliers=10,
     )
     ds = D.StepDataset(plan, train_t, outliers)
-    seen = torch.cat([ds[t]["outliers"][:, 0, 0, 0] for t in range(5)]).tolist()  # 20 draws
+    seen = torch.cat([ds[t].outliers[:, 0, 0, 0] for t in range(5)]).tolist()  # 20 draws
     assert sorted(seen[:10]) == [100.0 + i for i in range(10)]  # one full pass, then the next
     assert sorted(seen[10:]) == [100.0 + i for i in range(10)]
+
+
+def test_resolve_fills_every_derived_field_and_keeps_the_fields():
+    raw = TrainConfig(method="oe", outliers="digits")
+    resolved = raw.resolve(data_channels=1)
+    assert isinstance(resolved, ResolvedConfig)
+    assert list(resolved.to_dict()) == list(raw.to_dict())  # config.json keeps its keys
+    derived = ("input_size", "in_chans", "saliency_layer", "lambda_div", "outlier_batch_size")
+    assert all(getattr(raw, k) is None for k in derived)
+    assert (resolved.input_size, resolved.in_chans, resolved.lambda_div) == (28, 1, 0.1)
+    assert resolved.outlier_batch_size == raw.batch_size and resolved.grad_clip == 0.0
+    assert resolved.augment == "none" and resolved.saliency_layer
+    # resolving twice changes nothing, and explicit values are kept
+    assert resolved.resolve(data_channels=3) == resolved
+    assert TrainConfig(in_chans=3, lambda_div=0.2).resolve(data_channels=1).in_chans == 3
