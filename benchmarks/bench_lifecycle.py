@@ -43,31 +43,15 @@ from bench_server import (  # noqa: E402 (after the path set-up)
     build_model,
     free_port,
     png_for,
+    request_bytes,
     start,
     stop,
     wait_ready,
 )
 
 NAME = "lenet"
-BOUNDARY = "sddebench"
+ROUTE = f"/v1/models/{NAME}:predict"  # KServe's v1 shape, as the repository serves it
 CONCURRENCY = 16
-
-
-def request_bytes(png: bytes) -> bytes:
-    body = (
-        (
-            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="x.png"\r\n'
-            "Content-Type: image/png\r\n\r\n"
-        ).encode()
-        + png
-        + f"\r\n--{BOUNDARY}--\r\n".encode()
-    )
-    head = (
-        f"POST /v1/models/{NAME}:predict HTTP/1.1\r\nHost: bench\r\n"
-        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode()
-    return head + body
 
 
 async def _one(reader, writer, payload: bytes) -> tuple[int, bytes]:
@@ -168,7 +152,7 @@ def bench_swaps(repo: Path, args, work: Path) -> dict:
         t_start = time.perf_counter()
         thread = threading.Thread(target=operator, args=(t_start,))
         thread.start()
-        done = asyncio.run(drive(port, request_bytes(png_for((1, 28, 28))), args.duration))
+        done = asyncio.run(drive(port, request_bytes(png_for((1, 28, 28)), ROUTE), args.duration))
         thread.join()
     finally:
         stop(proc)
@@ -197,7 +181,7 @@ def bench_swaps(repo: Path, args, work: Path) -> dict:
 
 def bench_pair(repo: Path, args, work: Path, tag: str, variants: dict[str, list[str]]) -> dict:
     out = {}
-    payload = request_bytes(png_for((1, 28, 28)))
+    payload = request_bytes(png_for((1, 28, 28)), ROUTE)
     for name, extra in variants.items():
         proc, port = serve(repo, args, work, f"{tag}-{name}", *extra)
         try:

@@ -102,7 +102,8 @@ def png_for(shape: tuple[int, int, int], seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def request_bytes(png: bytes) -> bytes:
+def request_bytes(png: bytes, path: str = "/v1/predict") -> bytes:
+    """A raw HTTP/1.1 multipart request sending ``png`` to ``path`` (for the load loops)."""
     body = (
         (
             f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="x.png"\r\n'
@@ -112,7 +113,7 @@ def request_bytes(png: bytes) -> bytes:
         + f"\r\n--{BOUNDARY}--\r\n".encode()
     )
     head = (
-        "POST /v1/predict HTTP/1.1\r\nHost: bench\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: bench\r\n"
         f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
