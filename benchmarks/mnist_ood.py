@@ -641,6 +641,14 @@ def print_tables(results: dict[str, list[dict]], chosen: dict[str, dict]) -> str
     return text
 
 
+def write_results(out: Path, payload: dict[str, Any]) -> None:
+    """The benchmark's JSON (numpy values made plain; NaN refused), parent folders created."""
+    from sdde_serve.evaluation.report import _jsonable
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(_jsonable(payload), indent=1, allow_nan=False) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mnist", default=str(ROOT.parent / "shared" / "data" / "mnist"))
@@ -790,10 +798,7 @@ def main(argv: list[str] | None = None) -> int:
         "tables_markdown": text,
         "wall_seconds": time.time() - t_start,
     }
-    from sdde_serve.evaluation.report import _jsonable
-
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(_jsonable(payload), indent=1, allow_nan=False) + "\n")
+    write_results(Path(args.out), payload)
     print(f"\nwrote {args.out} ({time.time() - t_start:.0f}s)")
     return 0
 

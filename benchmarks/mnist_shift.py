@@ -18,7 +18,6 @@ Mean ± std over seeds goes to ``benchmarks/results/mnist_shift.json`` with the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from mnist_ood import FAR, NEAR, VAL, build_ood_sets, split_mnist  # noqa: E402
+from mnist_ood import FAR, NEAR, VAL, build_ood_sets, split_mnist, write_results  # noqa: E402
 
 from sdde_serve.data import ArrayDataset, load_dataset  # noqa: E402
 from sdde_serve.evaluation import corruptions as corr  # noqa: E402
@@ -380,10 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_corrupting": t_corrupt,
         "wall_seconds": time.time() - t_start,
     }
-    from sdde_serve.evaluation.report import _jsonable
-
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(_jsonable(payload), indent=1, allow_nan=False) + "\n")
+    write_results(Path(args.out), payload)
     print(f"\nwrote {args.out} ({time.time() - t_start:.0f}s)")
     return 0
 
