@@ -198,9 +198,12 @@ async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@open_router.get("/health/ready", summary="Readiness: model loaded, warmed up, not draining")
+@open_router.get("/health/ready", summary="Readiness: some model answers, warmed up, not draining")
 async def ready(state: StateDep) -> JSONResponse:
-    return JSONResponse({"ready": state.ready}, status_code=200 if state.ready else 503)
+    # asked of the repository on each probe (not only at start): unloading the last model
+    # through the repository API must take the pod out of the load balancer's rotation
+    answers = state.ready and state.repository is not None and state.repository.ready()
+    return JSONResponse({"ready": answers}, status_code=200 if answers else 503)
 
 
 # Model readiness names a model: behind the API key like the metadata (the health probes above
