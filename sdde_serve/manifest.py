@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sdde_serve.errors import UserError
+from sdde_serve.errors import UserError, permission_denied
 
 if TYPE_CHECKING:  # onnx is a base dependency, but importing it costs ~0.3 s: only when needed
     import onnx
@@ -250,6 +250,8 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         raise UserError(f"{path}: no such model file")
     try:
         return onnx.load(str(path))
+    except PermissionError:
+        raise UserError(permission_denied(path)) from None
     except (DecodeError, OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
 

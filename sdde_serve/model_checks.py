@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sdde_serve.errors import UserError
+from sdde_serve.errors import UserError, permission_denied
 from sdde_serve.manifest import (
     TEMPERATURE_INITIALIZER,
     Manifest,
@@ -56,6 +56,8 @@ def read_model(path: Path) -> tuple[onnx.ModelProto, str]:
     try:
         data = path.read_bytes()
         return onnx.load_model_from_string(data), hashlib.sha256(data).hexdigest()
+    except PermissionError:
+        raise ModelLoadError(permission_denied(path)) from None
     except (DecodeError, OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
 

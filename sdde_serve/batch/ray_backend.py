@@ -54,6 +54,8 @@ class RayScorer:
         from sdde_serve.engine import Engine
 
         data = ray.get(model_bytes) if isinstance(model_bytes, ray.ObjectRef) else model_bytes
+        # private scratch (0600 on purpose, unlike the project's outputs: sdde_serve/atomic.py),
+        # read back by this process only and deleted before the constructor returns
         fd, tmp = tempfile.mkstemp(suffix=".onnx")
         try:
             with os.fdopen(fd, "wb") as fh:

@@ -126,7 +126,8 @@ class _AppendSink:
     def __init__(self, path: Path, columns: list[Column], state: dict[str, Any] | None) -> None:
         self.path, self.columns = path, columns
         if state is None:
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            # 0666 masked by the umask: the mode open() gives (0644 under umask 022)
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             self._size = 0
             self._hash = hashlib.sha256()
         else:
