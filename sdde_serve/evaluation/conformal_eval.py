@@ -25,6 +25,11 @@ if TYPE_CHECKING:
 ALPHAS = (0.01, 0.05, 0.1)
 
 
+def other_alphas(alpha: float) -> list[float]:
+    """``ALPHAS`` less the manifest's ``alpha``: its row is reported once, first."""
+    return [a for a in ALPHAS if not math.isclose(a, alpha, rel_tol=1e-9)]
+
+
 def conformal_metrics(
     manifest: Manifest, id_scores: np.ndarray, ood_scores: dict[str, np.ndarray]
 ) -> dict[str, Any] | None:
@@ -60,7 +65,7 @@ def conformal_metrics(
         "n_id": m,
         "alpha": alpha,
         "at_alpha": at(alpha),
-        "by_alpha": [at(a) for a in ALPHAS],
+        "by_alpha": [at(a) for a in other_alphas(alpha)],  # the manifest's not repeated
         # largest gap between the ID p-values' empirical CDF and the uniform one (KS statistic)
         "id_ks_uniform": ks_uniform(p_id),
         "guarantee": "P(p < alpha) <= alpha for in-distribution images exchangeable with the "

@@ -6,11 +6,16 @@ recomputed from them: the **first k** members (what exporting a smaller ensemble
 the **mean over random subsets** of size k (all subsets when there are at most ``subsets`` of
 them), which says how much is the members' number and how much their luck.
 
-For each subset: accuracy, NLL, ECE and Brier at a temperature refitted **for that subset** on
-labelled validation data when given (else the manifest's T, fitted for the full ensemble), and
+For each subset: accuracy, NLL, ECE and Brier at a temperature, and
 the OOD AUROC and FPR@95 of every score computable from member logits: ``mal``, ``msp`` (at the
 subset's T) and ``minmax`` (min over members of each member's max logit). A feature-space score
 (the kNN score on the members' pre-logit features) is not subsettable from logits and is left out.
+
+The temperature: all N members are the exported graph, at the T its manifest records (so the
+k = N row is the main table's). A smaller subset, given labelled validation data, gets the T the
+export's rule would choose for it (``sdde_serve.temperature.choose_temperature``: the fitted T
+only where cross-validation shows it lowers the held-out NLL, else T = 1), as exporting that
+subset would; without validation data every subset uses the manifest's T.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from sdde_serve import calibration as cal
 from sdde_serve.errors import UserError
 from sdde_serve.evaluation.evaluate import Evaluation
 from sdde_serve.evaluation.metrics import mean_metrics, ood_metrics
+from sdde_serve.temperature import choose_temperature
 
 SCHEMA_KEY = "members_sweep"
 SWEEP_OOD_METRICS = ("auroc", "fpr95")
@@ -129,7 +135,8 @@ def members_sweep(
     """The ``members_sweep`` block of metrics.json, from the evaluation's member logits.
 
     ``val_logits`` ``[n, N, L]`` and ``val_labels``: the graph's member logits on labelled
-    validation data, on which T is refitted for each subset (never on the test data).
+    validation data, on which the export's temperature rule chooses T for each subset smaller
+    than N (never on the test data).
     """
     n_members = evaluation.id_set.logits.shape[1]
     if config.subsets < 1:
@@ -144,10 +151,11 @@ def members_sweep(
     temperatures: dict[tuple[int, ...], float] = {}
 
     def temperature(members: tuple[int, ...]) -> float:
-        if not refit:
-            return manifest_t
+        if not refit or len(members) == n_members:
+            return manifest_t  # the graph itself: what its export chose, the main table's T
         if members not in temperatures:
-            temperatures[members] = cal.fit_temperature(val_logits[:, list(members)], val_labels)
+            decision = choose_temperature(val_logits[:, list(members)], val_labels)
+            temperatures[members] = decision.temperature  # 1.0 where the rule keeps T = 1
         return temperatures[members]
 
     first, random = [], []
@@ -171,8 +179,10 @@ def members_sweep(
         "subsets_per_k": config.subsets,
         "seed": config.seed,
         "temperature": (
-            f"refitted for each subset on {val_name or 'the validation data'} "
-            f"({len(val_labels)} images)"
+            f"the manifest's T = {manifest_t:.4g} for all {n_members} members (the main "
+            "table's); for smaller subsets the T the export's rule chooses (the fitted T where "
+            "cross-validation shows it lowers the held-out NLL, else 1) on "
+            f"{val_name or 'the validation data'} ({len(val_labels)} images)"
             if refit
             else f"the manifest's T = {manifest_t:.4g} for every subset (no --val-data)"
         ),
@@ -199,8 +209,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--val-data",
         metavar="SPEC",
         default=None,
-        help="labelled validation data (default split: test) on which --members-sweep refits T "
-        "for each subset; without it every subset uses the manifest's T"
+        help="labelled validation data (default split: test) on which --members-sweep chooses T "
+        "for each subset smaller than N with the export's rule (all N members keep the "
+        "manifest's T); without it every subset uses the manifest's T"
         "%(default).0s",  # no "(default: None)" appended
     )
     parser.add_argument(

@@ -11,7 +11,7 @@ from sdde_serve import conformal
 from sdde_serve.cli import main as sdde_main
 from sdde_serve.data import load_dataset
 from sdde_serve.engine import Engine
-from sdde_serve.evaluation.conformal_eval import ks_uniform
+from sdde_serve.evaluation.conformal_eval import conformal_metrics, ks_uniform, markdown
 from tests.evaluation.helpers import check_png, labelled_npz
 
 
@@ -56,12 +56,15 @@ def test_eval_reports_the_false_flag_rate_and_the_qq_plot(
     # exchangeable: within 4 noise sd of the exact rate
     assert abs(a["id_false_flag_rate"] - a["expected"]) < 4 * a["noise_sd"]
     assert a["ood_flag_rate"]["odd"] > 0.8
-    assert [r["alpha"] for r in m["by_alpha"]] == [0.01, 0.05, 0.1]
+    assert [r["alpha"] for r in m["by_alpha"]] == [0.01, 0.1]  # the manifest's 0.05 once
     assert m["id_ks_uniform"] == ks_uniform(p) < 0.1
     check_png(out / "p_values_qq.png")
     assert "ID false-flag rate at alpha = 0.05" in printed
     report = (out / "report.md").read_text()
-    assert "## Conformal p-values" in report and "| 0.05 |" in report
+    assert "## Conformal p-values" in report
+    section = report.split("## Conformal p-values")[1].split("\n## ")[0]
+    alphas = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| 0")]
+    assert alphas == ["0.05", "0.01", "0.1"]  # each once, the manifest's first
 
 
 def test_ks_uniform_by_hand() -> None:
@@ -80,3 +83,15 @@ def test_a_model_without_calibration_scores_has_no_conformal_section(
     assert json.loads((out / "metrics.json").read_text())["conformal"] is None
     assert "p-values: none" in capsys.readouterr().out
     assert "stores no calibration scores" in (out / "report.md").read_text()
+
+
+def test_each_alpha_is_reported_once_whatever_the_manifests(conformal_model) -> None:
+    model, _ = conformal_model
+    manifest = Engine(model).manifest
+    scores = np.linspace(0.0, 1.0, 50)
+    for alpha, others in ((0.05, [0.01, 0.1]), (0.02, [0.01, 0.05, 0.1]), (0.1, [0.01, 0.05])):
+        ood = manifest.ood.model_copy(update={"id_acceptance": 1.0 - alpha})
+        m = conformal_metrics(manifest.model_copy(update={"ood": ood}), scores, {})
+        assert [r["alpha"] for r in [m["at_alpha"], *m["by_alpha"]]] == [alpha, *others]
+        rows = [line for line in markdown(m) if line.startswith("| 0")]
+        assert [row.split("|")[1].strip() for row in rows] == [f"{a:g}" for a in [alpha, *others]]

@@ -1,5 +1,6 @@
-"""``sdde eval --members-sweep``: k = N equals the full ensemble, k = 1 the single member, T refits
-per subset on validation data, and the subset sampling."""
+"""``sdde eval --members-sweep``: k = N equals the full ensemble (with and without validation
+data), k = 1 the single member, T chosen per smaller subset by the export's rule on validation
+data, and the subset sampling."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from sdde_serve.evaluation.members import (
     sweep_on_engine,
 )
 from sdde_serve.evaluation.metrics import ood_metrics
+from sdde_serve.temperature import choose_temperature
 from tests.evaluation.helpers import labelled_npz, noise_npz, texture_npz
 
 CLASSIFICATION = ("accuracy", "nll", "ece", "brier")
@@ -97,14 +99,28 @@ def test_k_equals_one_is_the_single_member(linear_eval) -> None:
     assert one["std"]["nll"] == pytest.approx(np.std([s["nll"] for s in singles]))
 
 
-def test_temperature_is_refitted_per_subset_on_validation_data(linear_eval) -> None:
+def test_with_validation_data_k_equals_n_is_still_the_main_table(linear_eval) -> None:
+    """All N members are the exported graph: its manifest T, whatever T a fit on the validation
+    data would give (here the raw fit is far from the manifest's 1.5)."""
+    engine, ev, val = linear_eval
+    sweep = sweep_on_engine(ev, engine, SweepConfig(subsets=3), val_data=val)
+    val_logits = engine.run_batches(val.as_model_input(1, 8, 8)).logits.astype(np.float64)
+    assert abs(cal.fit_temperature(val_logits, val.labels) - 1.5) > 0.05  # would disagree
+    full, after = sweep["first"][-1], ev.metrics["classification"]["after"]
+    assert full["temperature"] == ev.metrics["model"]["temperature"] == pytest.approx(1.5)
+    for k in CLASSIFICATION:
+        assert full[k] == after[k]
+    assert sweep["random"][-1]["mean"]["nll"] == after["nll"]
+
+
+def test_temperature_is_chosen_per_subset_by_the_exports_rule(linear_eval) -> None:
     engine, ev, val = linear_eval
     sweep = sweep_on_engine(ev, engine, SweepConfig(subsets=3), val_data=val)
     assert sweep["temperature_refitted"] and "150 images" in sweep["temperature"]
     val_logits = engine.run_batches(val.as_model_input(1, 8, 8)).logits.astype(np.float64)
-    for first in sweep["first"]:
+    for first in sweep["first"][:-1]:  # k < N; k = N: the test above
         idx = first["members"]
-        t = cal.fit_temperature(val_logits[:, idx], val.labels)
+        t = choose_temperature(val_logits[:, idx], val.labels).temperature
         assert first["temperature"] == pytest.approx(t, rel=1e-9)
         probs = cal.ensemble_probs(ev.id_set.logits[:, idx], t)
         assert first["nll"] == pytest.approx(cal.nll(probs, ev.labels), rel=1e-9)
