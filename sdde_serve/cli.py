@@ -83,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser(command if command in COMMANDS else None)
         args = parser.parse_args(argv)
+        args.command_line = argv  # as typed: `sdde score` prints it back to resume with
         if args.command is None:
             parser.print_help()
             return 2
@@ -90,8 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(str(exc) or "interrupted", file=sys.stderr)  # a job says how to continue
         return 130
 
 

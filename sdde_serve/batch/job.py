@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import sys
 import threading
 import time
@@ -256,6 +257,15 @@ def report_failure(exc: Exception, *, resumable: bool) -> int:
     return EXIT_JOB_FAILED
 
 
+def resume_hint(args: argparse.Namespace, out: Path) -> str:
+    """What an interrupted job prints: where its rows are and the command that continues it."""
+    argv = list(getattr(args, "command_line", None) or [])
+    if argv and "--resume" not in argv:
+        argv.append("--resume")
+    again = shlex.join(["sdde", *argv]) if argv else "the same command with --resume"
+    return f"interrupted: the rows committed so far are kept in {out}; continue with\n  {again}"
+
+
 def finished_without_journal(out: Path) -> bool:
     """A finished job's output (its journal is removed when it completes)."""
     return out.exists() and not journal_path(out).exists() and not parts_dir(out).exists()
@@ -314,9 +324,12 @@ def run_and_report(
         progress.update(files.resumed.n)
     try:
         result = job(files, progress.update)
-    except (UserError, KeyboardInterrupt):
+    except UserError:
         files.close()
-        raise  # the sdde CLI prints these (exit 2 / 130)
+        raise  # the sdde CLI prints it (exit 2)
+    except KeyboardInterrupt:
+        files.close()
+        raise KeyboardInterrupt(resume_hint(args, out)) from None  # printed by the CLI, exit 130
     except Exception as exc:
         files.close()
         progress.close()

@@ -205,3 +205,35 @@ def test_resume_refuses_a_deleted_output_instead_of_writing_nul_bytes(
     assert score(model, *images, "-o", out, "--resume") == 2
     err = capsys.readouterr().err
     assert "cannot resume" in err and "is missing" in err and not out.exists()
+
+
+def test_an_interrupted_job_prints_the_command_that_resumes_it(
+    tmp_path: Path, linear_model, images, monkeypatch, capsys
+) -> None:
+    import itertools
+    import shlex
+
+    import sdde_serve.batch.cli as batch_cli
+    from sdde_serve.cli import main as sdde_main
+
+    model, _ = linear_model
+    out = tmp_path / "out.csv"
+    real_run_job = batch_cli.run_job
+
+    def ctrl_c_after_ten_inputs(backend, paths, files, opts, **kwargs):
+        def inputs():
+            yield from itertools.islice(paths, 10)
+            raise KeyboardInterrupt
+
+        return real_run_job(backend, inputs(), files, opts, **kwargs)
+
+    monkeypatch.setattr(batch_cli, "run_job", ctrl_c_after_ten_inputs)
+    argv = ["score", str(model), str(tmp_path / "images"), "-o", str(out), "--batch-size", "4"]
+    assert sdde_main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == f"interrupted: the rows committed so far are kept in {out}; continue with"
+    again = shlex.split(err[1])
+    assert again == ["sdde", *argv, "--resume"]
+    monkeypatch.setattr(batch_cli, "run_job", real_run_job)
+    assert sdde_main(again[1:]) == 0  # the printed line does continue the job
+    assert sorted(r["path"] for r in read_rows(out)) == sorted(map(str, images))
