@@ -98,9 +98,26 @@ def build_settings(args: argparse.Namespace) -> Settings:
     try:
         return Settings(**given)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise UserError(f"invalid setting {where}: {first['msg']}") from None
+        raise UserError(setting_error(exc.errors()[0])) from None
+
+
+# pydantic's bounds, said as the rest of the CLI says them ("--threads must be >= 0")
+BOUNDS = {"greater_than_equal": "ge", "greater_than": "gt", "less_than_equal": "le"}
+BOUND_WORDS = {"ge": ">=", "gt": ">", "le": "<="}
+
+
+def setting_error(error: Any) -> str:
+    """One line in the project's words for pydantic's first error: our own checks' text as it
+    is (not "Value error, ..."), bounds as ``--flag must be >= N``, the flag and its variable."""
+    ctx = error.get("ctx") or {}
+    if error["type"] == "value_error" and "error" in ctx:
+        return str(ctx["error"])
+    field = str(error["loc"][0]) if error["loc"] else ""
+    flag = f"--{field.replace('_', '-')} ({ENV_PREFIX}{field.upper()})" if field else "a setting"
+    bound = BOUNDS.get(error["type"])
+    if bound is not None:
+        return f"{flag} must be {BOUND_WORDS[bound]} {ctx[bound]}, got {error['input']!r}"
+    return f"invalid {flag}: {error['msg']}"
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

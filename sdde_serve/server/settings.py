@@ -136,10 +136,14 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.max_queue_size < self.max_batch_size:
             raise ValueError("max_queue_size must be >= max_batch_size")
-        for spec in (*self.pin, *self.shadow):
-            name, _, version = spec.rpartition(":")
-            if not name or not version.isdigit():
-                raise ValueError(f"expected NAME:VERSION (a number), got {spec!r}")
+        for flag, specs in (("pin", self.pin), ("shadow", self.shadow)):
+            for spec in specs:
+                name, _, version = spec.rpartition(":")
+                if not name or not version.isdigit():
+                    raise ValueError(
+                        f"--{flag} {spec!r}: expected NAME:VERSION, VERSION a number "
+                        f"(e.g. --{flag} digits:2)"
+                    )
         return self
 
     def model_versions(self, specs: list[str]) -> dict[str, str]:
