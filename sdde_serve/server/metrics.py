@@ -8,14 +8,13 @@ worker's (``multiprocess.py``): counters and histograms are summed, gauges by ``
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from sdde_serve.manifest import Manifest
 from sdde_serve.scoring import Prediction
-from sdde_serve.server.multiprocess import multiprocess_dir
+from sdde_serve.server.multiprocess import multiprocess_dir, remove_series
 
 OUTCOMES = ("in_distribution", "ood_flagged", "rejected")
 
@@ -185,8 +184,7 @@ class Metrics:
     ) -> None:
         """Drop the ``sdde_model_info`` series of a version that no longer serves."""
         labels = self._info_labels(manifest, providers, name, version)
-        with contextlib.suppress(KeyError):
-            self.model_info.remove(*labels.values())
+        remove_series(self.model_info, *labels.values())
 
     def set_model(
         self,

@@ -25,6 +25,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 # gauge_livesum_1234.db: the live modes' files carry the pid of the process that wrote them
@@ -56,6 +57,25 @@ def shared_metrics_dir() -> Iterator[Path]:
     finally:
         if given is None:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_series(metric: Any, *labelvalues: str) -> bool:
+    """Remove one labelled series of ``metric`` if this process has it; False when it had none.
+
+    Every removal goes through here rather than ``metric.remove``: prometheus_client warns at
+    each ``remove()`` in multiprocess mode, also for a series that was never created (nothing to
+    remove), which printed one warning per worker at start-up. Removing a series that does exist
+    still warns there, truthfully: the other workers' files keep it until they exit.
+    """
+    wanted = tuple(map(str, labelvalues))
+    present = any(  # a sample's labels: the metric's, in order (a histogram's "le" after them)
+        tuple(sample.labels.values())[: len(wanted)] == wanted
+        for family in metric.collect()
+        for sample in family.samples
+    )
+    if present:
+        metric.remove(*labelvalues)
+    return present
 
 
 def _alive(pid: int) -> bool:

@@ -17,7 +17,6 @@ returned by the load call and counted in ``sdde_model_load_failures_total``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
@@ -33,6 +32,7 @@ from sdde_serve.server.batcher import Batcher, Unavailable
 from sdde_serve.server.errors import ApiError
 from sdde_serve.server.lifecycle_metrics import LifecycleMetrics
 from sdde_serve.server.metrics import Metrics
+from sdde_serve.server.multiprocess import remove_series
 from sdde_serve.server.settings import Settings
 from sdde_serve.triton import _NAME_RE as MODEL_NAME_RE
 
@@ -481,8 +481,7 @@ class ModelRepository:
 
     def _set_ready(self, entry: ModelEntry) -> None:
         if entry.unloaded:  # not served on purpose: no series, so SddeModelNotReady stays quiet
-            with contextlib.suppress(KeyError):
-                self.metrics.model_ready.remove(entry.name)
+            remove_series(self.metrics.model_ready, entry.name)
             return
         self.metrics.model_ready.labels(model=entry.name).set(int(entry.serving is not None))
 

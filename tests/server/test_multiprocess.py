@@ -113,3 +113,23 @@ def test_dead_workers_live_gauges_are_dropped_but_counters_kept(tmp_path):
 @pytest.fixture(autouse=True)
 def _no_inherited_multiprocess_env(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
+
+
+def test_removing_an_absent_series_is_silent_in_multiprocess_mode(tmp_path, monkeypatch):
+    """prometheus_client warns at every remove() in multiprocess mode, also of a series that
+    was never created: the start-up removals printed one warning per worker."""
+    import warnings
+
+    from prometheus_client import CollectorRegistry, Gauge
+
+    from sdde_serve.server.multiprocess import remove_series
+
+    monkeypatch.setenv(ENV, str(tmp_path))
+    gauge = Gauge("sdde_test_role", "t", ["model", "role"], registry=CollectorRegistry())
+    gauge.labels(model="m", role="serving").set(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        assert remove_series(gauge, "m", "shadow") is False
+    with pytest.warns(UserWarning, match="multi-process"):  # a real removal: still said
+        assert remove_series(gauge, "m", "serving") is True
+    assert remove_series(gauge, "m", "serving") is False
