@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 # train/validation) and a test part that only evaluation reads.
 DIGITS_SPLIT_SEED = 20240607
 DIGITS_TEST_FRACTION = 0.2
+# a training run directory as a data spec: RUN_DIR@val is the part it held out (named
+# ``<data>:val`` in manifests, e.g. digits@train:val), RUN_DIR@train the part it trained on
+RUN_FILES = ("config.json", "split.json")
+RUN_PARTS = ("val", "train")
 
 
 @dataclass
@@ -137,6 +142,13 @@ def parse_spec(text: str) -> DataSpec:
     source, split = text, None
     if "@" in text and not Path(text).exists():
         source, split = text.rsplit("@", 1)
+        if split.endswith(tuple(f":{part}" for part in RUN_PARTS)):
+            raise UserError(
+                f"data spec {text!r} names the images a training run held out of "
+                f"{source}@{split.split(':')[0]} (its split.json), which only that run can "
+                f"rebuild: pass RUN_DIR@{split.rsplit(':', 1)[1]}, RUN_DIR being the run "
+                "directory the model was exported from"
+            )
         if split not in ("train", "test", "val", "all"):
             raise UserError(f"data spec {text!r}: unknown split {split!r} (train, test, all)")
     if source == "digits":
@@ -153,6 +165,8 @@ def parse_spec(text: str) -> DataSpec:
         if path.suffix == ".npz":
             return DataSpec(text, "npz", str(path), split)
         raise UserError(f"data spec {text!r}: a file must be .npz")
+    if all((path / name).is_file() for name in RUN_FILES):
+        return DataSpec(text, "run", str(path), split)
     if _idx_files(path):
         return DataSpec(text, "idx", str(path), split)
     return DataSpec(text, "folder", str(path), split)
@@ -161,6 +175,19 @@ def parse_spec(text: str) -> DataSpec:
 def load_dataset(spec: str, *, split: str = "train") -> ArrayDataset:
     """Load a data spec; ``split`` is the command's default, overridden by ``SPEC@SPLIT``."""
     parsed = parse_spec(spec)
+    if parsed.kind in ("folder", "npz") and parsed.split is not None:
+        # one set of images, no splits: "@test" must not quietly mean "all of them"
+        what = "an image folder" if parsed.kind == "folder" else "a .npz file"
+        raise UserError(
+            f"data spec {spec!r}: {parsed.location} is {what}, which has no splits; drop "
+            f"'@{parsed.split}' to use all its images, or point at a folder or file of "
+            "only the images you mean"
+        )
+    if parsed.kind == "run" and parsed.split is None:
+        raise UserError(
+            f"data spec {spec!r} is a training run: say which part, {spec}@val (the images "
+            f"it held out) or {spec}@train (the images it trained on)"
+        )
     split = parsed.split or split
     return LOADERS[parsed.kind](parsed, split)
 
@@ -290,6 +317,47 @@ def _load_folder(spec: DataSpec, split: str) -> ArrayDataset:
     return ArrayDataset(root.name, images, labels, classes)
 
 
+def _read_run_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing (not a complete run directory)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable or truncated ({type(exc).__name__})") from None
+
+
+def _load_run(spec: DataSpec, split: str) -> ArrayDataset:
+    return run_part(Path(spec.location), split)
+
+
+def run_part(root: Path, part: str, source: str | None = None) -> ArrayDataset:
+    """A run's held-out (``val``) or training (``train``) images: its data spec (``source``,
+    else config.json's) loaded as the trainer loaded it, less or only split.json's validation
+    indices, checked to be the same images (fingerprint)."""
+    if part not in RUN_PARTS:
+        raise UserError(f"{root} is a training run: its parts are @val and @train, not @{part}")
+    record = _read_run_json(root / "split.json")
+    try:
+        source = source or _read_run_json(root / "config.json")["data"]["spec"]
+        n, fingerprint = int(record["n"]), record["fingerprint"]
+        val = np.asarray(record["val_indices"], dtype=np.int64)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{root}: incomplete run record ({exc!r})") from None
+    full = load_dataset(source, split="train")  # the call the trainer made
+    if len(full) != n or full.fingerprint() != fingerprint:
+        raise UserError(
+            f"data spec {source!r} no longer gives the images {root} was trained on "
+            "(fingerprint differs)"
+        )
+    if val.size and (val.min() < 0 or val.max() >= n):
+        raise UserError(f"{root / 'split.json'}: validation indices out of range")
+    if part == "val":
+        return full.subset(val, name=f"{full.name}:val")
+    keep = np.ones(n, dtype=bool)
+    keep[val] = False
+    return full.subset(np.flatnonzero(keep), name=f"{full.name}:train")
+
+
 def _load_torchvision(spec: DataSpec, split: str) -> ArrayDataset:
     with require_extra("train", what="torchvision data specs need torchvision"):
         import torchvision.datasets as tvd
@@ -320,4 +388,5 @@ LOADERS: dict[str, Callable[[DataSpec, str], ArrayDataset]] = {
     "npz": _load_npz,
     "folder": _load_folder,
     "torchvision": _load_torchvision,
+    "run": _load_run,
 }

@@ -25,13 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
 from sdde_serve.atomic import atomic_path, write_bytes_atomic
-from sdde_serve.data import ArrayDataset, load_dataset, parse_spec
+from sdde_serve.data import ArrayDataset, parse_spec, run_part
 from sdde_serve.errors import UserError
 from training.config import RESUME_OVERRIDABLE, TrainConfig
 from training.ensemble import Ensemble, build_ensemble
@@ -101,37 +100,14 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> LoadedRun:
 
 
 def load_val_split(run_dir: Path, config: dict[str, Any]) -> ArrayDataset:
-    """The run's validation images, rebuilt from the data spec and split.json (checked)."""
-    full, indices = _split_source(run_dir, config)
-    return full.subset(indices, name=f"{full.name}:val")
+    """The run's validation images, rebuilt from the data spec and split.json (checked); the
+    same images as the data spec ``RUN_DIR@val`` (``sdde_serve.data.run_part``)."""
+    return run_part(run_dir, "val", config["data"]["spec"])
 
 
 def load_train_split(run_dir: Path, config: dict[str, Any]) -> ArrayDataset:
     """The images the run trained on: its data minus split.json's validation indices."""
-    full, val = _split_source(run_dir, config)
-    keep = np.ones(len(full), dtype=bool)
-    keep[val] = False
-    return full.subset(np.flatnonzero(keep), name=f"{full.name}:train")
-
-
-def _split_source(run_dir: Path, config: dict[str, Any]) -> tuple[ArrayDataset, np.ndarray]:
-    """The run's full data (fingerprint checked) and its validation indices."""
-    split = read_json(run_dir / SPLIT)
-    try:
-        indices = np.asarray(split["val_indices"], dtype=np.int64)
-        n, fingerprint = int(split["n"]), split["fingerprint"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{run_dir / SPLIT}: incomplete split record ({exc!r})") from None
-    spec = config["data"]["spec"]
-    full = load_dataset(spec, split="train")  # the same call the trainer made
-    if len(full) != n or full.fingerprint() != fingerprint:
-        raise UserError(
-            f"data spec {spec!r} no longer gives the images {run_dir} was trained on "
-            "(fingerprint differs)"
-        )
-    if indices.size and (indices.min() < 0 or indices.max() >= n):
-        raise UserError(f"{run_dir / SPLIT}: validation indices out of range")
-    return full, indices
+    return run_part(run_dir, "train", config["data"]["spec"])
 
 
 def read_json(path: Path) -> Any:

@@ -136,3 +136,51 @@ def test_array_dataset_validates_shapes():
         ArrayDataset("x", np.zeros((2, 8, 8), np.uint8))
     ds = ArrayDataset("x", np.zeros((2, 1, 8, 8), np.uint8), np.array([0, 1]))
     assert ds.fingerprint() != ArrayDataset("x", np.ones((2, 1, 8, 8), np.uint8)).fingerprint()
+
+
+def test_a_folder_or_npz_has_no_splits_and_says_so(tmp_path):
+    """``folder@test`` used to mean "all of the folder" without a word."""
+    (tmp_path / "flat").mkdir()
+    Image.new("L", (4, 4), 7).save(tmp_path / "flat" / "x.png")
+    np.savez(tmp_path / "a.npz", images=np.zeros((2, 4, 4), np.uint8))
+    kinds = ((tmp_path / "flat", "an image folder"), (tmp_path / "a.npz", r"a \.npz file"))
+    for spec, what in kinds:
+        with pytest.raises(UserError, match=f"is {what}, which has no splits; drop '@test'"):
+            load_dataset(f"{spec}@test")
+        assert len(load_dataset(str(spec), split="test")) > 0  # a command's default: fine
+
+
+def write_run(root, data_spec, n, val):
+    """A run directory as training writes one: config.json's data spec, split.json's record."""
+    import json
+
+    root.mkdir()
+    full = load_dataset(data_spec, split="train")
+    (root / "config.json").write_text(json.dumps({"data": {"spec": data_spec}}))
+    record = {"n": n, "val_indices": val, "fingerprint": full.fingerprint()}
+    (root / "split.json").write_text(json.dumps(record))
+    return full
+
+
+def test_a_run_directory_is_a_spec_for_its_held_out_and_training_parts(tmp_path):
+    images = np.arange(5 * 16, dtype=np.uint8).reshape(5, 1, 4, 4)
+    np.savez(tmp_path / "d.npz", images=images, labels=np.arange(5) % 2)
+    full = write_run(tmp_path / "run", str(tmp_path / "d.npz"), 5, [3, 0])
+    val = load_dataset(f"{tmp_path / 'run'}@val")
+    train = load_dataset(f"{tmp_path / 'run'}@train")
+    assert np.array_equal(val.images, images[[3, 0]]) and list(val.labels) == [1, 0]
+    assert np.array_equal(train.images, images[[1, 2, 4]])
+    assert val.name == f"{full.name}:val" and train.name == f"{full.name}:train"
+    with pytest.raises(UserError, match=r"say which part, .*run@val .*run@train"):
+        load_dataset(str(tmp_path / "run"))
+
+
+def test_a_manifests_held_out_name_says_what_to_pass():
+    """Manifests name calibration data ``digits@train:val``: the run's held-out images."""
+    with pytest.raises(UserError) as info:
+        load_dataset("digits@train:val")
+    assert str(info.value) == (
+        "data spec 'digits@train:val' names the images a training run held out of "
+        "digits@train (its split.json), which only that run can rebuild: pass RUN_DIR@val, "
+        "RUN_DIR being the run directory the model was exported from"
+    )
