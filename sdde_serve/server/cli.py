@@ -104,6 +104,11 @@ def build_settings(args: argparse.Namespace) -> Settings:
 # pydantic's bounds, said as the rest of the CLI says them ("--threads must be >= 0")
 BOUNDS = {"greater_than_equal": "ge", "greater_than": "gt", "less_than_equal": "le"}
 BOUND_WORDS = {"ge": ">=", "gt": ">", "le": "<="}
+KIND_WORDS = {
+    "int_parsing": "an integer",
+    "float_parsing": "a number",
+    "bool_parsing": "true or false",
+}
 
 
 def setting_error(error: Any) -> str:
@@ -117,6 +122,8 @@ def setting_error(error: Any) -> str:
     bound = BOUNDS.get(error["type"])
     if bound is not None:
         return f"{flag} must be {BOUND_WORDS[bound]} {ctx[bound]}, got {error['input']!r}"
+    if error["type"] in KIND_WORDS:
+        return f"{flag} must be {KIND_WORDS[error['type']]}, got {error['input']!r}"
     return f"invalid {flag}: {error['msg']}"
 
 

@@ -55,7 +55,10 @@ def test_invalid_settings_are_one_line_user_errors(monkeypatch):
     with pytest.raises(UserError, match="port"):
         build_settings(parse("m.onnx", "--port", "-1"))
     monkeypatch.setenv("SDDE_MAX_BATCH_SIZE", "lots")
-    with pytest.raises(UserError, match="max_batch_size"):
+    with pytest.raises(
+        UserError,
+        match=r"^--max-batch-size \(SDDE_MAX_BATCH_SIZE\) must be an integer, got 'lots'$",
+    ):
         build_settings(parse("m.onnx"))
 
 
