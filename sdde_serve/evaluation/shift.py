@@ -149,7 +149,9 @@ def evaluate_shift(
 
     def cell(images: np.ndarray) -> dict[str, float | None]:
         shifted = ArrayDataset(data.name, images, labels, list(data.classes))
-        out = engine.run_batches(shifted.as_model_input(*engine.input_shape), batch_size)
+        out = engine.run_batches(
+            shifted.as_model_input(*engine.input_shape, manifest.input.transform), batch_size
+        )
         return shift_metrics(out.probs, labels, scoring.deployed_score(out, manifest), threshold)
 
     clean = cell(data.images)
