@@ -79,7 +79,8 @@ class ImageLimits:
 
     # encoded size; None: 4 bytes per allowed pixel (an RGBA bitmap's size), at least 8 MiB
     max_bytes: int | None = None
-    # decompression-bomb guard, checked from the header before any pixel is decoded
+    # decompression-bomb guard: pixels decoded per image (a baseline JPEG's after libjpeg's
+    # scaling, module docstring), checked from the header before any pixel is decoded
     max_pixels: int | None = None
     # the sum over the images of one request (server), checked from the headers as well
     max_request_pixels: int | None = None
