@@ -14,6 +14,8 @@ import pytest
 from PIL import Image
 
 from sdde_serve.batch.inputs import iter_inputs
+from sdde_serve.calibration import nll
+from sdde_serve.cli import main as sdde_main
 from sdde_serve.data import load_dataset
 from sdde_serve.engine import Engine
 from sdde_serve.manifest import InputSpec, read_manifest, write_manifest
@@ -145,6 +147,15 @@ def test_server_batch_and_eval_give_the_same_pixels_and_probabilities(
     x_server = np.stack([decode_image(Path(p).read_bytes(), spec) for p in paths])
     np.testing.assert_array_equal(x_eval, x_server)  # one code path: bit for bit
     probs_eval = crop_engine.run(x_eval).probs
+    # and the command itself: its NLL is that of these probabilities up to float32 rounding
+    # (eval recomputes them from the logits in float64); the stretch gives 4.38, not 5.22
+    report = tmp_path / "report"
+    args = ["eval", crop_model, "--data", root, "--out-dir", report, "--no-plots"]
+    assert sdde_main([*map(str, args), "--cam-images", "0"]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["classification"]["after"]["nll"] == pytest.approx(
+        nll(probs_eval, data.labels), rel=1e-6
+    )
 
     out = tmp_path / "rows.jsonl"
     assert score(crop_model, root, "-o", out, "--probs") == 0
