@@ -67,6 +67,7 @@ def export_run(
     knn_dtype: str = "float32",
     knn_seed: int = 0,
     precision: PrecisionOptions | None = None,
+    synth_ood: tuple[str, ...] | None = None,
 ) -> Manifest:
     """Export ``run_dir``'s ensemble to ``output`` (one ONNX file); returns its manifest.
 
@@ -76,6 +77,8 @@ def export_run(
     0: no bank and no ``knn`` output); ``knn_k``: its k (None: chosen, see export/select.py).
     ``precision`` (default fp32) converts the verified fp32 graph (``export/quantize.py``),
     refits T and the threshold on the converted graph and refuses it beyond its tolerances.
+    ``synth_ood``: kinds of validation OOD data ``auto`` synthesizes when ``ood_val`` is empty
+    (None: every kind of export/synth_ood.py; ``()``: none, the fixed default is deployed).
     """
     # torch and the exporter load slowly; keep `import export` cheap for the CLI
     from export.choice import choose_ood_score
@@ -83,6 +86,7 @@ def export_run(
     from export.knn import DEFAULT_BANK_ROWS
     from export.layouts import default_layout, get_layout
     from export.quantize import PrecisionOptions, lower_precision, run_training_images
+    from export.synth_ood import KINDS
     from export.verify import verification_inputs, verify
     from sdde_serve.calibrate import calibrate_model as calibrate_on_validation
     from sdde_serve.manifest import InputSpec, save_onnx_atomic, weights_sha256, write_manifest
@@ -109,7 +113,15 @@ def export_run(
         raise UserError(f"{run_dir}: the validation split has no labelled images to calibrate on")
     val_images = run.val.as_model_input(*shape)
     choice = choose_ood_score(
-        run, score, shape, ood_val or {}, knn_k=knn_k, rows=knn_bank, dtype=knn_dtype, seed=knn_seed
+        run,
+        score,
+        shape,
+        ood_val or {},
+        knn_k=knn_k,
+        rows=knn_bank,
+        dtype=knn_dtype,
+        seed=knn_seed,
+        synth_kinds=KINDS if synth_ood is None else synth_ood,
     )
 
     graph = build_graph(

@@ -63,6 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "comparing a --precision other than fp32 with fp32; never the sets you report results on",
     )
     parser.add_argument(
+        "--synth-ood",
+        default="all",
+        metavar="KINDS",
+        help="without --ood-val, auto ranks the scores on validation OOD data synthesized from the "
+        "validation images: all, none (deploy the fixed default instead) or a comma-separated "
+        "list of patch-shuffle, pixel-permute, corrupt, mixup (docs/export.md)",
+    )
+    parser.add_argument(
         "--knn-bank",
         type=int,
         default=DEFAULT_BANK_ROWS,
@@ -190,6 +198,7 @@ def print_precision(manifest) -> None:  # manifest: sdde_serve.manifest.Manifest
 
 def main(args: argparse.Namespace) -> int:
     from export import export_run
+    from export.synth_ood import parse_kinds
     from sdde_serve.calibrate import decision_lines
     from sdde_serve.evaluation.evaluate import parse_named_specs
 
@@ -210,6 +219,7 @@ def main(args: argparse.Namespace) -> int:
         knn_dtype=args.knn_dtype,
         knn_seed=args.knn_seed,
         precision=precision_options(args),
+        synth_ood=parse_kinds(args.synth_ood),
     )
     cal = manifest.calibration
     print(
