@@ -78,7 +78,7 @@ def export_run(
     ``precision`` (default fp32) converts the verified fp32 graph (``export/quantize.py``),
     refits T and the threshold on the converted graph and refuses it beyond its tolerances.
     ``synth_ood``: kinds of validation OOD data ``auto`` synthesizes when ``ood_val`` is empty
-    (None: every kind of export/synth_ood.py; ``()``: none, the fixed default is deployed).
+    (None: export.synth_ood.DEFAULT_KINDS; ``()``: none, the fixed default is deployed).
     """
     # torch and the exporter load slowly; keep `import export` cheap for the CLI
     from export.choice import choose_ood_score
@@ -86,7 +86,7 @@ def export_run(
     from export.knn import DEFAULT_BANK_ROWS
     from export.layouts import default_layout, get_layout
     from export.quantize import PrecisionOptions, lower_precision, run_training_images
-    from export.synth_ood import KINDS
+    from export.synth_ood import DEFAULT_KINDS
     from export.verify import verification_inputs, verify
     from sdde_serve.calibrate import calibrate_model as calibrate_on_validation
     from sdde_serve.manifest import InputSpec, save_onnx_atomic, weights_sha256, write_manifest
@@ -121,7 +121,7 @@ def export_run(
         rows=knn_bank,
         dtype=knn_dtype,
         seed=knn_seed,
-        synth_kinds=KINDS if synth_ood is None else synth_ood,
+        synth_kinds=DEFAULT_KINDS if synth_ood is None else synth_ood,
     )
 
     graph = build_graph(

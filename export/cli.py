@@ -64,11 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--synth-ood",
-        default="all",
+        default="default",
         metavar="KINDS",
         help="without --ood-val, auto ranks the scores on validation OOD data synthesized from the "
-        "validation images: all, none (deploy the fixed default instead) or a comma-separated "
-        "list of patch-shuffle, pixel-permute, corrupt, mixup (docs/export.md)",
+        "validation images: default (patch-shuffle, pixel-permute, mixup), all, none (deploy the "
+        "fixed default score instead) or a comma-separated list of patch-shuffle, pixel-permute, "
+        "corrupt, mixup (docs/export.md)",
     )
     parser.add_argument(
         "--knn-bank",

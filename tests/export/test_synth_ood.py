@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from export import synth_ood
-from export.synth_ood import KINDS, gaussian_blur, parse_kinds, synthesize
+from export.synth_ood import DEFAULT_KINDS, KINDS, gaussian_blur, parse_kinds, synthesize
 from sdde_serve.errors import UserError
 from sdde_serve.manifest import load_onnx, read_manifest
 
@@ -19,15 +19,15 @@ def images(n: int = 12, seed: int = 0, shape: tuple[int, int, int] = (1, 8, 8)) 
 
 def test_synthesis_is_seeded_and_each_kind_independent_of_the_others():
     x, y = images(), np.arange(12) % 3
-    a = synthesize(x, y, per_kind=8, seed=3)
-    assert list(a) == list(KINDS)
+    a = synthesize(x, y, KINDS, per_kind=8, seed=3)
+    assert list(a) == list(KINDS) and list(synthesize(x, y, per_kind=2)) == list(DEFAULT_KINDS)
     b = synthesize(x, y, ("mixup", "patch-shuffle"), per_kind=8, seed=3)
     for kind in b:
         np.testing.assert_array_equal(a[kind], b[kind])
-    c = synthesize(x, y, per_kind=8, seed=4)
+    c = synthesize(x, y, KINDS, per_kind=8, seed=4)
     assert all(not np.array_equal(a[k], c[k]) for k in KINDS)
     assert all(v.shape == (8, 1, 8, 8) and v.dtype == np.uint8 for v in a.values())
-    assert len(synthesize(x, y, per_kind=500)["corrupt"]) == 12  # capped by the source
+    assert len(synthesize(x, y, KINDS, per_kind=500)["corrupt"]) == 12  # capped by the source
 
 
 def test_patch_shuffle_permutes_whole_patches_and_keeps_the_border():
@@ -95,7 +95,8 @@ def test_mixup_averages_images_of_different_classes():
 
 
 def test_parse_kinds():
-    assert parse_kinds("all") == KINDS
+    assert parse_kinds("all") == KINDS and parse_kinds("default") == DEFAULT_KINDS
+    assert "corrupt" not in DEFAULT_KINDS and set(DEFAULT_KINDS) < set(KINDS)
     assert parse_kinds("none") == ()
     assert parse_kinds("mixup, corrupt,mixup") == ("mixup", "corrupt")
     for bad in ("", "blur", "mixup,blur"):
@@ -110,17 +111,17 @@ def test_cli_help_lists_the_kinds():
     add_arguments(parser)
     text = " ".join(parser.format_help().split())
     assert all(k in text for k in KINDS)
-    assert parser.parse_args(["r", "-o", "m.onnx"]).synth_ood == "all"
+    assert parse_kinds(parser.parse_args(["r", "-o", "m.onnx"]).synth_ood) == DEFAULT_KINDS
 
 
 def test_default_export_chooses_on_synthesized_sets_and_records_them(tiny_model):
     m = read_manifest(load_onnx(tiny_model))
     why = m.ood.selection
     assert why is not None and why.method == "auto" and why.synthesized is not None
-    assert why.synthesized.kinds == list(KINDS) and why.synthesized.seed == synth_ood.SEED
+    assert why.synthesized.kinds == list(DEFAULT_KINDS) and why.synthesized.seed == synth_ood.SEED
     assert why.synthesized.source == why.id_data == m.calibration.data
     assert why.synthesized.per_kind == min(synth_ood.PER_KIND, m.calibration.n)
-    assert sorted(why.ood_val) == sorted(f"synth:{k}" for k in KINDS)
+    assert sorted(why.ood_val) == sorted(f"synth:{k}" for k in DEFAULT_KINDS)
     assert set(why.val_auroc_per_set[m.ood.score if m.knn is None else f"knn@{m.knn.k}"]) == set(
         why.ood_val
     )
