@@ -72,9 +72,10 @@ def export_run(
     """Export ``run_dir``'s ensemble to ``output`` (one ONNX file); returns its manifest.
 
     ``score``: the deployed OOD score (``mal``, ``msp``, ``minmax``, ``knn``) or ``auto`` (the
-    best validation AUROC against the ``ood_val`` sets ``{NAME: SPEC}``, else the benchmark's
-    default). ``knn_bank``: most rows of the KNN bank (None: export.knn.DEFAULT_BANK_ROWS;
-    0: no bank and no ``knn`` output); ``knn_k``: its k (None: chosen, see export/select.py).
+    best validation AUROC against the ``ood_val`` sets ``{NAME: SPEC}``, else against sets
+    synthesized per ``synth_ood``, else the benchmark's default). ``knn_bank``: most rows of
+    the KNN bank (None: export.knn.DEFAULT_BANK_ROWS; 0: no bank and no ``knn`` output);
+    ``knn_k``: its k (None: chosen, see export/select.py).
     ``precision`` (default fp32) converts the verified fp32 graph (``export/quantize.py``),
     refits T and the threshold on the converted graph and refuses it beyond its tolerances.
     ``synth_ood``: kinds of validation OOD data ``auto`` synthesizes when ``ood_val`` is empty

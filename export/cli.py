@@ -52,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="deployed OOD score (higher = in-distribution): mal (max average logit), msp, "
         "minmax (min over members of the member's max logit), knn (k-th largest cosine "
         "similarity to training features), or auto: the best mean AUROC against the --ood-val "
-        "sets, and without them knn (the default measured by benchmarks/mnist_ood.py)",
+        "sets, without them against sets synthesized from the validation images (--synth-ood), "
+        "and with --synth-ood none knn (the default measured by benchmarks/mnist_ood.py)",
     )
     parser.add_argument(
         "--ood-val",
