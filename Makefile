@@ -52,7 +52,8 @@ demo: install
 	@echo
 	@echo "Try it from another terminal:"
 	@echo "  curl -s -F files=@$(DEMO_DIR)/samples/digit.png -F files=@$(DEMO_DIR)/samples/noise.png -F files=@$(DEMO_DIR)/samples/photo.png http://127.0.0.1:$(PORT)/v1/predict"
-	@echo "  (the digit is answered; noise and photo are flagged out of distribution by the knn score)"
+	@echo "  (the digit is answered; noise and photo are flagged out of distribution by the score the"
+	@echo "   export chose on outliers it synthesized from the validation images: see its output above)"
 	@echo
 	$(SDDE) serve $(DEMO_DIR)/model.onnx --port $(PORT)
 

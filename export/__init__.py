@@ -68,15 +68,19 @@ def export_run(
     knn_dtype: str = "float32",
     knn_seed: int = 0,
     precision: PrecisionOptions | None = None,
+    synth_ood: tuple[str, ...] | None = None,
 ) -> Manifest:
     """Export ``run_dir``'s ensemble to ``output`` (one ONNX file); returns its manifest.
 
     ``score``: the deployed OOD score (``mal``, ``msp``, ``minmax``, ``knn``) or ``auto`` (the
-    best validation AUROC against the ``ood_val`` sets ``{NAME: SPEC}``, else the benchmark's
-    default). ``knn_bank``: most rows of the KNN bank (None: export.knn.DEFAULT_BANK_ROWS;
-    0: no bank and no ``knn`` output); ``knn_k``: its k (None: chosen, see export/select.py).
+    best validation AUROC against the ``ood_val`` sets ``{NAME: SPEC}``, else against sets
+    synthesized per ``synth_ood``, else the benchmark's default). ``knn_bank``: most rows of
+    the KNN bank (None: export.knn.DEFAULT_BANK_ROWS; 0: no bank and no ``knn`` output);
+    ``knn_k``: its k (None: chosen, see export/select.py).
     ``precision`` (default fp32) converts the verified fp32 graph (``export/quantize.py``),
     refits T and the threshold on the converted graph and refuses it beyond its tolerances.
+    ``synth_ood``: kinds of validation OOD data ``auto`` synthesizes when ``ood_val`` is empty
+    (None: export.synth_ood.DEFAULT_KINDS; ``()``: none, the fixed default is deployed).
     """
     # torch and the exporter load slowly; keep `import export` cheap for the CLI
     from export.choice import choose_ood_score
@@ -84,6 +88,7 @@ def export_run(
     from export.knn import DEFAULT_BANK_ROWS
     from export.layouts import default_layout, get_layout
     from export.quantize import PrecisionOptions, lower_precision, run_training_images
+    from export.synth_ood import DEFAULT_KINDS
     from export.verify import verification_inputs, verify
     from sdde_serve.calibrate import calibrate_model as calibrate_on_validation
     from sdde_serve.manifest import InputSpec, save_onnx_atomic, weights_sha256, write_manifest
@@ -110,7 +115,15 @@ def export_run(
         raise UserError(f"{run_dir}: the validation split has no labelled images to calibrate on")
     val_images = run.val.as_model_input(*shape)
     choice = choose_ood_score(
-        run, score, shape, ood_val or {}, knn_k=knn_k, rows=knn_bank, dtype=knn_dtype, seed=knn_seed
+        run,
+        score,
+        shape,
+        ood_val or {},
+        knn_k=knn_k,
+        rows=knn_bank,
+        dtype=knn_dtype,
+        seed=knn_seed,
+        synth_kinds=DEFAULT_KINDS if synth_ood is None else synth_ood,
     )
 
     graph = build_graph(

@@ -2,8 +2,10 @@
 
 ``choose_ood_score`` runs the PyTorch ensemble on the training split (bank features), the
 validation split and the ``--ood-val`` sets (candidate scores), then applies the numpy rule of
-export/select.py. The threshold is *not* fitted here: that happens on the exported graph's own
-outputs (sdde_serve/calibrate.py), once the score is known.
+export/select.py. Without ``--ood-val``, ``auto`` ranks the candidates on validation OOD sets
+synthesized from the validation images (export/synth_ood.py) unless ``--synth-ood none``.
+The threshold is *not* fitted here: that happens on the exported graph's own outputs
+(sdde_serve/calibrate.py), once the score is known.
 """
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ from export.knn import (
     stratified_subsample,
 )
 from export.select import ScoreInputs, select_score
+from export.synth_ood import PER_KIND, SEED, synthesize
 from sdde_serve import calibration as cal
-from sdde_serve.data import load_dataset
+from sdde_serve.data import ArrayDataset, load_dataset
 from sdde_serve.errors import UserError
-from sdde_serve.manifest import KNNSpec, ScoreSelection
+from sdde_serve.manifest import KNNSpec, ScoreSelection, SynthesizedOOD
+
+SYNTH_PREFIX = "synth:"  # names of the synthesized sets in ood.selection
 
 
 @dataclass
@@ -107,6 +112,18 @@ def check_float16(bank: FeatureBank, queries: np.ndarray, k: int, full: np.ndarr
         )
 
 
+def synthesized_sets(
+    run: Any, kinds: tuple[str, ...]
+) -> tuple[dict[str, ArrayDataset], dict[str, str], SynthesizedOOD]:
+    """Validation OOD sets made from ``run``'s validation images: (sets, specs, record)."""
+    made = synthesize(run.val.images, run.val.labels, kinds, per_kind=PER_KIND, seed=SEED)
+    sets = {f"{SYNTH_PREFIX}{k}": ArrayDataset(f"{SYNTH_PREFIX}{k}", v) for k, v in made.items()}
+    specs = {name: f"{name.removeprefix(SYNTH_PREFIX)} of {run.val.name}" for name in sets}
+    n = len(next(iter(made.values())))
+    record = SynthesizedOOD(source=run.val.name, kinds=list(kinds), per_kind=n, seed=SEED)
+    return sets, specs, record
+
+
 def choose_ood_score(
     run: Any,
     score: str,
@@ -117,8 +134,12 @@ def choose_ood_score(
     rows: int,
     dtype: str,
     seed: int,
+    synth_kinds: tuple[str, ...] = (),
 ) -> OODChoice:
-    """The deployed score, k and bank for ``run`` (export/select.py has the rule)."""
+    """The deployed score, k and bank for ``run`` (export/select.py has the rule).
+
+    ``synth_kinds``: with ``score == "auto"`` and no ``ood_val``, rank on sets of these kinds
+    synthesized from the validation split (export/synth_ood.py); ``()``: the fixed default."""
     ensemble = run.ensemble.eval()
     bank, source = (None, "")
     if rows > 0:
@@ -132,12 +153,18 @@ def choose_ood_score(
                 "training split); lower --knn-k"
             )
     val = score_inputs(ensemble, run.val.as_model_input(*shape), bank is not None)
-    sets = {}
+    datasets: dict[str, ArrayDataset] = {}
     for name, spec in ood_val.items():
-        data = load_dataset(spec, split="test")
-        if len(data) == 0:
+        datasets[name] = load_dataset(spec, split="test")
+        if len(datasets[name]) == 0:
             raise UserError(f"--ood-val {name}={spec}: the data set is empty")
-        sets[name] = score_inputs(ensemble, data.as_model_input(*shape), bank is not None)
+    specs, synthesized = dict(ood_val), None
+    if score == "auto" and not ood_val and synth_kinds and len(run.val) >= 2:
+        datasets, specs, synthesized = synthesized_sets(run, synth_kinds)
+    sets = {
+        name: score_inputs(ensemble, data.as_model_input(*shape), bank is not None)
+        for name, data in datasets.items()
+    }
     # msp depends on T: the candidates see the T the export will fit on the same split
     temperature = cal.fit_temperature(val.logits, run.val.labels) if sets else 1.0
     chosen, k, selection = select_score(
@@ -145,7 +172,7 @@ def choose_ood_score(
         id_data=val,
         id_name=run.val.name,
         ood_val=sets,
-        ood_specs=ood_val,
+        ood_specs=specs,
         temperature=temperature,
         bank=None if bank is None else bank.bank,
         default_k=default_k(0 if bank is None else bank.rows),
@@ -156,4 +183,7 @@ def choose_ood_score(
         stored = bank.as_dtype(dtype)
         check_float16(stored, val.features, k, bank.bank)
         bank = stored
+    if synthesized is not None:
+        reason = f"{selection.reason} (sets synthesized from it: no --ood-val given)"
+        selection = selection.model_copy(update={"synthesized": synthesized, "reason": reason})
     return OODChoice(chosen, k, bank, selection, source)

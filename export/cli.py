@@ -52,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="deployed OOD score (higher = in-distribution): mal (max average logit), msp, "
         "minmax (min over members of the member's max logit), knn (k-th largest cosine "
         "similarity to training features), or auto: the best mean AUROC against the --ood-val "
-        "sets, and without them knn (the default measured by benchmarks/mnist_ood.py)",
+        "sets, without them against sets synthesized from the validation images (--synth-ood), "
+        "and with --synth-ood none knn (the default measured by benchmarks/mnist_ood.py)",
     )
     parser.add_argument(
         "--ood-val",
@@ -61,6 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=SPEC",
         help="validation OOD data (repeatable; default split: train) for --ood-score auto and for "
         "comparing a --precision other than fp32 with fp32; never the sets you report results on",
+    )
+    parser.add_argument(
+        "--synth-ood",
+        default="default",
+        metavar="KINDS",
+        help="without --ood-val, auto ranks the scores on validation OOD data synthesized from the "
+        "validation images: default (patch-shuffle, pixel-permute, mixup), all, none (deploy the "
+        "fixed default score instead) or a comma-separated list of patch-shuffle, pixel-permute, "
+        "corrupt, mixup (docs/export.md)",
     )
     parser.add_argument(
         "--knn-bank",
@@ -190,6 +200,7 @@ def print_precision(manifest) -> None:  # manifest: sdde_serve.manifest.Manifest
 
 def main(args: argparse.Namespace) -> int:
     from export import export_run
+    from export.synth_ood import parse_kinds
     from sdde_serve.calibrate import decision_lines
     from sdde_serve.evaluation.evaluate import parse_named_specs
 
@@ -210,6 +221,7 @@ def main(args: argparse.Namespace) -> int:
         knn_dtype=args.knn_dtype,
         knn_seed=args.knn_seed,
         precision=precision_options(args),
+        synth_ood=parse_kinds(args.synth_ood),
     )
     cal = manifest.calibration
     print(

@@ -3,8 +3,9 @@
 Candidates: ``mal``, ``msp`` (at the validation-fitted T), ``minmax`` and ``knn@k`` for every k in
 :data:`CANDIDATE_KS` the bank allows. Each is scored on the run's in-distribution validation
 split against every ``--ood-val`` set; the candidate with the best mean AUROC (in-distribution
-positive) wins, ties going to the earlier candidate. Without ``--ood-val`` there is nothing to
-measure and the benchmark's choice is deployed (:data:`DEFAULT_SCORE`, k from the bank size).
+positive) wins, ties going to the earlier candidate. Without ``--ood-val`` the sets are
+synthesized from the validation images (export/synth_ood.py, called by export/choice.py); with
+none at all the benchmark's choice is deployed (:data:`DEFAULT_SCORE`, k from the bank size).
 The sets reported as results must never be passed here.
 
 numpy only (the features and logits come from the caller), so the rule is testable on its own.

@@ -71,11 +71,21 @@ class InputSpec(_Model):
         return Resize(self.resize, self.resize_size)
 
 
+class SynthesizedOOD(_Model):
+    """Validation OOD data export built itself when given none (export/synth_ood.py)."""
+
+    source: str  # the in-distribution images it was made from
+    kinds: list[str]  # export.synth_ood.KINDS it used, each one validation OOD set
+    per_kind: int  # images per kind
+    seed: int
+
+
 class ScoreSelection(_Model):
     """Why the deployed OOD score was chosen (docs/export.md, "Choosing the OOD score")."""
 
-    # given: named by --ood-score; auto: best mean AUROC on the --ood-val sets; default: auto
-    # without validation OOD data (the benchmark's choice, export.select.DEFAULT_SCORE)
+    # given: named by --ood-score; auto: best mean AUROC on the --ood-val sets (or, without them,
+    # on sets synthesized from the validation images: `synthesized`); default: auto with neither
+    # (--synth-ood none): the benchmark's choice, export.select.DEFAULT_SCORE
     method: Literal["given", "auto", "default"]
     reason: str
     # candidate ("mal", "msp", "minmax", "knn@k") -> mean validation AUROC over ood_val
@@ -84,6 +94,8 @@ class ScoreSelection(_Model):
     val_auroc_per_set: dict[str, dict[str, float]] = Field(default_factory=dict)
     ood_val: dict[str, str] = Field(default_factory=dict)  # NAME -> data spec
     id_data: str | None = None  # the in-distribution validation images the AUROCs used
+    # set when the ood_val sets were synthesized from id_data (no --ood-val given)
+    synthesized: SynthesizedOOD | None = None
 
 
 class OODSpec(_Model):

@@ -181,8 +181,12 @@ def test_auto_picks_the_score_that_separates_on_validation_ood():
 def test_default_export_deploys_knn_with_its_record(tiny_model):
     m = read_manifest(load_onnx(tiny_model))
     assert m.ood.score == "knn" and m.ood.selection is not None
-    assert m.ood.selection.method == "default" and "benchmark" in m.ood.selection.reason
-    assert m.knn is not None and m.knn.k == default_k(m.knn.rows)
+    # no --ood-val: auto ranks on synthesized validation OOD sets (tests/export/test_synth_ood.py)
+    why = m.ood.selection
+    assert why.method == "auto" and why.synthesized is not None
+    assert m.knn is not None and max(why.val_auroc, key=lambda c: why.val_auroc[c]) == (
+        f"knn@{m.knn.k}"
+    )
     assert m.knn.dims == 3 * 84 and m.knn.memory_bytes == m.knn.rows * m.knn.dims * 4
     assert m.knn.source.startswith("training split") and "validation" in m.knn.source
     assert m.outputs[:6] == ["logits", "probs", "mal", "msp", "minmax", "knn"]
@@ -218,6 +222,12 @@ def test_demo_samples_photo_and_noise_flagged_digit_not(tiny_model, tmp_path):
     flagged = {p.name: pred.is_ood for p, pred in zip(paths, preds, strict=True)}
     assert flagged == {"digit.png": False, "noise.png": True, "photo.png": True}
     assert {pred.score_kind for pred in preds} == {"knn"}
+    # with a margin, not at the edge (issue 21 item 6: p = 0.055 flipped the old photo on
+    # another machine): p below alpha / 2 for both outliers, the digit well above alpha
+    alpha = engine.manifest.ood.alpha
+    digit, noise, photo = (pred.ood_p_value for pred in preds)
+    assert digit is not None and digit > 2 * alpha
+    assert noise is not None and photo is not None and max(noise, photo) < alpha / 2
 
 
 def test_new_scores_are_higher_for_in_distribution(tiny_model):
