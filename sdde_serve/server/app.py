@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,7 @@ from sdde_serve.server.routes import predict, v2
 from sdde_serve.server.routes import repository as repository_routes
 from sdde_serve.server.settings import Settings
 from sdde_serve.server.shadow import ShadowScorer
+from sdde_serve.server.tokens import Signer
 
 log = logging.getLogger("sdde.server")
 
@@ -77,6 +79,7 @@ def create_app(
     lifecycle = LifecycleMetrics(metrics.registry)
     feedback = FeedbackStore(
         lifecycle,
+        Signer(settings.feedback_key() or os.urandom(32)),
         max_size=settings.feedback_max_size,
         max_age_s=settings.feedback_max_age_s,
         window_s=settings.feedback_window_s,
@@ -128,6 +131,12 @@ def create_app(
                 "who can reach %s:%s (set --api-key or --api-keys-file)",
                 settings.host,
                 settings.port,
+            )
+        if settings.feedback_key() is None:
+            log.warning(
+                "no feedback secret: prediction ids are signed with a random key, so labels "
+                "(POST /v1/feedback) reach only this process until it restarts (set "
+                "SDDE_FEEDBACK_SECRET or --feedback-secret-file, the same on every replica)"
             )
         set_ready(state, True)
         for entry in repository.entries.values():
