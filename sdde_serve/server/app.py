@@ -28,6 +28,7 @@ from sdde_serve.server.feedback import FeedbackStore
 from sdde_serve.server.lifecycle_metrics import LifecycleMetrics
 from sdde_serve.server.metrics import Metrics
 from sdde_serve.server.multiprocess import worker_exiting
+from sdde_serve.server.repo_sync import RepositorySync
 from sdde_serve.server.repository import ModelRepository, Preloaded, open_engine
 from sdde_serve.server.routes import feedback as feedback_routes
 from sdde_serve.server.routes import metrics as metrics_routes
@@ -67,6 +68,21 @@ def set_ready(state: ServerState, ready: bool) -> None:
                 continue
             serving = state.ready and entry.serving is not None
             state.metrics.model_ready.labels(model=entry.name).set(int(serving))
+
+
+async def start_repository_sync(
+    state: ServerState, repository: ModelRepository
+) -> asyncio.Task[None] | None:
+    """With several workers on a repository: catch up with the repository API calls the other
+    workers took, then follow them (repo_sync.py)."""
+    directory = state.metrics.multiprocess_dir
+    if state.settings.workers == 1 or directory is None or repository.root is None:
+        return None
+    state.repository_sync = RepositorySync(repository, directory)
+    await state.repository_sync.follow_once()
+    return asyncio.get_running_loop().create_task(
+        state.repository_sync.follow_forever(), name="repository-sync"
+    )
 
 
 def create_app(
@@ -132,6 +148,8 @@ def create_app(
                 settings.host,
                 settings.port,
             )
+        # a restarted worker catches up with the API calls the others took before it is ready
+        follower = await start_repository_sync(state, repository)
         if settings.feedback_key() is None:
             log.warning(
                 "no feedback secret: prediction ids are signed with a random key, so labels "
@@ -141,7 +159,8 @@ def create_app(
         set_ready(state, True)
         for entry in repository.entries.values():
             runtime = entry.serving
-            assert runtime is not None
+            if runtime is None:  # unloaded through the API (another worker's call)
+                continue
             manifest = runtime.manifest
             log.info(
                 "serving %s v%s (%d members, %s %s < %.4g is OOD) on %s",
@@ -162,8 +181,9 @@ def create_app(
             yield
         finally:
             set_ready(state, False)
-            if poller is not None:
-                poller.cancel()
+            for task in (poller, follower):
+                if task is not None:
+                    task.cancel()
             await state.shadow.close()
             await repository.close(settings.drain_timeout_s)
             state.decode_pool.shutdown(wait=False, cancel_futures=True)

@@ -42,6 +42,8 @@ def clean_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     for stale in path.glob("*.db"):
         stale.unlink(missing_ok=True)
+    for stale in path.glob("repository-*"):  # repo_sync's shared state: this server's own
+        stale.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
