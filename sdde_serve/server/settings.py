@@ -158,8 +158,9 @@ class Settings(BaseSettings):
         return dict(spec.rsplit(":", 1) for spec in specs)  # type: ignore[misc]
 
     def feedback_key(self) -> bytes | None:
-        """The prediction-id signing key from ``feedback_secret`` or its file (None: unset)."""
-        if self.feedback_secret is not None:
+        """The prediction-id signing key from ``feedback_secret`` or its file (None: unset or
+        empty, as compose passes an unset ``${SDDE_FEEDBACK_SECRET:-}``)."""
+        if self.feedback_secret is not None and self.feedback_secret.get_secret_value().strip():
             key = self.feedback_secret.get_secret_value().strip()
             source = "SDDE_FEEDBACK_SECRET"
         elif self.feedback_secret_file is not None:
