@@ -99,6 +99,7 @@ def create_app(
         max_size=settings.feedback_max_size,
         max_age_s=settings.feedback_max_age_s,
         window_s=settings.feedback_window_s,
+        shared=metrics.multiprocess_dir is not None,
     )
     metrics.registry.register(feedback)
     repository = ModelRepository(settings, metrics, lifecycle)
@@ -150,6 +151,9 @@ def create_app(
             )
         # a restarted worker catches up with the API calls the others took before it is ready
         follower = await start_repository_sync(state, repository)
+        window = None
+        if metrics.multiprocess_dir is not None:  # labels leave each worker's window over time
+            window = asyncio.get_running_loop().create_task(feedback.window.publish_forever())
         if settings.feedback_key() is None:
             log.warning(
                 "no feedback secret: prediction ids are signed with a random key, so labels "
@@ -181,7 +185,7 @@ def create_app(
             yield
         finally:
             set_ready(state, False)
-            for task in (poller, follower):
+            for task in (poller, follower, window):
                 if task is not None:
                     task.cancel()
             await state.shadow.close()

@@ -15,27 +15,27 @@ clients send each label once (docs/server.md).
 
 Labelled predictions feed two kinds of series (lifecycle_metrics): counters that Prometheus sums
 over workers, replicas and windows (accuracy, NLL, ECE per bin, OOD-flag precision: recording
-rules in deploy/prometheus), and ``sdde_live_*`` gauges this process computes at scrape time over
-the labels it received in the last ``--feedback-window`` seconds (one process's view: with
-``--workers N`` or replicas, the recording rules are the live metrics).
+rules in deploy/prometheus), and ``sdde_live_*`` gauges over the labels that arrived in the last
+``--feedback-window`` seconds, merged over the workers of one server (:mod:`live_window`; across
+replicas, the recording rules).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 from pydantic import BaseModel, Field, StrictInt, StrictStr
 
-from sdde_serve import calibration as cal
-from sdde_serve.server.lifecycle_metrics import ECE_BINS, LifecycleMetrics, bin_label
+from sdde_serve.server.lifecycle_metrics import LifecycleMetrics, bin_label
+from sdde_serve.server.live_window import LiveWindow, Row, confidence_bin
 from sdde_serve.server.tokens import (
     LEGACY_ID,
     NONCE_BYTES,
@@ -77,22 +77,6 @@ class ForgedId(ValueError):
         )
 
 
-@dataclass(slots=True)
-class Labelled:
-    time: float  # when the label arrived (the window is in label time)
-    model: str
-    version: str
-    probs: np.ndarray
-    truth: int  # -1: none of the classes
-    is_ood: bool
-    predicted: int
-
-
-def confidence_bin(confidence: float) -> int:
-    """Index of the right-closed bin ``(b/n, (b+1)/n]``, as calibration.ece bins."""
-    return min(max(int(np.ceil(confidence * ECE_BINS)) - 1, 0), ECE_BINS - 1)
-
-
 class FeedbackStore:
     def __init__(
         self,
@@ -102,6 +86,7 @@ class FeedbackStore:
         max_size: int,
         max_age_s: float,
         window_s: float,
+        shared: bool = False,
         clock: Clock = time.time,
     ) -> None:
         self.metrics = metrics
@@ -111,7 +96,8 @@ class FeedbackStore:
         self.window_s = window_s
         self.clock = clock
         self._seen: OrderedDict[bytes, tuple[int, int]] = OrderedDict()  # nonce -> issued, truth
-        self._window: deque[Labelled] = deque()
+        # shared: --workers N, each worker's window sums merged at scrape time (live_window.py)
+        self.window = LiveWindow(window_s, clock, shared)
         self._lock = threading.Lock()
 
     # --- predictions out -----------------------------------------------------------------------
@@ -143,6 +129,8 @@ class FeedbackStore:
                 results.append(FeedbackResult(id=item.id, result=result, reason=reason))
             self.metrics.store_size.set(len(self._seen))
         accepted = sum(r.result == "accepted" for r in results)
+        if accepted:
+            self.window.publish()  # --workers N: a scrape right after sees these labels
         return FeedbackResponse(accepted=accepted, results=results)
 
     def _verify(self, index: int, pid: str) -> PredictionRecord | None:
@@ -183,11 +171,11 @@ class FeedbackStore:
         self._seen[record.nonce] = (record.issued, truth)
         self._forget(now)
         self._count(record, truth)
-        self._window.append(
-            Labelled(
-                now, record.model, record.version, record.probs, truth, record.is_ood,
-                record.predicted,
-            )
+        confidence = float(record.probs[record.predicted])
+        nll = -math.log(max(float(record.probs[truth]), 1e-12)) if truth >= 0 else 0.0
+        self.window.add(
+            Row(now, record.model, record.version, truth, record.predicted == truth, confidence,
+                nll, record.is_ood)
         )  # fmt: skip
         return "accepted", None
 
@@ -214,48 +202,10 @@ class FeedbackStore:
     def window_stats(self) -> dict[tuple[str, str], dict[str, float]]:
         """Per (model, version), over labels of the last ``window_s`` seconds: ``labelled``,
         ``accuracy``, ``nll``, ``ece`` (in-distribution truths), ``ood_precision`` (flagged)."""
-        now = self.clock()
-        with self._lock:
-            while self._window and self._window[0].time < now - self.window_s:
-                self._window.popleft()
-            rows = list(self._window)
-        groups: dict[tuple[str, str], list[Labelled]] = {}
-        for row in rows:
-            groups.setdefault((row.model, row.version), []).append(row)
-        return {key: _stats(group) for key, group in groups.items()}
+        return self.window.stats()
 
     def collect(self) -> Iterator[Metric]:
-        families = {
-            "labelled": GaugeMetricFamily(
-                "sdde_live_labelled", "Labels received in the window", labels=["model", "version"]
-            ),
-            "accuracy": GaugeMetricFamily(
-                "sdde_live_accuracy",
-                "Accuracy among labelled in-distribution images, over the window",
-                labels=["model", "version"],
-            ),
-            "nll": GaugeMetricFamily(
-                "sdde_live_nll",
-                "Mean -log p(true class) among labelled in-distribution images, over the window",
-                labels=["model", "version"],
-            ),
-            "ece": GaugeMetricFamily(
-                "sdde_live_ece",
-                f"Expected calibration error ({ECE_BINS} bins) among labelled in-distribution "
-                "images, over the window",
-                labels=["model", "version"],
-            ),
-            "ood_precision": GaugeMetricFamily(
-                "sdde_live_ood_precision",
-                "Share of labelled OOD-flagged images that really were none of the classes",
-                labels=["model", "version"],
-            ),
-        }
-        for (model, version), stats in self.window_stats().items():
-            for key, family in families.items():
-                if key in stats:
-                    family.add_metric([model, version], stats[key])
-        yield from families.values()
+        return self.window.collect()
 
     def describe(self) -> list[Metric]:
         return []  # names only known at collect time; keeps registration from calling collect
@@ -279,32 +229,3 @@ def _name(truth: int, classes: list[str] | None) -> str | int | None:
     if truth < 0:
         return None
     return classes[truth] if classes is not None else truth
-
-
-def _stats(rows: list[Labelled]) -> dict[str, float]:
-    stats: dict[str, float] = {"labelled": float(len(rows))}
-    known = [r for r in rows if r.truth >= 0]
-    if known:
-        probs = np.stack([r.probs for r in known])
-        labels = np.array([r.truth for r in known])
-        # the stored predicted class, not argmax of the dequantised vector: exact accuracy
-        correct = np.array([r.predicted == r.truth for r in known], np.float64)
-        conf = probs[np.arange(len(known)), [r.predicted for r in known]]
-        stats["accuracy"] = float(correct.mean())
-        stats["nll"] = cal.nll(probs, labels)
-        stats["ece"] = _ece(conf, correct)
-    flagged = [r for r in rows if r.is_ood]
-    if flagged:
-        stats["ood_precision"] = sum(r.truth < 0 for r in flagged) / len(flagged)
-    return stats
-
-
-def _ece(conf: np.ndarray, correct: np.ndarray) -> float:
-    """calibration.ece's bins, given each image's confidence and correctness (the predicted
-    class comes from the id, so it need not be the argmax of the dequantised vector)."""
-    bins = np.clip(np.ceil(conf * ECE_BINS).astype(int) - 1, 0, ECE_BINS - 1)
-    total = 0.0
-    for b in np.unique(bins):
-        mask = bins == b
-        total += mask.mean() * abs(correct[mask].mean() - conf[mask].mean())
-    return float(total)

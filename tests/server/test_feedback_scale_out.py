@@ -69,6 +69,7 @@ def predict(server: ServerProcess, seed: int) -> dict:
 def test_labels_for_any_replica_and_worker_add_up_to_the_hand_count(replicas):
     (a, dir_a), (b, dir_b) = replicas
     answers, sent, correct_by_hand, nll_by_hand = [], 0, 0, 0.0
+    at = {a.url: [0, 0], b.url: [0, 0]}  # per replica taking the label: labels, right ones
     for i in range(MAX_ROUNDS):
         # predicted on one replica, labelled on the other, alternating
         (pred_at, label_at) = (a, b) if i % 2 == 0 else (b, a)
@@ -80,6 +81,8 @@ def test_labels_for_any_replica_and_worker_add_up_to_the_hand_count(replicas):
         answers.append(r.json()["results"][0]["result"])
         sent += 1
         correct_by_hand += truth == pred["label"]
+        at[label_at.url][0] += 1
+        at[label_at.url][1] += truth == pred["label"]
         nll_by_hand -= math.log(pred["probabilities"][truth])
         spread = [per_worker(d, "sdde_feedback_total", result="accepted") for d in (dir_a, dir_b)]
         if i >= 20 and all(len(w) == 2 for w in spread):
@@ -88,9 +91,14 @@ def test_labels_for_any_replica_and_worker_add_up_to_the_hand_count(replicas):
     assert all(len(w) == 2 and all(v > 0 for v in w.values()) for w in spread), spread
     # what Prometheus' recording rules compute: sum by (model) over every replica's /metrics
     totals = {"correct": 0.0, "labels": 0.0, "nll": 0.0}
+    key = {"model": MODEL, "version": "2"}
     for server in (a, b):
         samples = scrape(httpx.get(server.url + "/metrics", timeout=10).text)
-        key = {"model": MODEL, "version": "2"}
+        # the windowed gauges merge both workers of the replica that answers the scrape
+        labels, right = at[server.url]
+        assert metric(samples, "sdde_live_labelled", **key) == labels
+        assert metric(samples, "sdde_live_accuracy", **key) == pytest.approx(right / labels)
+        assert not any(name == "sdde_live_window_sums" for name, _ in samples)
         totals["correct"] += metric(samples, "sdde_feedback_correct_total", **key)
         totals["labels"] += metric(
             samples, "sdde_feedback_labels_total", **key, truth="in_distribution"
