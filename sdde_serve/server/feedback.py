@@ -106,13 +106,9 @@ class FeedbackStore:
         self, model: str, version: str, probs: np.ndarray, flags: Iterable[bool]
     ) -> list[str]:
         """One signed id per image (``probs``: [N, L] calibrated; ``flags``: OOD flags)."""
-        now = self.clock()
-        probs = np.asarray(probs)
-        predicted = probs.argmax(axis=1)
-        return [
-            self.signer.issue(model, version, now, os.urandom(NONCE_BYTES), int(c), bool(f), p)
-            for p, c, f in zip(probs, predicted, flags, strict=True)
-        ]
+        flags = [bool(f) for f in flags]
+        nonces = [os.urandom(NONCE_BYTES) for _ in flags]
+        return self.signer.issue(model, version, self.clock(), nonces, flags, np.asarray(probs))
 
     # --- labels in -----------------------------------------------------------------------------
 

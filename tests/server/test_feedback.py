@@ -234,7 +234,9 @@ def test_ids_expire_by_age_and_duplicates_are_remembered_up_to_the_size_limit():
 
 def test_another_secret_refuses_and_unknown_class_names_are_invalid():
     store, _, _ = make_store()
-    foreign = Signer(b"x" * 32).issue("m", "1", 1000, b"\0" * 8, 0, False, np.array([0.6, 0.4]))
+    (foreign,) = Signer(b"x" * 32).issue(
+        "m", "1", 1000, [b"\0" * 8], [False], np.array([[0.6, 0.4]])
+    )
     with pytest.raises(ForgedId, match="another feedback secret"):
         results(store, {foreign: 0})
     (pid,) = issue(store, [[0.6, 0.4]])
