@@ -9,9 +9,10 @@ without having seen the prediction. A changed byte fails the signature.
 Probabilities are stored as ``round(-ln p * 2048)`` in 16 bits (p below e**-31.9995, about
 1.3e-14, is stored as that floor): -ln p, hence each image's NLL, is off by at most 1/4096
 (2.4e-4), and p, hence the confidence the ECE bins use, by at most 0.025 % relative. Up to
-``FULL_CLASSES`` classes every class is kept; above, the ``TOP_K`` most probable ones and the mean probability of the rest,
-which stands for any class outside the top k (the NLL of such a label is then an estimate:
-docs/server.md). The predicted class is stored as given, so accuracy is exact.
+``FULL_CLASSES`` classes every class is kept; above, the ``TOP_K`` most probable ones and the
+mean probability of the rest, which stands for any class outside the top k (the NLL of such a
+label is then an estimate: docs/server.md). The predicted class is stored as given, so
+accuracy is exact.
 """
 
 from __future__ import annotations
