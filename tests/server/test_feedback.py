@@ -279,3 +279,57 @@ def test_remembering_no_labelled_ids_when_the_size_is_zero(linear_engine):
         body = [{"id": pred["id"], "label": 0}]
         first, again = (client.post("/v1/feedback", json=body).json() for _ in range(2))
     assert first["results"][0]["result"] == again["results"][0]["result"] == "accepted"
+
+
+def test_window_sums_of_two_workers_merge_into_the_ratios_of_all_their_labels():
+    from prometheus_client.core import GaugeMetricFamily
+
+    from sdde_serve.server.live_window import WINDOW_SUMS, Row, merged_live_families, row_sums
+
+    rng = np.random.default_rng(3)
+    rows = [
+        Row(0.0, "m", "1", int(t), bool(c), float(conf), float(nll), bool(f))
+        for t, c, conf, nll, f in zip(rng.integers(-1, 3, 40), rng.random(40) < 0.7,
+                                      rng.uniform(0.3, 1, 40), rng.uniform(0, 2, 40),
+                                      rng.random(40) < 0.3, strict=True)
+    ]  # fmt: skip
+    merged = GaugeMetricFamily(WINDOW_SUMS, "", labels=["model", "version", "quantity"])
+    totals: dict[str, float] = {}
+    for half in (rows[:15], rows[15:]):  # each worker's own window: livesum adds them
+        for quantity, value in row_sums(half)[("m", "1")].items():
+            totals[quantity] = totals.get(quantity, 0.0) + value
+    for quantity, value in totals.items():
+        merged.add_metric(["m", "1", quantity], value)
+    out = {f.name: f.samples[0].value for f in merged_live_families([merged]) if f.samples}
+    known = [r for r in rows if r.truth >= 0]
+    conf = np.array([r.confidence for r in known])
+    correct = [r.correct for r in known]
+    flagged = [r for r in rows if r.is_ood]
+    assert WINDOW_SUMS not in out and out["sdde_live_labelled"] == 40
+    assert out["sdde_live_accuracy"] == pytest.approx(np.mean(correct))
+    assert out["sdde_live_nll"] == pytest.approx(np.mean([r.nll for r in known]))
+    assert out["sdde_live_ece"] == pytest.approx(hand_ece(list(conf), correct))
+    assert out["sdde_live_ood_precision"] == pytest.approx(np.mean([r.truth < 0 for r in flagged]))
+
+
+def test_feedback_secret_from_the_environment_or_a_file(tmp_path):
+    from sdde_serve.errors import UserError
+    from sdde_serve.server.settings import Settings
+
+    assert Settings(feedback_secret="").feedback_key() is None  # compose's unset ${VAR:-}
+    assert Settings(feedback_secret=" a secret of 16+ chars\n").feedback_key() == (
+        b"a secret of 16+ chars"
+    )
+    path = tmp_path / "secret"
+    path.write_text("from a mounted secret file\n")
+    assert Settings(feedback_secret_file=path).feedback_key() == b"from a mounted secret file"
+    with pytest.raises(UserError, match="at least 16 characters"):
+        Settings(feedback_secret="short").feedback_key()
+    with pytest.raises(UserError, match="cannot read the feedback secret"):
+        Settings(feedback_secret_file=tmp_path / "missing").feedback_key()
+    assert "secret of" not in repr(Settings(feedback_secret="a secret of 16+ chars"))
+    # --workers N: the workers get the secret itself, not pydantic's "**********"
+    from sdde_serve.server.cli import settings_env
+
+    env = settings_env(Settings(feedback_secret="a secret of 16+ chars"))
+    assert env["SDDE_FEEDBACK_SECRET"] == "a secret of 16+ chars"
