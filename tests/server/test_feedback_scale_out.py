@@ -141,6 +141,22 @@ def test_repository_api_reaches_every_worker(replicas):
     assert [(r["name"], r["version"]) for r in index] == [(MODEL, "2")]
 
 
+def test_every_replica_of_the_deploy_manifests_gets_the_same_feedback_secret():
+    import yaml
+
+    deploy = Path(__file__).resolve().parents[2] / "deploy"
+    pod = yaml.safe_load((deploy / "k8s" / "deployment.yaml").read_text())["spec"]["template"]
+    isvc = next(yaml.safe_load_all((deploy / "kserve" / "inferenceservice.yaml").read_text()))
+    for container in (pod["spec"]["containers"][0], isvc["spec"]["predictor"]["containers"][0]):
+        env = {e["name"]: e for e in container["env"]}
+        ref = env["SDDE_FEEDBACK_SECRET"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "sdde-serve-feedback", "key": "secret"}  # no "optional"
+    compose = yaml.safe_load((deploy / "compose.yaml").read_text())
+    assert compose["services"]["sdde"]["environment"]["SDDE_FEEDBACK_SECRET"] == (
+        "${SDDE_FEEDBACK_SECRET:-}"  # unset: empty, which the server reads as "no secret"
+    )
+
+
 @pytest.fixture(autouse=True)
 def _no_inherited_multiprocess_env(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
