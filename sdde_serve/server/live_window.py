@@ -48,23 +48,34 @@ def confidence_bin(confidence: float) -> int:
     return min(max(math.ceil(confidence * ECE_BINS) - 1, 0), ECE_BINS - 1)
 
 
+def contributions(r: Row) -> Sums:
+    """What one label adds to its (model, version)'s sums: labelled, known (truth is a class),
+    correct, nll, flagged, flagged_ood, and per confidence bin ``conf:<edge>`` and
+    ``correct:<edge>``."""
+    out = {
+        "labelled": 1.0,
+        "flagged": float(r.is_ood),
+        "flagged_ood": float(r.is_ood and r.truth < 0),
+    }
+    if r.truth >= 0:
+        edge = bin_label(confidence_bin(r.confidence))
+        out.update(known=1.0, correct=float(r.correct), nll=r.nll)
+        out[f"conf:{edge}"] = r.confidence
+        out[f"correct:{edge}"] = float(r.correct)
+    return out
+
+
 def row_sums(rows: Iterable[Row]) -> dict[Key, Sums]:
-    """Per (model, version): labelled, known (truth is a class), correct, nll, flagged,
-    flagged_ood, and per confidence bin ``conf:<edge>`` and ``correct:<edge>``."""
+    """Per (model, version): the sums of the rows' :func:`contributions`."""
     out: dict[Key, Sums] = defaultdict(lambda: defaultdict(float))
     for r in rows:
-        s = out[(r.model, r.version)]
-        s["labelled"] += 1
-        s["flagged"] += r.is_ood
-        s["flagged_ood"] += r.is_ood and r.truth < 0
-        if r.truth >= 0:
-            edge = bin_label(confidence_bin(r.confidence))
-            s["known"] += 1
-            s["correct"] += r.correct
-            s["nll"] += r.nll
-            s[f"conf:{edge}"] += r.confidence
-            s[f"correct:{edge}"] += r.correct
+        _add(out[(r.model, r.version)], contributions(r), 1.0)
     return out
+
+
+def _add(sums: Sums, contribution: Sums, sign: float) -> None:
+    for quantity, value in contribution.items():
+        sums[quantity] += sign * value
 
 
 def ratios(s: Sums) -> dict[str, float]:
@@ -141,6 +152,7 @@ class LiveWindow:
         self.window_s = window_s
         self.clock = clock
         self._rows: deque[Row] = deque()
+        self._sums: dict[Key, Sums] = defaultdict(lambda: defaultdict(float))
         self._lock = threading.Lock()
         self._gauge = None
         self._published: set[tuple[str, str, str]] = set()
@@ -156,13 +168,20 @@ class LiveWindow:
     def add(self, row: Row) -> None:
         with self._lock:
             self._rows.append(row)
+            _add(self._sums[(row.model, row.version)], contributions(row), 1.0)
 
     def sums(self) -> dict[Key, Sums]:
+        """Running sums (kept as labels arrive and leave: a refresh costs the labels that left
+        the window, not the whole window)."""
         now = self.clock()
         with self._lock:
             while self._rows and self._rows[0].time < now - self.window_s:
-                self._rows.popleft()
-            return row_sums(list(self._rows))
+                row = self._rows.popleft()
+                key = (row.model, row.version)
+                _add(self._sums[key], contributions(row), -1.0)
+                if self._sums[key]["labelled"] < 0.5:  # counts are exact; drop float residue
+                    del self._sums[key]
+            return {key: dict(s) for key, s in self._sums.items()}
 
     def stats(self) -> dict[Key, dict[str, float]]:
         return {key: ratios(s) for key, s in self.sums().items()}

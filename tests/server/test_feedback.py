@@ -333,3 +333,24 @@ def test_feedback_secret_from_the_environment_or_a_file(tmp_path):
 
     env = settings_env(Settings(feedback_secret="a secret of 16+ chars"))
     assert env["SDDE_FEEDBACK_SECRET"] == "a secret of 16+ chars"
+
+
+def test_running_window_sums_equal_the_sums_of_the_rows_still_in_the_window():
+    from sdde_serve.server.live_window import LiveWindow, Row, row_sums
+
+    clock = Clock()
+    window = LiveWindow(50.0, clock, shared=False)
+    rng = np.random.default_rng(5)
+    rows = []
+    for step in range(60):  # labels arrive over 120 s; the window keeps the last 50 s
+        clock.now += 2.0
+        truth, conf, nll = int(rng.integers(-1, 3)), rng.uniform(0.2, 1), rng.uniform(0, 3)
+        row = Row(clock.now, "m", str(step % 2), truth, bool(step % 3), conf, nll, step % 5 == 0)
+        rows.append(row)
+        window.add(row)
+        running = window.sums()
+        recomputed = row_sums(r for r in rows if r.time >= clock.now - 50.0)
+        assert running.keys() == recomputed.keys()
+        for key, sums in recomputed.items():  # a bin emptied again stays in the running sums at 0
+            for quantity in running[key].keys() | sums.keys():
+                assert running[key].get(quantity, 0) == pytest.approx(sums.get(quantity, 0))
