@@ -11,7 +11,9 @@ keep-alive clients (one PNG per multipart request to ``/v1/models/lenet:predict`
   shadow    16 clients, the same server settings without and with ``--shadow lenet:2`` (every
             request also scored by version 2 after the answer): live throughput and p99, and how
             many images the shadow scored;
-  feedback  the prediction store off (``--feedback-max-size 0``) and on (default): throughput.
+  feedback  the labelled-id memory off (``--feedback-max-size 0``) and on (default): throughput
+            (results before issue 21 measured the prediction store it replaced; prediction ids
+            are signed either way now, so the pair no longer includes their cost).
 
 Prints a table and writes ``benchmarks/results/bench_lifecycle.json``.
 

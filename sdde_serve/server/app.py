@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from sdde_serve.server.feedback import FeedbackStore
 from sdde_serve.server.lifecycle_metrics import LifecycleMetrics
 from sdde_serve.server.metrics import Metrics
 from sdde_serve.server.multiprocess import worker_exiting
+from sdde_serve.server.repo_sync import RepositorySync
 from sdde_serve.server.repository import ModelRepository, Preloaded, open_engine
 from sdde_serve.server.routes import feedback as feedback_routes
 from sdde_serve.server.routes import metrics as metrics_routes
@@ -34,6 +36,7 @@ from sdde_serve.server.routes import predict, v2
 from sdde_serve.server.routes import repository as repository_routes
 from sdde_serve.server.settings import Settings
 from sdde_serve.server.shadow import ShadowScorer
+from sdde_serve.server.tokens import Signer
 
 log = logging.getLogger("sdde.server")
 
@@ -67,6 +70,21 @@ def set_ready(state: ServerState, ready: bool) -> None:
             state.metrics.model_ready.labels(model=entry.name).set(int(serving))
 
 
+async def start_repository_sync(
+    state: ServerState, repository: ModelRepository
+) -> asyncio.Task[None] | None:
+    """With several workers on a repository: catch up with the repository API calls the other
+    workers took, then follow them (repo_sync.py)."""
+    directory = state.metrics.multiprocess_dir
+    if state.settings.workers == 1 or directory is None or repository.root is None:
+        return None
+    state.repository_sync = RepositorySync(repository, directory)
+    await state.repository_sync.follow_once()
+    return asyncio.get_running_loop().create_task(
+        state.repository_sync.follow_forever(), name="repository-sync"
+    )
+
+
 def create_app(
     settings: Settings, engine: Engine | None = None, preloaded: Preloaded | None = None
 ) -> FastAPI:
@@ -77,9 +95,11 @@ def create_app(
     lifecycle = LifecycleMetrics(metrics.registry)
     feedback = FeedbackStore(
         lifecycle,
+        Signer(settings.feedback_key() or os.urandom(32)),
         max_size=settings.feedback_max_size,
         max_age_s=settings.feedback_max_age_s,
         window_s=settings.feedback_window_s,
+        shared=metrics.multiprocess_dir is not None,
     )
     metrics.registry.register(feedback)
     repository = ModelRepository(settings, metrics, lifecycle)
@@ -129,10 +149,22 @@ def create_app(
                 settings.host,
                 settings.port,
             )
+        # a restarted worker catches up with the API calls the others took before it is ready
+        follower = await start_repository_sync(state, repository)
+        window = None
+        if metrics.multiprocess_dir is not None:  # labels leave each worker's window over time
+            window = asyncio.get_running_loop().create_task(feedback.window.publish_forever())
+        if settings.feedback_key() is None:
+            log.warning(
+                "no feedback secret: prediction ids are signed with a random key, so labels "
+                "(POST /v1/feedback) reach only this process until it restarts (set "
+                "SDDE_FEEDBACK_SECRET or --feedback-secret-file, the same on every replica)"
+            )
         set_ready(state, True)
         for entry in repository.entries.values():
             runtime = entry.serving
-            assert runtime is not None
+            if runtime is None:  # unloaded through the API (another worker's call)
+                continue
             manifest = runtime.manifest
             log.info(
                 "serving %s v%s (%d members, %s %s < %.4g is OOD) on %s",
@@ -153,8 +185,9 @@ def create_app(
             yield
         finally:
             set_ready(state, False)
-            if poller is not None:
-                poller.cancel()
+            for task in (poller, follower, window):
+                if task is not None:
+                    task.cancel()
             await state.shadow.close()
             await repository.close(settings.drain_timeout_s)
             state.decode_pool.shutdown(wait=False, cancel_futures=True)

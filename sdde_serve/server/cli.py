@@ -15,11 +15,13 @@ import argparse
 import asyncio
 import logging
 import os
+import secrets
 import signal
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
+from pydantic import SecretStr
 
 from sdde_serve.errors import UserError
 from sdde_serve.scoring import OOD_POLICIES
@@ -65,6 +67,7 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--feedback-max-size": ("feedback_max_size", {"type": int}),
     "--feedback-max-age": ("feedback_max_age_s", {"type": float, "metavar": "SECS"}),
     "--feedback-window": ("feedback_window_s", {"type": float, "metavar": "SECS"}),
+    "--feedback-secret-file": ("feedback_secret_file", {"metavar": "FILE"}),
     "--log-level": ("log_level", {"choices": ["critical", "error", "warning", "info", "debug"]}),
 }
 
@@ -133,7 +136,12 @@ def settings_env(settings: Settings) -> dict[str, str]:
     for name, value in settings.model_dump(exclude_defaults=True).items():
         if value is None:
             continue
-        text = ",".join(value) if isinstance(value, list) else str(value)
+        if isinstance(value, list):
+            text = ",".join(value)
+        elif isinstance(value, SecretStr):
+            text = value.get_secret_value()
+        else:
+            text = str(value)
         env[ENV_PREFIX + name.upper()] = text
     return env
 
@@ -223,6 +231,9 @@ def _serve_many(settings: Settings) -> int:
 
     _preload(settings)  # fail fast in the parent; each worker then loads its own sessions
     os.environ.update(settings_env(settings))
+    if settings.feedback_key() is None:
+        # one random key for all the workers: any of them accepts a label for any prediction
+        os.environ[ENV_PREFIX + "FEEDBACK_SECRET"] = secrets.token_urlsafe(32)
     # the workers (spawned, so they import prometheus_client afresh) find the directory in
     # PROMETHEUS_MULTIPROC_DIR and write their metrics there; any of them merges them all
     with shared_metrics_dir() as metrics_dir:
@@ -250,6 +261,7 @@ def main(args: argparse.Namespace) -> int:
             "against their own manifests"
         )
     settings.all_api_keys()  # an unreadable or empty key file fails now, not later
+    settings.feedback_key()  # likewise the feedback secret
     from sdde_serve.server.memory import bound_allocator
 
     bound_allocator()  # before the engine and the thread pools allocate anything

@@ -22,6 +22,7 @@ from sdde_serve.server.repository import ModelRepository, ModelRuntime, NotReady
 from sdde_serve.server.settings import Settings
 
 if TYPE_CHECKING:
+    from sdde_serve.server.repo_sync import RepositorySync
     from sdde_serve.server.shadow import ShadowScorer
 
 __all__ = ["ModelRuntime", "NotReady"]  # re-exported: routes and tests import them from here
@@ -40,6 +41,7 @@ class ServerState:
     lifecycle: LifecycleMetrics | None = None
     feedback: FeedbackStore | None = None
     shadow: ShadowScorer | None = None
+    repository_sync: RepositorySync | None = None  # --workers N: API calls reach every worker
 
     @property
     def runtime(self) -> ModelRuntime | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -43,12 +44,22 @@ def error_response(status: int, reason: str, headers: dict[str, str] | None = No
     return JSONResponse({"error": reason}, status_code=status, headers=headers)
 
 
+NOT_JSON = "the request body is not valid JSON"
+
+
 def _validation_reason(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors()[:3]:
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
         parts.append(f"{loc}: {err.get('msg', 'invalid')}")
     return "invalid request: " + "; ".join(parts)
+
+
+def _not_json_reason(err: Any) -> str:
+    msg = str(err.get("msg", ""))
+    if msg.startswith("Invalid JSON: "):  # pydantic's parser names the place
+        return f"{NOT_JSON}: {msg.removeprefix('Invalid JSON: ')}"
+    return f"{NOT_JSON} (parsing stopped at character {err.get('loc', ('?',))[-1]})"
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -67,10 +78,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         reason = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if reason == "There was an error parsing the body":  # FastAPI's words, e.g. not UTF-8
+            reason = f"{NOT_JSON} (or not a well-formed form): could not parse it"
         return error_response(exc.status_code, reason, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        for err in exc.errors():
+            if err.get("type") == "json_invalid":  # FastAPI's words: "0: JSON decode error"
+                return error_response(400, _not_json_reason(err))
         return error_response(422, _validation_reason(exc))
 
     @app.exception_handler(Exception)

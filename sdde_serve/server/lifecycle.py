@@ -1,9 +1,7 @@
-"""What every answered prediction goes through after scoring, for v1 and v2 alike: an id per
-image, the feedback store, per-version counts, and shadow scoring once the response is sent."""
+"""What every answered prediction goes through after scoring, for v1 and v2 alike: a signed id
+per image (for delayed labels), per-version counts, and shadow scoring once the response is sent."""
 
 from __future__ import annotations
-
-import uuid
 
 import numpy as np
 from starlette.background import BackgroundTask
@@ -14,11 +12,6 @@ from sdde_serve.server.deps import ServerState
 from sdde_serve.server.repository import ModelRuntime
 
 
-def new_ids(n: int) -> list[str]:
-    """Random (uuid4) ids: unguessable, so one client cannot label another's predictions."""
-    return [uuid.uuid4().hex for _ in range(n)]
-
-
 def after_predict(
     state: ServerState,
     runtime: ModelRuntime,
@@ -27,18 +20,11 @@ def after_predict(
     preds: list[Prediction],
 ) -> tuple[list[str], BackgroundTask | None]:
     """(one id per image, the background task to attach to the response, if any)."""
-    ids = new_ids(len(preds))
     flags = np.array([p.is_ood for p in preds], dtype=bool)
+    ids = [""] * len(preds)
     if state.feedback is not None:
-        state.feedback.keep(
-            ids,
-            runtime.name,
-            runtime.version,
-            runtime.manifest.classes,
-            out.probs,
-            (p.ood_score for p in preds),
-            flags.tolist(),
-        )
+        # signed records (tokens.py): any worker or replica with the same secret judges a label
+        ids = state.feedback.issue(runtime.name, runtime.version, out.probs, flags.tolist())
     if state.lifecycle is not None:
         counter = state.lifecycle.version_predictions
         for p in preds:

@@ -8,11 +8,10 @@ feedback store (:mod:`feedback`), registered on the same registry.
 
 from __future__ import annotations
 
-import contextlib
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from sdde_serve.server.metrics import GAUGE_MODES, LATENCY_BUCKETS
+from sdde_serve.server.multiprocess import remove_series
 
 ECE_BINS = 15  # equal-width confidence bins, as sdde_serve.calibration.ece's default
 FEEDBACK_RESULTS = ("accepted", "duplicate", "conflict", "unknown", "expired", "invalid")
@@ -160,7 +159,6 @@ class LifecycleMetrics:
     def set_role(self, model: str, version: str, role: str | None) -> None:
         for other in ("serving", "shadow"):
             if other != role:
-                with contextlib.suppress(KeyError):
-                    self.version_info.remove(model, version, other)
+                remove_series(self.version_info, model, version, other)
         if role is not None:
             self.version_info.labels(model=model, version=version, role=role).set(1)

@@ -23,9 +23,14 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+Rewrite = Callable[[list["Metric"]], list["Metric"]]
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 # gauge_livesum_1234.db: the live modes' files carry the pid of the process that wrote them
@@ -42,6 +47,8 @@ def clean_dir(path: Path) -> None:
     """Create ``path`` or remove the metric files an earlier server left in it."""
     path.mkdir(parents=True, exist_ok=True)
     for stale in path.glob("*.db"):
+        stale.unlink(missing_ok=True)
+    for stale in path.glob("repository-*"):  # repo_sync's shared state: this server's own
         stale.unlink(missing_ok=True)
 
 
@@ -100,14 +107,28 @@ def forget_dead_workers(path: Path) -> None:
             multiprocess.mark_process_dead(pid, str(path))
 
 
-def collect(path: Path) -> bytes:
-    """Prometheus text of every worker's metrics, merged."""
+def collect(path: Path, rewrite: Rewrite | None = None) -> bytes:
+    """Prometheus text of every worker's metrics, merged (then passed through ``rewrite``: the
+    feedback window's sums become ratios, live_window.py)."""
     from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
     forget_dead_workers(path)
+    families = list(multiprocess.MultiProcessCollector(None, str(path)).collect())
+    if rewrite is not None:
+        families = rewrite(families)
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, str(path))
+    registry.register(_Families(families))
     return generate_latest(registry)
+
+
+class _Families:
+    """A collector answering with families already collected."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
 
 
 def worker_exiting(path: Path | None) -> None:

@@ -325,19 +325,20 @@ class ModelRepository:
         self.lifecycle.load_failures.labels(model=name, version=version).inc()
         log.error("model %s version %s refused: %s", name, version, reason)
 
-    def _check_repository(self) -> None:
+    def check_repository(self) -> None:
+        """The repository API (index, load, unload) needs a repository: refused alike on a
+        one-file server, which does not list the extension in ``GET /v2`` either."""
         if self.root is None:
             # nothing to load back from: unloading the only model would end service for good
-            raise ApiError(400, "this server serves one model file, not a repository")
-        if self.settings.workers > 1:
             raise ApiError(
                 400,
-                f"with --workers {self.settings.workers} each process has its own models and "
-                "this call would reach one of them: use --poll-repo to change versions",
+                f"this server serves one model file ({self.settings.model}), not a model "
+                "repository: the repository API (index, load, unload) needs "
+                "`sdde serve REPO_DIR` (REPO/<name>/<version>/model.onnx)",
             )
 
     def _versions(self, name: str) -> dict[str, Path]:
-        self._check_repository()
+        self.check_repository()
         assert self.root is not None
         versions = scan(self.root).get(name)
         if not versions:
@@ -437,7 +438,7 @@ class ModelRepository:
 
     async def unload(self, name: str) -> dict[str, Any]:
         """Stop serving ``name``: new requests get 404 at once; in-flight ones finish."""
-        self._check_repository()
+        self.check_repository()
         entry = self.entries.get(name)
         if entry is None or entry.unloaded:
             raise ApiError(404, f"model {name!r} is not loaded")
@@ -524,7 +525,9 @@ class ModelRepository:
     # --- the repository extension's index ------------------------------------------------------
 
     def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
-        on_disk = scan(self.root) if self.root is not None else {}
+        self.check_repository()
+        assert self.root is not None
+        on_disk = scan(self.root)
         rows: dict[tuple[str, str], dict[str, Any]] = {}
         for name, versions in on_disk.items():
             for version in versions:

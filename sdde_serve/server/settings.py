@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sdde_serve.errors import UserError
@@ -114,10 +114,21 @@ class Settings(BaseSettings):
         256, ge=1, description="images queued for shadow scoring before more are skipped"
     )
     feedback_max_size: int = Field(
-        100_000, ge=0, description="predictions kept for delayed labels (0 = keep none)"
+        100_000,
+        ge=0,
+        description="labelled prediction ids remembered per process to answer duplicate and "
+        "conflict (0 = none: a repeated label counts again)",
     )
     feedback_max_age_s: float = Field(
-        7 * 86400.0, gt=0.0, description="how long a prediction waits for its label"
+        7 * 86400.0, gt=0.0, description="how long a prediction id accepts its label"
+    )
+    feedback_secret: SecretStr | None = Field(
+        None,
+        description="key signing prediction ids; the same on every replica, so any of them "
+        "accepts any label (default: random per server, labels only reach that server)",
+    )
+    feedback_secret_file: Path | None = Field(
+        None, description="file holding the feedback secret (a mounted secret)"
     )
     feedback_window_s: float = Field(
         3600.0, gt=0.0, description="window of the sdde_live_* accuracy, NLL, ECE gauges"
@@ -150,6 +161,25 @@ class Settings(BaseSettings):
     def model_versions(self, specs: list[str]) -> dict[str, str]:
         """``["digits:2"]`` (``pin`` or ``shadow``) -> ``{"digits": "2"}``."""
         return dict(spec.rsplit(":", 1) for spec in specs)  # type: ignore[misc]
+
+    def feedback_key(self) -> bytes | None:
+        """The prediction-id signing key from ``feedback_secret`` or its file (None: unset or
+        empty, as compose passes an unset ``${SDDE_FEEDBACK_SECRET:-}``)."""
+        if self.feedback_secret is not None and self.feedback_secret.get_secret_value().strip():
+            key = self.feedback_secret.get_secret_value().strip()
+            source = "SDDE_FEEDBACK_SECRET"
+        elif self.feedback_secret_file is not None:
+            source = str(self.feedback_secret_file)
+            try:
+                key = self.feedback_secret_file.read_text().strip()
+            except OSError as exc:
+                raise UserError(f"{source}: cannot read the feedback secret ({exc})") from None
+        else:
+            return None
+        if len(key) < 16:
+            # a short secret can be guessed, and then anyone can forge labels
+            raise UserError(f"{source}: the feedback secret must be at least 16 characters")
+        return key.encode()
 
     def all_api_keys(self) -> list[str]:
         """Keys from ``api_keys`` and ``api_keys_file`` (blank lines and ``#`` comments skipped)."""

@@ -1,5 +1,6 @@
 """Repository mode in-process: routes by model name and version, version policy, the
-repository API (pin, roll back, shadow, promote), auth, start-up checks."""
+repository API (pin, roll back, shadow, promote), auth, start-up checks. With --workers 2:
+test_feedback_scale_out.py."""
 
 from __future__ import annotations
 
@@ -161,20 +162,18 @@ def test_repository_api_and_feedback_are_behind_the_api_key(two_models):
     assert open_ == [401, 401, 401] and feedback == 401 and keyed == 200
 
 
-def test_a_plain_model_file_has_no_repository_to_load_from(linear_client):
-    for action in ("load", "unload"):
-        r = linear_client.post(f"/v2/repository/models/linear-test/{action}")
-        assert r.status_code == 400 and "not a repository" in r.json()["error"]
+def test_a_plain_model_file_has_no_repository_api(linear_client):
+    """The whole extension answers alike on a one-file server (GET /v2 does not list it): the
+    index would list one model that load and unload could not act on."""
+    answers = [
+        linear_client.post(f"/v2/repository/models/linear-test/{action}")
+        for action in ("load", "unload")
+    ] + [linear_client.post("/v2/repository/index")]
+    reasons = {r.json()["error"] for r in answers}
+    assert [r.status_code for r in answers] == [400, 400, 400]
+    assert len(reasons) == 1 and "needs `sdde serve REPO_DIR`" in reasons.pop()
+    assert "model_repository" not in linear_client.get("/v2").json()["extensions"]
     assert linear_client.get("/v2/models/linear-test/ready").status_code == 200
-    assert linear_client.post("/v2/repository/index").json() == [
-        {
-            "name": "linear-test",
-            "version": "7",
-            "state": "READY",
-            "reason": "serving",
-            "in_flight": 0,
-        }
-    ]
 
 
 def test_start_up_falls_back_below_a_corrupt_latest_version_and_checks_pins(
@@ -229,13 +228,6 @@ def test_pin_and_shadow_flags_are_validated():
     s = build_settings(argparse.Namespace(pin=["a:1", "b.c:12"], shadow=["a:2"]))
     assert s.model_versions(s.pin) == {"a": "1", "b.c": "12"}
     assert Settings(_env_file=None, pin="a:1,b:2").pin == ["a:1", "b:2"]
-
-
-def test_repository_calls_are_refused_with_several_worker_processes(two_models):
-    with serve_repo(two_models, workers=2) as client:
-        r = client.post(f"/v2/repository/models/{MODEL}/load")
-        assert version_of(client) == "2"
-    assert r.status_code == 400 and "--poll-repo" in r.json()["error"]
 
 
 def test_a_shadow_version_that_fails_to_load_leaves_live_serving_alone(two_models, versions):  # noqa: F811

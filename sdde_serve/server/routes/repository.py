@@ -5,6 +5,11 @@
 pinned by ``parameters.version`` (``"latest"`` unpins), and sets or clears its shadow version
 with ``parameters.shadow``; ``POST /v2/repository/models/{name}/unload`` stops serving it and
 answers once its in-flight requests are done. All behind the API key when keys are configured.
+
+With ``--workers N`` a call reaches one worker process; it is shared with the others through
+the workers' directory and answered once every worker applied it (:mod:`repo_sync`; the answer
+adds ``workers``). On a server of one model file all three answer 400 with the reason: it has
+no repository (and ``GET /v2`` does not list the extension).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Path
 from pydantic import BaseModel, ConfigDict, Field
 
-from sdde_serve.server.deps import AuthDep, RepositoryDep
+from sdde_serve.server.deps import AuthDep, RepositoryDep, StateDep
 from sdde_serve.server.errors import ApiError
 
 router = APIRouter(prefix="/v2/repository", tags=["v2 model repository"], dependencies=[AuthDep])
@@ -56,6 +61,7 @@ class LoadRequest(BaseModel):
     response_model=list[IndexEntry],
     response_model_exclude_none=True,
     summary="Model versions in the repository and their state",
+    responses={400: {"description": "a server of one model file: no repository"}},
 )
 async def index(
     repository: RepositoryDep, request: Annotated[IndexRequest | None, Body()] = None
@@ -67,13 +73,17 @@ async def index(
     "/models/{name}/load",
     summary="Load (or switch to) a model version; set its shadow version",
     responses={
-        400: {"description": "the version failed to load: the serving version stays"},
+        400: {
+            "description": "the version failed to load (the serving version stays); a server "
+            "of one model file"
+        },
         404: {"description": "no such model or version in the repository"},
     },
 )
 async def load(
     name: ModelName,
     repository: RepositoryDep,
+    state: StateDep,
     request: Annotated[LoadRequest | None, Body()] = None,
 ) -> dict[str, Any]:
     params = request.parameters if request is not None else LoadParameters()
@@ -86,13 +96,21 @@ async def load(
             if isinstance(exc, ApiError):
                 raise
             raise ApiError(400, f"shadow version {shadow} of {name} refused: {exc}") from None
+    if state.repository_sync is not None:
+        answer.update(await state.repository_sync.publish(name))
     return answer
 
 
 @router.post(
     "/models/{name}/unload",
     summary="Stop serving a model; answers once its in-flight requests are done",
-    responses={404: {"description": "the model is not loaded"}},
+    responses={
+        400: {"description": "a server of one model file"},
+        404: {"description": "the model is not loaded"},
+    },
 )
-async def unload(name: ModelName, repository: RepositoryDep) -> dict[str, Any]:
-    return await repository.unload(name)
+async def unload(name: ModelName, repository: RepositoryDep, state: StateDep) -> dict[str, Any]:
+    answer = await repository.unload(name)
+    if state.repository_sync is not None:
+        answer.update(await state.repository_sync.publish(name))
+    return answer
