@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.background import BackgroundTask
 
-from sdde_serve import __version__
+from sdde_serve import __version__, scores
 from sdde_serve.calibration import member_agreement
 from sdde_serve.engine import EngineOutput
 from sdde_serve.manifest import Manifest
@@ -61,15 +61,18 @@ DTYPES: dict[str, np.dtype] = {
 Outputs = dict[str, tuple[str, np.ndarray]]
 OutputFn = Callable[[EngineOutput, list[Prediction]], np.ndarray]
 
+
+def _score_output(name: str) -> OutputFn:
+    return lambda o, p: score_of(o, name)
+
+
 # name -> (datatype, shape after the batch dim as a function of (members, classes), compute)
 OUTPUTS: dict[str, tuple[str, Callable[[int, int], list[int]], OutputFn]] = {
     "probs": ("FP32", lambda n, c: [c], lambda o, p: o.probs),
     "logits": ("FP32", lambda n, c: [n, c], lambda o, p: o.logits),
-    "mal": ("FP32", lambda n, c: [], lambda o, p: o.mal),
-    "msp": ("FP32", lambda n, c: [], lambda o, p: o.msp),
-    "minmax": ("FP32", lambda n, c: [], lambda o, p: score_of(o, "minmax")),
-    # only for models exported with a KNN bank (model_outputs)
-    "knn": ("FP32", lambda n, c: [], lambda o, p: score_of(o, "knn")),
+    # every registered OOD score (sdde_serve/scores/); offered where the model has it
+    # (model_outputs)
+    **{name: ("FP32", lambda n, c: [], _score_output(name)) for name in scores.names()},
     "ood_score": ("FP32", lambda n, c: [], lambda o, p: np.array([x.ood_score for x in p])),
     "is_ood": ("BOOL", lambda n, c: [], lambda o, p: np.array([x.is_ood for x in p])),
     # p-values lie in (0, 1]; -1 (as `label` for a rejected image) for models exported without
@@ -89,8 +92,18 @@ OUTPUTS: dict[str, tuple[str, Callable[[int, int], list[int]], OutputFn]] = {
 
 
 def model_outputs(manifest: Manifest) -> list[str]:
-    """The outputs this model offers: all of :data:`OUTPUTS` but ``knn`` without a KNN bank."""
-    return [n for n in OUTPUTS if n != "knn" or manifest.knn is not None]
+    """The outputs this model offers: all of :data:`OUTPUTS` but the scores its graph lacks and
+    cannot recompute from its logits (``knn`` without a KNN bank, other fitted scores)."""
+    return [n for n in OUTPUTS if n not in scores.SCORES or score_available(manifest, n)]
+
+
+def score_available(manifest: Manifest, name: str) -> bool:
+    spec = scores.get(name)
+    if spec.in_every_graph or spec.recompute_from_logits:
+        return True
+    if name == "knn":  # graphs with a bank have always recorded it in the manifest
+        return manifest.knn is not None
+    return name in manifest.outputs
 
 
 class TensorRequest(BaseModel):
