@@ -67,6 +67,7 @@ def export_run(
     knn_dtype: str = "float32",
     knn_seed: int = 0,
     precision: PrecisionOptions | None = None,
+    extra_scores: tuple[str, ...] = (),
 ) -> Manifest:
     """Export ``run_dir``'s ensemble to ``output`` (one ONNX file); returns its manifest.
 
@@ -74,6 +75,7 @@ def export_run(
     best validation AUROC against the ``ood_val`` sets ``{NAME: SPEC}``, else the benchmark's
     default). ``knn_bank``: most rows of the KNN bank (None: export.knn.DEFAULT_BANK_ROWS;
     0: no bank and no ``knn`` output); ``knn_k``: its k (None: chosen, see export/select.py).
+    ``extra_scores``: more registered OOD scores to put in the graph (the deployed one always is).
     ``precision`` (default fp32) converts the verified fp32 graph (``export/quantize.py``),
     refits T and the threshold on the converted graph and refuses it beyond its tolerances.
     """
@@ -112,6 +114,7 @@ def export_run(
         run, score, shape, ood_val or {}, knn_k=knn_k, rows=knn_bank, dtype=knn_dtype, seed=knn_seed
     )
 
+    score_stats = choice.graph_scores(extra_scores)
     graph = build_graph(
         ensemble,
         layout,
@@ -119,6 +122,7 @@ def export_run(
         with_cams=with_cams,
         knn_bank=choice.bank_tensor(),
         knn_k=choice.k,
+        score_stats=score_stats,
     )
     proto = to_onnx(graph, input_shape=shape, opset=opset)
     if choice.bank is not None and choice.bank.dtype != "float32":
@@ -145,6 +149,7 @@ def export_run(
         temperature=info.temperature,
         inputs=verification_inputs(shape, val_images),
         knn=None if choice.bank is None else (choice.bank.bank, choice.k),
+        scores=score_stats,
     )
     proto, info, ood, precision_check = lower_precision(
         proto,
@@ -179,6 +184,7 @@ def export_run(
         ood=ood.model_copy(update={"selection": choice.selection}),
         calibration=info,
         knn=choice.knn_spec(),
+        score_stats=choice.stats_specs(list(score_stats)),
         weights_sha256=weights_sha256(proto),
         precision=precision.precision,
         precision_check=precision_check,
@@ -192,10 +198,10 @@ def export_run(
 
 def check_ood_options(score: str, *, knn_k: int | None, knn_bank: int) -> None:
     """Fail on contradictory OOD options before anything slow runs."""
-    from export.select import SCORE_CHOICES
+    from export.select import score_choices
 
-    if score not in SCORE_CHOICES:
-        raise UserError(f"--ood-score must be one of {', '.join(SCORE_CHOICES)}, got {score!r}")
+    if score not in score_choices():
+        raise UserError(f"--ood-score must be one of {', '.join(score_choices())}, got {score!r}")
     if knn_bank < 0:
         raise UserError(f"--knn-bank must be >= 0 rows (0: no KNN output), got {knn_bank}")
     if knn_k is not None and knn_k < 1:

@@ -8,7 +8,7 @@ outputs (sdde_serve/calibrate.py), once the score is known.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,9 +27,10 @@ from export.knn import (
 )
 from export.select import ScoreInputs, select_score
 from sdde_serve import calibration as cal
+from sdde_serve import scores
 from sdde_serve.data import load_dataset
 from sdde_serve.errors import UserError
-from sdde_serve.manifest import KNNSpec, ScoreSelection
+from sdde_serve.manifest import KNNSpec, ScoreSelection, ScoreStatsSpec
 
 
 @dataclass
@@ -39,6 +40,38 @@ class OODChoice:
     bank: FeatureBank | None
     selection: ScoreSelection
     source: str
+    # fitted statistics of the registered scores that need them (training split), by score
+    stats: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def graph_scores(self, extra: tuple[str, ...] = ()) -> dict[str, dict[str, np.ndarray]]:
+        """The scores export adds to the graph beyond mal, msp, minmax and knn, with their
+        statistics: the deployed one and ``extra`` (``--with-score``)."""
+        from export.graph import BASE_SCORES
+
+        wanted = {self.score, *extra}
+        out = {}
+        for name in scores.names():  # registration order: a stable output order
+            if name not in wanted or name in (*BASE_SCORES, "knn"):
+                continue
+            if scores.get(name).fit is not None and name not in self.stats:
+                raise UserError(
+                    f"OOD score {name!r} needs statistics of labelled training features: export "
+                    "with --knn-bank > 0 (its rows are the features it is fitted on)"
+                )
+            out[name] = self.stats.get(name, {})
+        return out
+
+    def stats_specs(self, names: list[str]) -> dict[str, ScoreStatsSpec]:
+        """The manifest's record of the graph's fitted statistics."""
+        return {
+            n: ScoreStatsSpec(
+                shapes={k: list(v.shape) for k, v in self.stats[n].items()},
+                memory_bytes=sum(4 * v.size for v in self.stats[n].values()),  # float32
+                source=self.source,
+            )
+            for n in names
+            if self.stats.get(n)
+        }
 
     def bank_tensor(self) -> torch.Tensor | None:
         if self.bank is None:
@@ -73,10 +106,34 @@ def score_inputs(ensemble: torch.nn.Module, images: np.ndarray, with_features: b
     return ScoreInputs(np.concatenate(logits), feats)
 
 
-def training_bank(
+@dataclass
+class TrainingFeatures:
+    """Member pre-logit features of (a stratified subsample of) the run's training split."""
+
+    features: np.ndarray  # [n, N, D] float32
+    labels: np.ndarray | None
+    indices: np.ndarray  # positions in the training split
+    source_images: int  # images in the training split
+    seed: int
+    source: str
+
+    def bank(self) -> FeatureBank:
+        flat = self.features.reshape(len(self.features), -1)
+        bank = normalize_rows(flat).astype(np.float32)
+        return FeatureBank(bank, "float32", self.source_images, self.indices, self.seed)
+
+    def fit(self, name: str) -> dict[str, np.ndarray] | None:
+        """Registered score ``name``'s statistics (None: it needs none, or labels are missing)."""
+        fit = scores.get(name).fit
+        if fit is None or self.labels is None:
+            return None
+        return fit(self.features, self.labels)
+
+
+def training_features(
     run: Any, shape: tuple[int, int, int], *, rows: int, seed: int
-) -> tuple[FeatureBank, str]:
-    """The bank from ``run``'s training split (never its validation split) and its description."""
+) -> TrainingFeatures:
+    """Features of ``run``'s training split (never its validation split) and their description."""
     from training.run import load_train_split
 
     train = load_train_split(run.run_dir, run.config)
@@ -86,15 +143,25 @@ def training_bank(
     # 10,000-row bank of a 45,000-image training set costs 10,000 forward passes, not 45,000
     labels = np.zeros(len(train)) if train.labels is None else train.labels
     idx = stratified_subsample(labels, rows, seed)
-    feats = pre_logit_features(run.ensemble.eval(), train.subset(idx).as_model_input(*shape))
-    bank = FeatureBank(normalize_rows(feats).astype(np.float32), "float32", len(train), idx, seed)
+    ensemble = run.ensemble.eval()
+    feats = pre_logit_features(ensemble, train.subset(idx).as_model_input(*shape))
+    feats = feats.reshape(len(idx), ensemble.num_members, -1)
     spec = run.config["data"].get("spec", train.name)
     source = (
         f"training split of {spec!r} ({len(train)} images; validation indices of split.json "
-        f"excluded), {bank.rows} rows"
-        + ("" if bank.rows == len(train) else f" stratified by class, seed {seed}")
+        f"excluded), {len(idx)} rows"
+        + ("" if len(idx) == len(train) else f" stratified by class, seed {seed}")
     )
-    return bank, source
+    kept = None if train.labels is None else train.labels[idx]
+    return TrainingFeatures(feats, kept, idx, len(train), seed, source)
+
+
+def training_bank(
+    run: Any, shape: tuple[int, int, int], *, rows: int, seed: int
+) -> tuple[FeatureBank, str]:
+    """The bank from ``run``'s training split (never its validation split) and its description."""
+    train = training_features(run, shape, rows=rows, seed=seed)
+    return train.bank(), train.source
 
 
 def check_float16(bank: FeatureBank, queries: np.ndarray, k: int, full: np.ndarray) -> None:
@@ -120,12 +187,15 @@ def choose_ood_score(
 ) -> OODChoice:
     """The deployed score, k and bank for ``run`` (export/select.py has the rule)."""
     ensemble = run.ensemble.eval()
-    bank, source = (None, "")
+    bank, source, stats = (None, "", {})
     if rows > 0:
         if dtype not in DTYPES:
             raise UserError(f"--knn-dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        train = training_features(run, shape, rows=rows, seed=seed)
         # float32 first: a float16 bank is checked against it once k is known
-        bank, source = training_bank(run, shape, rows=rows, seed=seed)
+        bank, source = train.bank(), train.source
+        fitted = {n: train.fit(n) for n in scores.names()}
+        stats = {n: v for n, v in fitted.items() if v is not None}
         if knn_k is not None and knn_k > bank.rows:
             raise UserError(
                 f"--knn-k {knn_k} is larger than the KNN bank ({bank.rows} rows: the run's "
@@ -150,10 +220,11 @@ def choose_ood_score(
         bank=None if bank is None else bank.bank,
         default_k=default_k(0 if bank is None else bank.rows),
         knn_k=knn_k,
+        stats=stats,
     )
     if bank is not None and dtype != "float32" and k is not None:
         assert val.features is not None
         stored = bank.as_dtype(dtype)
         check_float16(stored, val.features, k, bank.bank)
         bank = stored
-    return OODChoice(chosen, k, bank, selection, source)
+    return OODChoice(chosen, k, bank, selection, source, stats)

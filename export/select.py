@@ -1,11 +1,14 @@
 """Choosing the deployed OOD score (``sdde export --ood-score auto``) on validation data only.
 
-Candidates: ``mal``, ``msp`` (at the validation-fitted T), ``minmax`` and ``knn@k`` for every k in
-:data:`CANDIDATE_KS` the bank allows. Each is scored on the run's in-distribution validation
-split against every ``--ood-val`` set; the candidate with the best mean AUROC (in-distribution
-positive) wins, ties going to the earlier candidate. Without ``--ood-val`` there is nothing to
-measure and the benchmark's choice is deployed (:data:`DEFAULT_SCORE`, k from the bank size).
-The sets reported as results must never be passed here.
+Candidates: every registered score (sdde_serve/scores/) marked ``candidate``, in registration
+order: ``mal``, ``msp`` (at the validation-fitted T), ``minmax``, ``knn@k`` for every k in
+:data:`CANDIDATE_KS` the bank allows, ``energy``, and the scores with fitted statistics
+(``mahalanobis``) when the training-split statistics were given. Each is scored on the run's
+in-distribution validation split against every ``--ood-val`` set; the candidate with the best
+mean AUROC (in-distribution positive) wins, ties going to the earlier candidate. Without
+``--ood-val`` there is nothing to measure and the benchmark's choice is deployed
+(:data:`DEFAULT_SCORE`, k from the bank size). The sets reported as results must never be
+passed here.
 
 numpy only (the features and logits come from the caller), so the rule is testable on its own.
 """
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sdde_serve import calibration as cal
+from sdde_serve import scores
 from sdde_serve.evaluation.metrics import auroc
 from sdde_serve.manifest import ScoreSelection
 
@@ -25,7 +28,14 @@ from sdde_serve.manifest import ScoreSelection
 DEFAULT_SCORE = "knn"
 FALLBACK_WITHOUT_BANK = "mal"
 CANDIDATE_KS = (1, 2, 5, 10, 20, 50, 100, 200)
-SCORE_CHOICES = ("mal", "msp", "minmax", "knn", "auto")
+
+
+def score_choices() -> tuple[str, ...]:
+    """``--ood-score``'s choices: every registered score, then ``auto``."""
+    return (*scores.names(), "auto")
+
+
+SCORE_CHOICES = score_choices()  # the built-in scores' (see score_choices for later ones)
 
 
 @dataclass
@@ -34,6 +44,14 @@ class ScoreInputs:
 
     logits: np.ndarray  # [n, N, L]
     features: np.ndarray | None  # [n, N*D] concatenated pre-logit features (None: no bank)
+
+    def score_data(self, temperature: float, stats: dict | None = None) -> scores.ScoreData:
+        """The registry's view: member features ``[n, N, D]``."""
+        n, members = self.logits.shape[:2]
+        feats = None if self.features is None else self.features.reshape(n, members, -1)
+        return scores.ScoreData(
+            np.asarray(self.logits, np.float64), temperature, feats, stats or {}
+        )
 
 
 def candidate_name(score: str, k: int | None = None) -> str:
@@ -47,20 +65,32 @@ def parse_candidate(name: str) -> tuple[str, int | None]:
 
 
 def candidate_scores(
-    data: ScoreInputs, *, temperature: float, bank: np.ndarray | None, ks: list[int]
+    data: ScoreInputs,
+    *,
+    temperature: float,
+    bank: np.ndarray | None,
+    ks: list[int],
+    stats: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Every candidate's score (higher = in-distribution) on one image set."""
+    """Every candidate's score (higher = in-distribution) on one image set.
+
+    ``stats``: fitted training-split statistics of the registered scores that need them; a
+    score whose statistics (or features) are missing is not a candidate.
+    """
     from export.knn import knn_scores_many
 
-    probs = cal.ensemble_probs(data.logits, temperature)
-    out = {
-        "mal": cal.mal(data.logits),
-        "msp": cal.msp(probs),
-        "minmax": cal.minmax(data.logits),
-    }
-    if bank is not None and data.features is not None:
-        for k, scores in knn_scores_many(data.features, bank, ks).items():
-            out[candidate_name("knn", k)] = scores
+    stats = stats or {}
+    out: dict[str, np.ndarray] = {}
+    for name in scores.names(candidate=True):
+        spec = scores.get(name)
+        if name == "knn":
+            if bank is not None and data.features is not None:
+                for k, values in knn_scores_many(data.features, bank, ks).items():
+                    out[candidate_name("knn", k)] = values
+        elif (spec.fit is None or name in stats) and (
+            data.features is not None or not spec.needs_features
+        ):
+            out[name] = spec.compute(data.score_data(temperature, stats.get(name)))
     return out
 
 
@@ -90,6 +120,7 @@ def select_score(
     bank: np.ndarray | None,
     default_k: int,
     knn_k: int | None,
+    stats: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> tuple[str, int | None, ScoreSelection]:
     """(score, k, why): the deployed score, the graph's k (None without a bank), the record."""
     rows = 0 if bank is None else len(bank)
@@ -100,7 +131,7 @@ def select_score(
     per_set: dict[str, dict[str, float]] = {}
     best = None
     if ood_val:
-        kw = {"temperature": temperature, "bank": bank, "ks": ks}
+        kw = {"temperature": temperature, "bank": bank, "ks": ks, "stats": stats}
         id_scores = candidate_scores(id_data, **kw)
         ood = {n: candidate_scores(d, **kw) for n, d in ood_val.items()}
         best, means, per_set = choose(id_scores, ood)

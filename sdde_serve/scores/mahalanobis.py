@@ -28,7 +28,7 @@ def class_means(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
     return classes, means
 
 
-def fit(features: np.ndarray, labels: np.ndarray, logits: np.ndarray) -> dict[str, np.ndarray]:
+def fit(features: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
     """The stored statistics from training ``features [n, N, D]`` and their ``labels``."""
     feats = np.asarray(features, np.float64)
     classes, means = class_means(feats, np.asarray(labels))

@@ -39,8 +39,8 @@ class ScoreData:
     params: Mapping[str, float] = field(default_factory=dict)  # e.g. KNN's k
 
 
-# fit(features [n, N, D], labels [n], logits [n, N, L]) -> named float arrays stored in the graph
-FitFn = Callable[[np.ndarray, np.ndarray, np.ndarray], dict[str, np.ndarray]]
+# fit(features [n, N, D], labels [n]) of training images -> named arrays stored in the graph
+FitFn = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
