@@ -116,6 +116,8 @@ class TrainingFeatures:
     source_images: int  # images in the training split
     seed: int
     source: str
+    weight: np.ndarray  # [N, L, D] each member's final linear layer
+    bias: np.ndarray  # [N, L]
 
     def bank(self) -> FeatureBank:
         flat = self.features.reshape(len(self.features), -1)
@@ -127,7 +129,7 @@ class TrainingFeatures:
         fit = scores.get(name).fit
         if fit is None or self.labels is None:
             return None
-        return fit(self.features, self.labels)
+        return fit(scores.FitData(self.features, self.labels, self.weight, self.bias))
 
 
 def training_features(
@@ -153,7 +155,16 @@ def training_features(
         + ("" if len(idx) == len(train) else f" stratified by class, seed {seed}")
     )
     kept = None if train.labels is None else train.labels[idx]
-    return TrainingFeatures(feats, kept, idx, len(train), seed, source)
+    weight, bias = final_layers(ensemble)
+    return TrainingFeatures(feats, kept, idx, len(train), seed, source, weight, bias)
+
+
+@torch.no_grad()
+def final_layers(ensemble: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """``(W [N, L, D], b [N, L])``: every member's final linear layer (what reads the features)."""
+    layers = [m.get_classifier() for m in ensemble.members]
+    weight = np.stack([layer.weight.double().numpy() for layer in layers])
+    return weight, np.stack([layer.bias.double().numpy() for layer in layers])
 
 
 def training_bank(

@@ -6,9 +6,10 @@ tables, `auto`'s candidates: ties go to the earlier score).
 
 from __future__ import annotations
 
-from sdde_serve.scores import energy, knn, mahalanobis, mal, minmax, msp
+from sdde_serve.scores import energy, knn, mahalanobis, mal, minmax, msp, vim
 from sdde_serve.scores.registry import (
     SCORES,
+    FitData,
     ScoreData,
     ScoreSpec,
     get,
@@ -24,9 +25,11 @@ register(minmax.SPEC)
 register(knn.SPEC)
 register(energy.SPEC)
 register(mahalanobis.SPEC)
+register(vim.SPEC)
 
 __all__ = [
     "SCORES",
+    "FitData",
     "ScoreData",
     "ScoreSpec",
     "get",

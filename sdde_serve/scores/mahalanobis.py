@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sdde_serve.scores.registry import ScoreData, ScoreSpec
+from sdde_serve.scores.registry import FitData, ScoreData, ScoreSpec
 
 
 def class_means(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -28,10 +28,10 @@ def class_means(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
     return classes, means
 
 
-def fit(features: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """The stored statistics from training ``features [n, N, D]`` and their ``labels``."""
-    feats = np.asarray(features, np.float64)
-    classes, means = class_means(feats, np.asarray(labels))
+def fit(data: FitData) -> dict[str, np.ndarray]:
+    """The stored statistics from the training features ``[n, N, D]`` and their labels."""
+    feats, labels = np.asarray(data.features, np.float64), np.asarray(data.labels)
+    classes, means = class_means(feats, labels)
     index = np.searchsorted(classes, labels)
     centred = feats - means[:, index].transpose(1, 0, 2)  # [n, N, D]
     centred = centred - centred.mean(axis=0)  # EmpiricalCovariance(assume_centered=False)

@@ -39,8 +39,23 @@ class ScoreData:
     params: Mapping[str, float] = field(default_factory=dict)  # e.g. KNN's k
 
 
-# fit(features [n, N, D], labels [n]) of training images -> named arrays stored in the graph
-FitFn = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
+@dataclass(frozen=True)
+class FitData:
+    """What a score's ``fit`` reads: training rows and each member's final linear layer."""
+
+    features: np.ndarray  # [n, N, D] member pre-logit features
+    labels: np.ndarray  # [n]
+    weight: np.ndarray  # [N, L, D]: member m's logits are features[:, m] @ weight[m].T + bias[m]
+    bias: np.ndarray  # [N, L]
+
+    @property
+    def logits(self) -> np.ndarray:
+        """[n, N, L] member logits of the training rows."""
+        return np.einsum("inD,nlD->inl", self.features, self.weight) + self.bias
+
+
+# fit(training rows) -> named arrays stored in the graph as float32 initializers
+FitFn = Callable[[FitData], dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)

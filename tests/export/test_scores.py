@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from export.choice import final_layers
 from export.graph import build_graph, to_onnx
 from export.knn import pre_logit_features
 from export.verify import VerificationError, run_onnx, verification_inputs, verify
 from sdde_serve import scores
 from sdde_serve.errors import UserError
-from sdde_serve.scores import ScoreData, ScoreSpec
+from sdde_serve.scores import FitData, ScoreData, ScoreSpec
 from sdde_serve.scores.mahalanobis import fit as fit_mahalanobis
 from training.ensemble import build_ensemble
 
@@ -70,7 +71,7 @@ def test_mahalanobis_is_openoods_mds_per_member_averaged():
     centres = rng.normal(size=(members, classes, dims)) * 3
     train = centres[:, labels].transpose(1, 0, 2) + rng.normal(size=(n, members, dims))
     x = rng.normal(size=(20, members, dims)) * 2
-    stats = fit_mahalanobis(train, labels)
+    stats = fit_mahalanobis(FitData(train, labels, np.zeros((members, 2, dims)), np.zeros((3, 2))))
     got = scores.get("mahalanobis").compute(ScoreData(np.zeros((20, members, 2)), 1.0, x, stats))
     want = np.mean([_openood_mds(train[:, m], labels, x[:, m]) for m in range(members)], axis=0)
     np.testing.assert_allclose(got, want, rtol=1e-9)
@@ -82,21 +83,63 @@ def test_mahalanobis_is_openoods_mds_per_member_averaged():
     assert near[0] > far[0]
 
 
+def _openood_vim(train, w, b, x, dim):
+    """OpenOOD's ViM postprocessor for one network (numpy, float64)."""
+    u = -np.linalg.pinv(w) @ b
+    centred = train - u
+    vals, vecs = np.linalg.eig(centred.T @ centred / len(train))
+    ns = np.ascontiguousarray(vecs.T[np.argsort(vals * -1)[dim:]].T).real
+    vlogit_train = np.linalg.norm((train - u) @ ns, axis=-1)
+    alpha = (train @ w.T + b).max(axis=-1).mean() / vlogit_train.mean()
+    logits = x @ w.T + b
+    top = logits.max(-1, keepdims=True)
+    energy = (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[:, 0]
+    return energy - alpha * np.linalg.norm((x - u) @ ns, axis=-1)
+
+
+def test_vim_is_openoods_vim_per_member_averaged():
+    rng = np.random.default_rng(2)
+    n, members, dims, classes = 400, 2, 8, 3
+    train = rng.normal(size=(n, members, dims)) * np.linspace(3, 0.2, dims)
+    w, b = rng.normal(size=(members, classes, dims)), rng.normal(size=(members, classes))
+    data = FitData(train, rng.integers(0, classes, n), w, b)
+    stats = scores.get("vim").fit(data)
+    x = rng.normal(size=(15, members, dims)) * 2
+    logits = np.einsum("bnd,nld->bnl", x, w) + b
+    got = scores.get("vim").compute(ScoreData(logits, 1.0, x, stats))
+    want = np.mean(
+        [_openood_vim(train[:, m], w[m], b[m], x[:, m], dims // 2) for m in range(members)], axis=0
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+    # off the training features' principal space scores lower
+    off = np.zeros((1, members, dims))
+    off[..., -1] = 30.0  # the smallest-variance direction
+    base = scores.get("vim").compute(
+        ScoreData(np.zeros((1, members, classes)), 1.0, off * 0, stats)
+    )
+    assert (
+        scores.get("vim").compute(ScoreData(np.zeros((1, members, classes)), 1.0, off, stats))
+        < base
+    )
+
+
 @pytest.mark.parametrize("layout", ["loop", "packed"])
-def test_graph_energy_and_mahalanobis_equal_numpy(layout):
+def test_graph_energy_mahalanobis_and_vim_equal_numpy(layout):
     ens = _lenets()
     rng = np.random.default_rng(1)
     train = rng.random((40, 1, 28, 28), dtype=np.float32)
     feats = pre_logit_features(ens, train).reshape(40, 2, -1)
-    stats = fit_mahalanobis(feats, np.arange(40) % 4)
+    fit_data = FitData(feats, np.arange(40) % 4, *final_layers(ens))
+    stats = fit_mahalanobis(fit_data)
+    vim_stats = scores.get("vim").fit(fit_data)
     graph = build_graph(
         ens,
         layout,
         input_shape=(1, 28, 28),
         temperature=1.7,
-        score_stats={"energy": {}, "mahalanobis": stats},
+        score_stats={"energy": {}, "mahalanobis": stats, "vim": vim_stats},
     )
-    names = ["logits", "probs", "mal", "msp", "minmax", "energy", "mahalanobis"]
+    names = ["logits", "probs", "mal", "msp", "minmax", "energy", "mahalanobis", "vim"]
     assert graph.output_names == names  # LeNet: no CAMs
     proto = to_onnx(graph, input_shape=(1, 28, 28))
     inits = {i.name: list(i.dims) for i in proto.graph.initializer}
@@ -110,10 +153,12 @@ def test_graph_energy_and_mahalanobis_equal_numpy(layout):
     np.testing.assert_allclose(out["energy"], energy, atol=1e-4)
     mds = scores.get("mahalanobis").compute(ScoreData(logits, 1.7, f, stats))
     np.testing.assert_allclose(out["mahalanobis"], mds, rtol=1e-4, atol=1e-3)
-    wanted = {"energy": {}, "mahalanobis": stats}
+    vim = scores.get("vim").compute(ScoreData(logits, 1.7, f, vim_stats))
+    np.testing.assert_allclose(out["vim"], vim, rtol=1e-4, atol=1e-4)
+    wanted = {"energy": {}, "mahalanobis": stats, "vim": vim_stats}
     report = verify(proto, ens, temperature=1.7, inputs=verification_inputs((1, 28, 28), x),
                     scores=wanted)  # fmt: skip
-    assert {"energy", "mahalanobis"} <= set(report["real"])
+    assert {"energy", "mahalanobis", "vim"} <= set(report["real"])
     wrong = {**wanted, "mahalanobis": {**stats, "mpm": stats["mpm"] + 5.0}}
     with pytest.raises(VerificationError, match="'mahalanobis'"):
         verify(proto, ens, temperature=1.7, inputs={"x": x}, scores=wrong)
@@ -131,8 +176,8 @@ def test_export_deploys_mahalanobis_from_training_statistics(tiny_run, tmp_path)
 
     out = tmp_path / "m.onnx"
     m = export_run(tiny_run, out, score="mahalanobis", knn_bank=120, with_cams=False,
-                   extra_scores=("energy",))  # fmt: skip
-    assert m.ood.score == "mahalanobis" and m.outputs[-2:] == ["energy", "mahalanobis"]
+                   extra_scores=("energy", "vim"))  # fmt: skip
+    assert m.ood.score == "mahalanobis" and m.outputs[-3:] == ["energy", "mahalanobis", "vim"]
     rec = m.score_stats["mahalanobis"]
     assert rec.shapes["precision"] == [3, 84, 84] and rec.source.startswith("training split")
     assert rec.memory_bytes == 4 * (3 * 84 * 84 + 3 * 10 * 84 + 3 * 10)
@@ -149,6 +194,9 @@ def test_export_deploys_mahalanobis_from_training_statistics(tiny_run, tmp_path)
     feats = pre_logit_features(run.ensemble.eval(), images).reshape(64, 3, -1)
     ref = scores.get("mahalanobis").compute(ScoreData(got.logits, 1.0, feats, stats))
     np.testing.assert_allclose(deployed_score(got, engine.manifest), ref, rtol=1e-4, atol=1e-3)
+    vim = scores.get("vim").compute(ScoreData(got.logits, 1.0, feats, train.fit("vim")))
+    np.testing.assert_allclose(got.score("vim"), vim, rtol=1e-4, atol=1e-3)
+    assert m.score_stats["vim"].shapes == {"u": [3, 84], "residual": [3, 84, 42], "alpha": [3]}
     preds = make_predictions(got, engine.manifest)
     assert {p.score_kind for p in preds} == {"mahalanobis"}
     assert np.mean([not p.is_ood for p in preds]) > 0.7  # test digits mostly accepted
