@@ -109,10 +109,26 @@ def export_run(
     shape = (int(data["channels"]), int(data["height"]), int(data["width"]))
     if run.val.labels is None or len(run.val) == 0:
         raise UserError(f"{run_dir}: the validation split has no labelled images to calibrate on")
-    val_images = run.val.as_model_input(*shape)
+    choice_val, cal_val = (run.val, run.val)
+    if score == "auto" and ood_val and len(run.val) >= 4:  # >= 2 images in each half
+        from export.choice import split_validation
+
+        # the images that choose the score are not the ones the threshold is fitted on
+        choice_val, cal_val = split_validation(run.val)
+    val_images = cal_val.as_model_input(*shape)
     choice = choose_ood_score(
-        run, score, shape, ood_val or {}, knn_k=knn_k, rows=knn_bank, dtype=knn_dtype, seed=knn_seed
+        run,
+        score,
+        shape,
+        ood_val or {},
+        knn_k=knn_k,
+        rows=knn_bank,
+        dtype=knn_dtype,
+        seed=knn_seed,
+        val=choice_val,
     )
+    if choice_val is not cal_val:
+        choice.selection = choice.selection.model_copy(update={"calibration_apart": True})
 
     score_stats = choice.graph_scores(extra_scores)
     graph = build_graph(
@@ -135,8 +151,8 @@ def export_run(
         return calibrate_on_validation(
             model,
             val_images,
-            run.val.labels,
-            data=run.val.name,
+            cal_val.labels,
+            data=cal_val.name,
             id_acceptance=id_acceptance,
             score=choice.score,
         )
@@ -157,8 +173,8 @@ def export_run(
         fp32_calibration=(info, ood),
         calibrate=calibrate,
         val_images=val_images,
-        val_labels=run.val.labels,
-        val_name=run.val.name,
+        val_labels=cal_val.labels,
+        val_name=cal_val.name,
         train_images=lambda n: run_training_images(run, n, shape),
     )
     manifest = Manifest(

@@ -28,7 +28,7 @@ from export.knn import (
 from export.select import ScoreInputs, select_score
 from sdde_serve import calibration as cal
 from sdde_serve import scores
-from sdde_serve.data import load_dataset
+from sdde_serve.data import ArrayDataset, load_dataset
 from sdde_serve.errors import UserError
 from sdde_serve.manifest import KNNSpec, ScoreSelection, ScoreStatsSpec
 
@@ -185,6 +185,29 @@ def check_float16(bank: FeatureBank, queries: np.ndarray, k: int, full: np.ndarr
         )
 
 
+# the seed of the validation split's division into the choice's and the calibration's halves
+SPLIT_SEED = 0
+
+
+def split_validation(
+    val: ArrayDataset, seed: int = SPLIT_SEED
+) -> tuple[ArrayDataset, ArrayDataset]:
+    """(choice half, calibration half) of the validation split: disjoint, stratified by class.
+
+    ``auto`` with ``--ood-val`` chooses the score on the first and T, the threshold and the
+    conformal calibration scores are fitted on the second: the calibration scores then stay
+    exchangeable with future in-distribution scores (a score chosen because the calibration
+    images happened to score high against the OOD sets would bias its own threshold).
+    """
+    labels = np.zeros(len(val)) if val.labels is None else val.labels
+    choice = stratified_subsample(labels, len(val) // 2, seed)
+    rest = np.setdiff1d(np.arange(len(val)), choice)
+    return (
+        val.subset(choice, f"{val.name} (choice half, {len(choice)} images)"),
+        val.subset(rest, f"{val.name} (calibration half, {len(rest)} images)"),
+    )
+
+
 def choose_ood_score(
     run: Any,
     score: str,
@@ -195,9 +218,12 @@ def choose_ood_score(
     rows: int,
     dtype: str,
     seed: int,
+    val: ArrayDataset | None = None,
 ) -> OODChoice:
-    """The deployed score, k and bank for ``run`` (export/select.py has the rule)."""
+    """The deployed score, k and bank for ``run`` (export/select.py has the rule); the
+    candidates are measured on ``val`` (default: the run's validation split)."""
     ensemble = run.ensemble.eval()
+    val_data = run.val if val is None else val
     bank, source, stats = (None, "", {})
     if rows > 0:
         if dtype not in DTYPES:
@@ -212,7 +238,7 @@ def choose_ood_score(
                 f"--knn-k {knn_k} is larger than the KNN bank ({bank.rows} rows: the run's "
                 "training split); lower --knn-k"
             )
-    val = score_inputs(ensemble, run.val.as_model_input(*shape), bank is not None)
+    val_in = score_inputs(ensemble, val_data.as_model_input(*shape), bank is not None)
     sets = {}
     for name, spec in ood_val.items():
         data = load_dataset(spec, split="test")
@@ -220,11 +246,11 @@ def choose_ood_score(
             raise UserError(f"--ood-val {name}={spec}: the data set is empty")
         sets[name] = score_inputs(ensemble, data.as_model_input(*shape), bank is not None)
     # msp depends on T: the candidates see the T the export will fit on the same split
-    temperature = cal.fit_temperature(val.logits, run.val.labels) if sets else 1.0
+    temperature = cal.fit_temperature(val_in.logits, val_data.labels) if sets else 1.0
     chosen, k, selection = select_score(
         score,
-        id_data=val,
-        id_name=run.val.name,
+        id_data=val_in,
+        id_name=val_data.name,
         ood_val=sets,
         ood_specs=ood_val,
         temperature=temperature,
@@ -234,8 +260,8 @@ def choose_ood_score(
         stats=stats,
     )
     if bank is not None and dtype != "float32" and k is not None:
-        assert val.features is not None
+        assert val_in.features is not None
         stored = bank.as_dtype(dtype)
-        check_float16(stored, val.features, k, bank.bank)
+        check_float16(stored, val_in.features, k, bank.bank)
         bank = stored
     return OODChoice(chosen, k, bank, selection, source, stats)

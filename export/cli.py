@@ -243,7 +243,9 @@ def main(args: argparse.Namespace) -> int:
     if why is not None:
         print(f"  score chosen: {why.method} ({why.reason})")
         for name, auroc in sorted(why.val_auroc.items(), key=lambda kv: -kv[1]):
-            print(f"    validation AUROC {name:>8}: {100 * auroc:.2f}")
+            fpr = why.val_fpr95.get(name)
+            tail = "" if fpr is None else f", FPR@95 {100 * fpr:.2f}"
+            print(f"    validation AUROC {name:>11}: {100 * auroc:.2f}{tail}")
     if manifest.knn is not None:
         knn = manifest.knn
         print(

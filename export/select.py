@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sdde_serve import scores
-from sdde_serve.evaluation.metrics import auroc
+from sdde_serve.evaluation.metrics import auroc, fpr_at_tpr
 from sdde_serve.manifest import ScoreSelection
 
 # what `auto` deploys without validation OOD data: KNN at export.knn.default_k; chosen by
@@ -97,7 +97,8 @@ def candidate_scores(
 def choose(
     id_scores: dict[str, np.ndarray], ood_scores: dict[str, dict[str, np.ndarray]]
 ) -> tuple[str, dict[str, float], dict[str, dict[str, float]]]:
-    """The candidate with the best mean AUROC over the OOD sets; (name, means, per set)."""
+    """The candidate with the best mean AUROC over the OOD sets, equal AUROCs going to the lower
+    mean FPR@95, then to the earlier candidate; (name, means, per set)."""
     if not ood_scores:
         raise ValueError("choosing a score needs at least one validation OOD set")
     per_set = {
@@ -105,8 +106,19 @@ def choose(
         for c in id_scores
     }
     means = {c: float(np.mean(list(v.values()))) for c, v in per_set.items()}
-    best = max(means, key=lambda c: means[c])  # max keeps the first of equal values
+    fpr = mean_fpr95(id_scores, ood_scores)
+    best = min(means, key=lambda c: (-means[c], fpr[c]))  # min keeps the first of equal keys
     return best, means, per_set
+
+
+def mean_fpr95(
+    id_scores: dict[str, np.ndarray], ood_scores: dict[str, dict[str, np.ndarray]]
+) -> dict[str, float]:
+    """Each candidate's FPR@95 (OOD accepted at 95% ID acceptance), averaged over the sets."""
+    return {
+        c: float(np.mean([fpr_at_tpr(id_scores[c], sets[c]) for sets in ood_scores.values()]))
+        for c in id_scores
+    }
 
 
 def select_score(
@@ -129,18 +141,22 @@ def select_score(
         ks = [knn_k]  # the user fixed k: auto still chooses among the scores
     means: dict[str, float] = {}
     per_set: dict[str, dict[str, float]] = {}
+    fpr: dict[str, float] = {}
     best = None
     if ood_val:
         kw = {"temperature": temperature, "bank": bank, "ks": ks, "stats": stats}
         id_scores = candidate_scores(id_data, **kw)
         ood = {n: candidate_scores(d, **kw) for n, d in ood_val.items()}
         best, means, per_set = choose(id_scores, ood)
+        fpr = mean_fpr95(id_scores, ood)
     k = None if bank is None else (knn_k or default_k)
     common = {
         "val_auroc": means,
         "val_auroc_per_set": per_set,
+        "val_fpr95": fpr,
         "ood_val": dict(ood_specs),
         "id_data": id_name if ood_val else None,
+        "id_n": len(id_data.logits) if ood_val else None,
     }
     if requested != "auto":
         reason = f"--ood-score {requested}"

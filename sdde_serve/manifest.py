@@ -63,6 +63,12 @@ class ScoreSelection(_Model):
     val_auroc_per_set: dict[str, dict[str, float]] = Field(default_factory=dict)
     ood_val: dict[str, str] = Field(default_factory=dict)  # NAME -> data spec
     id_data: str | None = None  # the in-distribution validation images the AUROCs used
+    # candidate -> mean validation FPR@95 over ood_val (breaks ties of equal mean AUROC)
+    val_fpr95: dict[str, float] = Field(default_factory=dict)
+    id_n: int | None = None  # how many in-distribution validation images the choice used
+    # the choice's ID images are disjoint from the images T, the threshold and the conformal
+    # calibration scores were fitted on (auto with --ood-val splits the validation split)
+    calibration_apart: bool = False
 
 
 class OODSpec(_Model):

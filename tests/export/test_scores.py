@@ -209,3 +209,53 @@ def test_export_refuses_a_fitted_score_without_training_features(tiny_run, tmp_p
 
     with pytest.raises(UserError, match="--knn-bank > 0"):
         export_run(tiny_run, tmp_path / "m.onnx", score="mahalanobis", knn_bank=0)
+
+
+def test_equal_auroc_goes_to_the_lower_fpr95():
+    from export.select import choose
+
+    id_scores = np.arange(100.0)  # 95% acceptance: ID scores >= 5 accepted
+    # equal AUROC, 1989 of 2000 pairs ordered: "a" has one OOD image above 89 ID images (and
+    # above the threshold: FPR@95 = 1/20), "b" loses 11 pairs below the threshold (FPR@95 = 0)
+    ood_a = np.concatenate([[10.5], np.full(19, -1.0)])
+    ood_b = np.concatenate([[4.5, 4.5, 0.5], np.full(17, -1.0)])
+    best, means, _ = choose({"a": id_scores, "b": id_scores}, {"o": {"a": ood_a, "b": ood_b}})
+    assert means["a"] == means["b"] == pytest.approx(1989 / 2000) and best == "b"
+    same = {"a": id_scores, "b": id_scores}
+    tied = {"o": {"a": ood_a, "b": ood_a}}
+    assert choose(same, tied)[0] == "a"  # fully tied: the earlier candidate
+
+
+def test_validation_split_halves_are_disjoint_and_stratified():
+    from export.choice import split_validation
+    from sdde_serve.data import ArrayDataset
+
+    labels = np.repeat(np.arange(3), [10, 6, 4])
+    images = np.arange(20, dtype=np.uint8).reshape(20, 1, 1, 1) * np.ones((1, 1, 2, 2), np.uint8)
+    pick, cal = split_validation(ArrayDataset("val", images, labels))
+    a, b = pick.images[:, 0, 0, 0], cal.images[:, 0, 0, 0]
+    assert len(a) == len(b) == 10 and not set(a) & set(b) and set(a) | set(b) == set(range(20))
+    assert np.bincount(pick.labels).tolist() == [5, 3, 2]
+    assert "choice half" in pick.name and "calibration half" in cal.name
+
+
+def test_auto_chooses_on_one_half_and_calibrates_on_the_other(tiny_run, tmp_path):
+    from export import export_run
+    from training.run import load_run
+
+    noise = tmp_path / "noise.npz"
+    rng = np.random.default_rng(1)
+    np.savez(noise, images=rng.integers(0, 256, (60, 1, 8, 8), dtype=np.uint8))
+    m = export_run(tiny_run, tmp_path / "m.onnx", ood_val={"noise": str(noise)}, knn_bank=120,
+                   with_cams=False)  # fmt: skip
+    why = m.ood.selection
+    n_val = len(load_run(tiny_run).val)
+    assert why.calibration_apart and why.id_n + m.calibration.n == n_val
+    assert "choice half" in why.id_data and "calibration half" in m.calibration.data
+    assert len(m.ood.calibration_scores) == m.calibration.n
+    # the validation table: every candidate's AUROC and FPR@95, the fitted scores included
+    assert set(why.val_fpr95) == set(why.val_auroc) >= {"energy", "mahalanobis", "vim", "knn@1"}
+    best = max(why.val_auroc.values())
+    ties = [c for c, v in why.val_auroc.items() if v == best]
+    chosen = min(ties, key=lambda c: why.val_fpr95[c])
+    assert chosen.split("@")[0] == m.ood.score
