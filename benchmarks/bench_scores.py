@@ -3,9 +3,10 @@
 For each case of bench_engine (untrained weights: the cost does not depend on them), the fused
 graph in the arch's default layout is timed at batch 1 and 64 with only the base scores (mal,
 msp, minmax), then with each further score added alone: ``knn`` (a --knn-bank-rows bank of
-random unit rows), ``energy``, ``mahalanobis`` and ``vim`` (statistics fitted on random
-features of the right shapes). Paths are interleaved round by round (shared CPUs). Prints each
-graph's time over the base graph's and writes ``benchmarks/results/bench_scores.json``.
+random unit rows), ``energy``, ``mahalanobis``, ``vim`` and ``knn_members`` (statistics fitted
+on random features of the right shapes; knn_members's bank has --knn-bank-rows rows). Paths are
+interleaved round by round (shared CPUs). Prints each graph's time over the base graph's and
+writes ``benchmarks/results/bench_scores.json``.
 
     .venv/bin/python benchmarks/bench_scores.py [--cases lenet_x5 resnet18_32_x5] [--threads 2]
 """
@@ -34,7 +35,7 @@ from sdde_serve import scores  # noqa: E402
 from training.ensemble import Ensemble  # noqa: E402
 from training.models import create_model  # noqa: E402
 
-FITTED = ("energy", "mahalanobis", "vim")
+FITTED = ("energy", "mahalanobis", "vim", "knn_members")
 
 
 def graphs(name: str, threads: int, rows: int) -> tuple[dict, tuple[int, int, int], dict]:
@@ -45,6 +46,7 @@ def graphs(name: str, threads: int, rows: int) -> tuple[dict, tuple[int, int, in
     width = members[0].get_classifier().in_features
     rng = np.random.default_rng(0)
     feats = np.abs(rng.normal(size=(max(2 * width, 500), n, width)))
+    bank_feats = np.abs(rng.normal(size=(rows, n, width)))
     fit_data = scores.FitData(feats, np.arange(len(feats)) % classes, *final_layers(ensemble))
     bank = normalize_rows(rng.normal(size=(rows, n * width))).astype(np.float32)
     layout = default_layout(arch)
@@ -53,7 +55,8 @@ def graphs(name: str, threads: int, rows: int) -> tuple[dict, tuple[int, int, in
     stored = {}
     for s in FITTED:
         fit = scores.get(s).fit
-        stats = {} if fit is None else fit(fit_data)
+        rows_data = scores.FitData(bank_feats, np.zeros(rows), fit_data.weight, fit_data.bias)
+        stats = {} if fit is None else fit(rows_data if s == "knn_members" else fit_data)
         variants[s] = {"score_stats": {s: stats}}
         stored[s] = sum(4 * v.size for v in stats.values())
     stored["knn"] = bank.nbytes

@@ -6,7 +6,7 @@ tables, `auto`'s candidates: ties go to the earlier score).
 
 from __future__ import annotations
 
-from sdde_serve.scores import energy, knn, mahalanobis, mal, minmax, msp, vim
+from sdde_serve.scores import energy, knn, knn_members, mahalanobis, mal, minmax, msp, vim
 from sdde_serve.scores.registry import (
     SCORES,
     FitData,
@@ -26,6 +26,7 @@ register(knn.SPEC)
 register(energy.SPEC)
 register(mahalanobis.SPEC)
 register(vim.SPEC)
+register(knn_members.SPEC)
 
 __all__ = [
     "SCORES",

@@ -123,6 +123,23 @@ def test_vim_is_openoods_vim_per_member_averaged():
     )
 
 
+def test_knn_members_averages_each_members_own_knn():
+    from sdde_serve.scores.knn import knn_scores
+
+    rng = np.random.default_rng(3)
+    train, x = rng.normal(size=(30, 3, 5)), rng.normal(size=(7, 3, 5))
+    stats = scores.get("knn_members").fit(FitData(train, np.zeros(30), *(None, None)))
+    got = scores.get("knn_members").compute(ScoreData(np.zeros((7, 3, 2)), 1.0, x, stats))
+    from sdde_serve.scores.knn import normalize_rows
+
+    want = np.mean([knn_scores(x[:, m], normalize_rows(train[:, m]), 1) for m in range(3)], 0)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    # one member: the concatenated knn itself
+    one = scores.get("knn_members").fit(FitData(train[:, :1], np.zeros(30), None, None))
+    got1 = scores.get("knn_members").compute(ScoreData(np.zeros((7, 1, 2)), 1.0, x[:, :1], one))
+    np.testing.assert_allclose(got1, knn_scores(x[:, 0], normalize_rows(train[:, 0]), 1))
+
+
 @pytest.mark.parametrize("layout", ["loop", "packed"])
 def test_graph_energy_mahalanobis_and_vim_equal_numpy(layout):
     ens = _lenets()
@@ -132,14 +149,21 @@ def test_graph_energy_mahalanobis_and_vim_equal_numpy(layout):
     fit_data = FitData(feats, np.arange(40) % 4, *final_layers(ens))
     stats = fit_mahalanobis(fit_data)
     vim_stats = scores.get("vim").fit(fit_data)
+    knn_stats = scores.get("knn_members").fit(fit_data)
     graph = build_graph(
         ens,
         layout,
         input_shape=(1, 28, 28),
         temperature=1.7,
-        score_stats={"energy": {}, "mahalanobis": stats, "vim": vim_stats},
+        score_stats={
+            "energy": {},
+            "mahalanobis": stats,
+            "vim": vim_stats,
+            "knn_members": knn_stats,
+        },
     )
     names = ["logits", "probs", "mal", "msp", "minmax", "energy", "mahalanobis", "vim"]
+    names.append("knn_members")
     assert graph.output_names == names  # LeNet: no CAMs
     proto = to_onnx(graph, input_shape=(1, 28, 28))
     inits = {i.name: list(i.dims) for i in proto.graph.initializer}
@@ -155,7 +179,9 @@ def test_graph_energy_mahalanobis_and_vim_equal_numpy(layout):
     np.testing.assert_allclose(out["mahalanobis"], mds, rtol=1e-4, atol=1e-3)
     vim = scores.get("vim").compute(ScoreData(logits, 1.7, f, vim_stats))
     np.testing.assert_allclose(out["vim"], vim, rtol=1e-4, atol=1e-4)
-    wanted = {"energy": {}, "mahalanobis": stats, "vim": vim_stats}
+    km = scores.get("knn_members").compute(ScoreData(logits, 1.7, f, knn_stats))
+    np.testing.assert_allclose(out["knn_members"], km, atol=1e-5)
+    wanted = {"energy": {}, "mahalanobis": stats, "vim": vim_stats, "knn_members": knn_stats}
     report = verify(proto, ens, temperature=1.7, inputs=verification_inputs((1, 28, 28), x),
                     scores=wanted)  # fmt: skip
     assert {"energy", "mahalanobis", "vim"} <= set(report["real"])
@@ -254,7 +280,8 @@ def test_auto_chooses_on_one_half_and_calibrates_on_the_other(tiny_run, tmp_path
     assert "choice half" in why.id_data and "calibration half" in m.calibration.data
     assert len(m.ood.calibration_scores) == m.calibration.n
     # the validation table: every candidate's AUROC and FPR@95, the fitted scores included
-    assert set(why.val_fpr95) == set(why.val_auroc) >= {"energy", "mahalanobis", "vim", "knn@1"}
+    fitted = {"energy", "mahalanobis", "vim", "knn_members", "knn@1"}
+    assert set(why.val_fpr95) == set(why.val_auroc) >= fitted
     best = max(why.val_auroc.values())
     ties = [c for c, v in why.val_auroc.items() if v == best]
     chosen = min(ties, key=lambda c: why.val_fpr95[c])
