@@ -72,6 +72,21 @@ def test_a_registered_score_goes_through_export_serve_score_and_eval(margin, tin
         "margin" in ood["sets"]["noise"] and "gap" in ev.metrics["conventions"]["scores"]["margin"]
     )
     assert "margin" in members_sweep(ev)["first"][0]["ood"]["sets"]["noise"]
+    # served: the v2 protocol offers and computes the new output
+    from fastapi.testclient import TestClient
+
+    from sdde_serve.server.app import create_app
+    from sdde_serve.server.settings import Settings
+
+    with TestClient(create_app(Settings(model=str(out)), engine=engine)) as client:
+        body = {"inputs": [{"name": "images", "shape": [4, 1, 28, 28], "datatype": "FP32"}]}
+        body["inputs"][0]["data"] = images[:4].ravel().tolist()
+        body["outputs"] = [{"name": "margin"}, {"name": "ood_score"}]
+        r = client.post(f"/v2/models/{m.name}/infer", json=body)
+        assert r.status_code == 200, r.text
+        outs = {o["name"]: o["data"] for o in r.json()["outputs"]}
+        np.testing.assert_allclose(outs["margin"], ref[:4], atol=1e-5)
+        np.testing.assert_allclose(outs["ood_score"], ref[:4], atol=1e-5)
 
 
 def test_an_unregistered_score_is_refused_at_export_and_load(tmp_path):
