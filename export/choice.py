@@ -42,6 +42,15 @@ class OODChoice:
     source: str
     # fitted statistics of the registered scores that need them (training split), by score
     stats: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    train: TrainingFeatures | None = None  # fits the statistics still missing, on demand
+
+    def stats_of(self, name: str) -> dict[str, np.ndarray] | None:
+        """``name``'s statistics, fitted on first use (None: it has none or cannot have them)."""
+        if name not in self.stats and self.train is not None:
+            fitted = self.train.fit(name)
+            if fitted is not None:
+                self.stats[name] = fitted
+        return self.stats.get(name)
 
     def graph_scores(self, extra: tuple[str, ...] = ()) -> dict[str, dict[str, np.ndarray]]:
         """The scores export adds to the graph beyond mal, msp, minmax and knn, with their
@@ -53,12 +62,13 @@ class OODChoice:
         for name in scores.names():  # registration order: a stable output order
             if name not in wanted or name in (*BASE_SCORES, "knn"):
                 continue
-            if scores.get(name).fit is not None and name not in self.stats:
+            stats = self.stats_of(name)
+            if scores.get(name).fit is not None and stats is None:
                 raise UserError(
                     f"OOD score {name!r} needs statistics of labelled training features: export "
                     "with --knn-bank > 0 (its rows are the features it is fitted on)"
                 )
-            out[name] = self.stats.get(name, {})
+            out[name] = stats or {}
         return out
 
     def stats_specs(self, names: list[str]) -> dict[str, ScoreStatsSpec]:
@@ -224,15 +234,13 @@ def choose_ood_score(
     candidates are measured on ``val`` (default: the run's validation split)."""
     ensemble = run.ensemble.eval()
     val_data = run.val if val is None else val
-    bank, source, stats = (None, "", {})
+    bank, source, train = (None, "", None)
     if rows > 0:
         if dtype not in DTYPES:
             raise UserError(f"--knn-dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         train = training_features(run, shape, rows=rows, seed=seed)
         # float32 first: a float16 bank is checked against it once k is known
         bank, source = train.bank(), train.source
-        fitted = {n: train.fit(n) for n in scores.names()}
-        stats = {n: v for n, v in fitted.items() if v is not None}
         if knn_k is not None and knn_k > bank.rows:
             raise UserError(
                 f"--knn-k {knn_k} is larger than the KNN bank ({bank.rows} rows: the run's "
@@ -245,6 +253,11 @@ def choose_ood_score(
         if len(data) == 0:
             raise UserError(f"--ood-val {name}={spec}: the data set is empty")
         sets[name] = score_inputs(ensemble, data.as_model_input(*shape), bank is not None)
+    # statistics are fitted when candidates need them (auto with --ood-val), else on demand
+    stats: dict[str, dict[str, np.ndarray]] = {}
+    if sets and train is not None:
+        fitted = {n: train.fit(n) for n in scores.names(candidate=True)}
+        stats = {n: v for n, v in fitted.items() if v is not None}
     # msp depends on T: the candidates see the T the export will fit on the same split
     temperature = cal.fit_temperature(val_in.logits, val_data.labels) if sets else 1.0
     chosen, k, selection = select_score(
@@ -264,4 +277,4 @@ def choose_ood_score(
         stored = bank.as_dtype(dtype)
         check_float16(stored, val_in.features, k, bank.bank)
         bank = stored
-    return OODChoice(chosen, k, bank, selection, source, stats)
+    return OODChoice(chosen, k, bank, selection, source, stats, train)
