@@ -80,7 +80,7 @@ def export_run(
     refits T and the threshold on the converted graph and refuses it beyond its tolerances.
     """
     # torch and the exporter load slowly; keep `import export` cheap for the CLI
-    from export.choice import choose_ood_score
+    from export.choice import choose_ood_score, validation_roles
     from export.graph import DEFAULT_OPSET, build_graph, to_onnx
     from export.knn import DEFAULT_BANK_ROWS
     from export.layouts import default_layout, get_layout
@@ -109,12 +109,8 @@ def export_run(
     shape = (int(data["channels"]), int(data["height"]), int(data["width"]))
     if run.val.labels is None or len(run.val) == 0:
         raise UserError(f"{run_dir}: the validation split has no labelled images to calibrate on")
-    choice_val, cal_val = (run.val, run.val)
-    if score == "auto" and ood_val and len(run.val) >= 4:  # >= 2 images in each half
-        from export.choice import split_validation
-
-        # the images that choose the score are not the ones the threshold is fitted on
-        choice_val, cal_val = split_validation(run.val)
+    # the images that choose the score are not the ones the threshold is fitted on
+    choice_val, cal_val = validation_roles(run.val, score, ood_val)
     val_images = cal_val.as_model_input(*shape)
     choice = choose_ood_score(
         run,

@@ -218,6 +218,17 @@ def split_validation(
     )
 
 
+def validation_roles(
+    val: ArrayDataset, score: str, ood_val: dict[str, str] | None
+) -> tuple[ArrayDataset, ArrayDataset]:
+    """(images that choose the score, images T and the threshold are fitted on): the two halves
+    of :func:`split_validation` when ``auto`` chooses on ``--ood-val`` data, else the whole
+    split twice (nothing is chosen on data). Splits need >= 2 images in each half."""
+    if score == "auto" and ood_val and len(val) >= 4:
+        return split_validation(val)
+    return val, val
+
+
 def choose_ood_score(
     run: Any,
     score: str,

@@ -178,20 +178,7 @@ def verify(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VerificationError(f"verification failed: onnx.checker: {first}") from None
     graph_outputs = {o.name for o in model.graph.output}
-    if ("knn" in graph_outputs) != (knn is not None):
-        has = "has" if "knn" in graph_outputs else "lacks"
-        raise VerificationError(
-            f"verification failed: the graph {has} a 'knn' output but a bank was "
-            f"{'not ' if knn is None else ''}given to check it against"
-        )
-    unchecked = [
-        o for o in graph_outputs if o in score_registry.SCORES and o not in (*TOLERANCES, *scores)
-    ]
-    if unchecked:
-        raise VerificationError(
-            f"verification failed: the graph has score outputs {sorted(unchecked)} with no "
-            "statistics given to check them against"
-        )
+    check_score_outputs(graph_outputs, knn is not None, scores)
     session = cpu_session(model)
     report: dict[str, dict[str, float]] = {}
     for set_name, images in inputs.items():
@@ -214,6 +201,25 @@ def verify(
                 )
         report[set_name] = diffs
     return report
+
+
+def check_score_outputs(outputs: set[str], has_bank: bool, scores: dict[str, dict]) -> None:
+    """Every score output of the graph must have what it is checked against (a bank for
+    ``knn``, statistics for the other registered scores), and nothing given may be missing."""
+    if ("knn" in outputs) != has_bank:
+        has = "has" if "knn" in outputs else "lacks"
+        raise VerificationError(
+            f"verification failed: the graph {has} a 'knn' output but a bank was "
+            f"{'' if has_bank else 'not '}given to check it against"
+        )
+    unchecked = [
+        o for o in outputs if o in score_registry.SCORES and o not in (*TOLERANCES, *scores)
+    ]
+    if unchecked:
+        raise VerificationError(
+            f"verification failed: the graph has score outputs {sorted(unchecked)} with no "
+            "statistics given to check them against"
+        )
 
 
 def verification_inputs(
