@@ -69,6 +69,7 @@ def export_run(
     knn_seed: int = 0,
     precision: PrecisionOptions | None = None,
     synth_ood: tuple[str, ...] | None = None,
+    extra_scores: tuple[str, ...] = (),
 ) -> Manifest:
     """Export ``run_dir``'s ensemble to ``output`` (one ONNX file); returns its manifest.
 
@@ -77,13 +78,14 @@ def export_run(
     synthesized per ``synth_ood``, else the benchmark's default). ``knn_bank``: most rows of
     the KNN bank (None: export.knn.DEFAULT_BANK_ROWS; 0: no bank and no ``knn`` output);
     ``knn_k``: its k (None: chosen, see export/select.py).
+    ``extra_scores``: more registered OOD scores to put in the graph (the deployed one always is).
     ``precision`` (default fp32) converts the verified fp32 graph (``export/quantize.py``),
     refits T and the threshold on the converted graph and refuses it beyond its tolerances.
     ``synth_ood``: kinds of validation OOD data ``auto`` synthesizes when ``ood_val`` is empty
     (None: export.synth_ood.DEFAULT_KINDS; ``()``: none, the fixed default is deployed).
     """
     # torch and the exporter load slowly; keep `import export` cheap for the CLI
-    from export.choice import choose_ood_score
+    from export.choice import choose_ood_score, validation_roles
     from export.graph import DEFAULT_OPSET, build_graph, to_onnx
     from export.knn import DEFAULT_BANK_ROWS
     from export.layouts import default_layout, get_layout
@@ -113,7 +115,9 @@ def export_run(
     shape = (int(data["channels"]), int(data["height"]), int(data["width"]))
     if run.val.labels is None or len(run.val) == 0:
         raise UserError(f"{run_dir}: the validation split has no labelled images to calibrate on")
-    val_images = run.val.as_model_input(*shape)
+    # the images that choose the score are not the ones the threshold is fitted on
+    choice_val, cal_val = validation_roles(run.val, score, ood_val)
+    val_images = cal_val.as_model_input(*shape)
     choice = choose_ood_score(
         run,
         score,
@@ -124,8 +128,12 @@ def export_run(
         dtype=knn_dtype,
         seed=knn_seed,
         synth_kinds=DEFAULT_KINDS if synth_ood is None else synth_ood,
+        val=choice_val,
     )
+    if choice_val is not cal_val:
+        choice.selection = choice.selection.model_copy(update={"calibration_apart": True})
 
+    score_stats = choice.graph_scores(extra_scores)
     graph = build_graph(
         ensemble,
         layout,
@@ -133,6 +141,7 @@ def export_run(
         with_cams=with_cams,
         knn_bank=choice.bank_tensor(),
         knn_k=choice.k,
+        score_stats=score_stats,
     )
     proto = to_onnx(graph, input_shape=shape, opset=opset)
     if choice.bank is not None and choice.bank.dtype != "float32":
@@ -145,8 +154,8 @@ def export_run(
         return calibrate_on_validation(
             model,
             val_images,
-            run.val.labels,
-            data=run.val.name,
+            cal_val.labels,
+            data=cal_val.name,
             id_acceptance=id_acceptance,
             score=choice.score,
         )
@@ -159,6 +168,7 @@ def export_run(
         temperature=info.temperature,
         inputs=verification_inputs(shape, val_images),
         knn=None if choice.bank is None else (choice.bank.bank, choice.k),
+        scores=score_stats,
     )
     proto, info, ood, precision_check = lower_precision(
         proto,
@@ -166,8 +176,8 @@ def export_run(
         fp32_calibration=(info, ood),
         calibrate=calibrate,
         val_images=val_images,
-        val_labels=run.val.labels,
-        val_name=run.val.name,
+        val_labels=cal_val.labels,
+        val_name=cal_val.name,
         train_images=lambda n: run_training_images(run, n, shape),
     )
     manifest = Manifest(
@@ -195,6 +205,7 @@ def export_run(
         ood=ood.model_copy(update={"selection": choice.selection}),
         calibration=info,
         knn=choice.knn_spec(),
+        score_stats=choice.stats_specs(list(score_stats)),
         weights_sha256=weights_sha256(proto),
         precision=precision.precision,
         precision_check=precision_check,
@@ -208,10 +219,10 @@ def export_run(
 
 def check_ood_options(score: str, *, knn_k: int | None, knn_bank: int) -> None:
     """Fail on contradictory OOD options before anything slow runs."""
-    from export.select import SCORE_CHOICES
+    from export.select import score_choices
 
-    if score not in SCORE_CHOICES:
-        raise UserError(f"--ood-score must be one of {', '.join(SCORE_CHOICES)}, got {score!r}")
+    if score not in score_choices():
+        raise UserError(f"--ood-score must be one of {', '.join(score_choices())}, got {score!r}")
     if knn_bank < 0:
         raise UserError(f"--knn-bank must be >= 0 rows (0: no KNN output), got {knn_bank}")
     if knn_k is not None and knn_k < 1:

@@ -10,7 +10,7 @@ The threshold is *not* fitted here: that happens on the exported graph's own out
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,9 +30,10 @@ from export.knn import (
 from export.select import ScoreInputs, select_score
 from export.synth_ood import PER_KIND, SEED, synthesize
 from sdde_serve import calibration as cal
+from sdde_serve import scores
 from sdde_serve.data import ArrayDataset, load_dataset
 from sdde_serve.errors import UserError
-from sdde_serve.manifest import KNNSpec, ScoreSelection, SynthesizedOOD
+from sdde_serve.manifest import KNNSpec, ScoreSelection, ScoreStatsSpec, SynthesizedOOD
 
 SYNTH_PREFIX = "synth:"  # names of the synthesized sets in ood.selection
 
@@ -44,6 +45,48 @@ class OODChoice:
     bank: FeatureBank | None
     selection: ScoreSelection
     source: str
+    # fitted statistics of the registered scores that need them (training split), by score
+    stats: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    train: TrainingFeatures | None = None  # fits the statistics still missing, on demand
+
+    def stats_of(self, name: str) -> dict[str, np.ndarray] | None:
+        """``name``'s statistics, fitted on first use (None: it has none or cannot have them)."""
+        if name not in self.stats and self.train is not None:
+            fitted = self.train.fit(name)
+            if fitted is not None:
+                self.stats[name] = fitted
+        return self.stats.get(name)
+
+    def graph_scores(self, extra: tuple[str, ...] = ()) -> dict[str, dict[str, np.ndarray]]:
+        """The scores export adds to the graph beyond mal, msp, minmax and knn, with their
+        statistics: the deployed one and ``extra`` (``--with-score``)."""
+        from export.graph import BASE_SCORES
+
+        wanted = {self.score, *extra}
+        out = {}
+        for name in scores.names():  # registration order: a stable output order
+            if name not in wanted or name in (*BASE_SCORES, "knn"):
+                continue
+            stats = self.stats_of(name)
+            if scores.get(name).fit is not None and stats is None:
+                raise UserError(
+                    f"OOD score {name!r} needs statistics of labelled training features: export "
+                    "with --knn-bank > 0 (its rows are the features it is fitted on)"
+                )
+            out[name] = stats or {}
+        return out
+
+    def stats_specs(self, names: list[str]) -> dict[str, ScoreStatsSpec]:
+        """The manifest's record of the graph's fitted statistics."""
+        return {
+            n: ScoreStatsSpec(
+                shapes={k: list(v.shape) for k, v in self.stats[n].items()},
+                memory_bytes=sum(4 * v.size for v in self.stats[n].values()),  # float32
+                source=self.source,
+            )
+            for n in names
+            if self.stats.get(n)
+        }
 
     def bank_tensor(self) -> torch.Tensor | None:
         if self.bank is None:
@@ -78,10 +121,36 @@ def score_inputs(ensemble: torch.nn.Module, images: np.ndarray, with_features: b
     return ScoreInputs(np.concatenate(logits), feats)
 
 
-def training_bank(
+@dataclass
+class TrainingFeatures:
+    """Member pre-logit features of (a stratified subsample of) the run's training split."""
+
+    features: np.ndarray  # [n, N, D] float32
+    labels: np.ndarray | None
+    indices: np.ndarray  # positions in the training split
+    source_images: int  # images in the training split
+    seed: int
+    source: str
+    weight: np.ndarray  # [N, L, D] each member's final linear layer
+    bias: np.ndarray  # [N, L]
+
+    def bank(self) -> FeatureBank:
+        flat = self.features.reshape(len(self.features), -1)
+        bank = normalize_rows(flat).astype(np.float32)
+        return FeatureBank(bank, "float32", self.source_images, self.indices, self.seed)
+
+    def fit(self, name: str) -> dict[str, np.ndarray] | None:
+        """Registered score ``name``'s statistics (None: it needs none, or labels are missing)."""
+        fit = scores.get(name).fit
+        if fit is None or self.labels is None:
+            return None
+        return fit(scores.FitData(self.features, self.labels, self.weight, self.bias))
+
+
+def training_features(
     run: Any, shape: tuple[int, int, int], *, rows: int, seed: int
-) -> tuple[FeatureBank, str]:
-    """The bank from ``run``'s training split (never its validation split) and its description."""
+) -> TrainingFeatures:
+    """Features of ``run``'s training split (never its validation split) and their description."""
     from training.run import load_train_split
 
     train = load_train_split(run.run_dir, run.config)
@@ -91,15 +160,34 @@ def training_bank(
     # 10,000-row bank of a 45,000-image training set costs 10,000 forward passes, not 45,000
     labels = np.zeros(len(train)) if train.labels is None else train.labels
     idx = stratified_subsample(labels, rows, seed)
-    feats = pre_logit_features(run.ensemble.eval(), train.subset(idx).as_model_input(*shape))
-    bank = FeatureBank(normalize_rows(feats).astype(np.float32), "float32", len(train), idx, seed)
+    ensemble = run.ensemble.eval()
+    feats = pre_logit_features(ensemble, train.subset(idx).as_model_input(*shape))
+    feats = feats.reshape(len(idx), ensemble.num_members, -1)
     spec = run.config["data"].get("spec", train.name)
     source = (
         f"training split of {spec!r} ({len(train)} images; validation indices of split.json "
-        f"excluded), {bank.rows} rows"
-        + ("" if bank.rows == len(train) else f" stratified by class, seed {seed}")
+        f"excluded), {len(idx)} rows"
+        + ("" if len(idx) == len(train) else f" stratified by class, seed {seed}")
     )
-    return bank, source
+    kept = None if train.labels is None else train.labels[idx]
+    weight, bias = final_layers(ensemble)
+    return TrainingFeatures(feats, kept, idx, len(train), seed, source, weight, bias)
+
+
+@torch.no_grad()
+def final_layers(ensemble: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """``(W [N, L, D], b [N, L])``: every member's final linear layer (what reads the features)."""
+    layers = [m.get_classifier() for m in ensemble.members]
+    weight = np.stack([layer.weight.double().numpy() for layer in layers])
+    return weight, np.stack([layer.bias.double().numpy() for layer in layers])
+
+
+def training_bank(
+    run: Any, shape: tuple[int, int, int], *, rows: int, seed: int
+) -> tuple[FeatureBank, str]:
+    """The bank from ``run``'s training split (never its validation split) and its description."""
+    train = training_features(run, shape, rows=rows, seed=seed)
+    return train.bank(), train.source
 
 
 def check_float16(bank: FeatureBank, queries: np.ndarray, k: int, full: np.ndarray) -> None:
@@ -124,6 +212,40 @@ def synthesized_sets(
     return sets, specs, record
 
 
+# the seed of the validation split's division into the choice's and the calibration's halves
+SPLIT_SEED = 0
+
+
+def split_validation(
+    val: ArrayDataset, seed: int = SPLIT_SEED
+) -> tuple[ArrayDataset, ArrayDataset]:
+    """(choice half, calibration half) of the validation split: disjoint, stratified by class.
+
+    ``auto`` with ``--ood-val`` chooses the score on the first and T, the threshold and the
+    conformal calibration scores are fitted on the second: the calibration scores then stay
+    exchangeable with future in-distribution scores (a score chosen because the calibration
+    images happened to score high against the OOD sets would bias its own threshold).
+    """
+    labels = np.zeros(len(val)) if val.labels is None else val.labels
+    choice = stratified_subsample(labels, len(val) // 2, seed)
+    rest = np.setdiff1d(np.arange(len(val)), choice)
+    return (
+        val.subset(choice, f"{val.name} (choice half, {len(choice)} images)"),
+        val.subset(rest, f"{val.name} (calibration half, {len(rest)} images)"),
+    )
+
+
+def validation_roles(
+    val: ArrayDataset, score: str, ood_val: dict[str, str] | None
+) -> tuple[ArrayDataset, ArrayDataset]:
+    """(images that choose the score, images T and the threshold are fitted on): the two halves
+    of :func:`split_validation` when ``auto`` chooses on ``--ood-val`` data, else the whole
+    split twice (nothing is chosen on data). Splits need >= 2 images in each half."""
+    if score == "auto" and ood_val and len(val) >= 4:
+        return split_validation(val)
+    return val, val
+
+
 def choose_ood_score(
     run: Any,
     score: str,
@@ -135,24 +257,28 @@ def choose_ood_score(
     dtype: str,
     seed: int,
     synth_kinds: tuple[str, ...] = (),
+    val: ArrayDataset | None = None,
 ) -> OODChoice:
-    """The deployed score, k and bank for ``run`` (export/select.py has the rule).
+    """The deployed score, k and bank for ``run`` (export/select.py has the rule); the
+    candidates are measured on ``val`` (default: the run's validation split).
 
     ``synth_kinds``: with ``score == "auto"`` and no ``ood_val``, rank on sets of these kinds
     synthesized from the validation split (export/synth_ood.py); ``()``: the fixed default."""
     ensemble = run.ensemble.eval()
-    bank, source = (None, "")
+    val_data = run.val if val is None else val
+    bank, source, train = (None, "", None)
     if rows > 0:
         if dtype not in DTYPES:
             raise UserError(f"--knn-dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        train = training_features(run, shape, rows=rows, seed=seed)
         # float32 first: a float16 bank is checked against it once k is known
-        bank, source = training_bank(run, shape, rows=rows, seed=seed)
+        bank, source = train.bank(), train.source
         if knn_k is not None and knn_k > bank.rows:
             raise UserError(
                 f"--knn-k {knn_k} is larger than the KNN bank ({bank.rows} rows: the run's "
                 "training split); lower --knn-k"
             )
-    val = score_inputs(ensemble, run.val.as_model_input(*shape), bank is not None)
+    val_in = score_inputs(ensemble, val_data.as_model_input(*shape), bank is not None)
     datasets: dict[str, ArrayDataset] = {}
     for name, spec in ood_val.items():
         datasets[name] = load_dataset(spec, split="test")
@@ -165,25 +291,31 @@ def choose_ood_score(
         name: score_inputs(ensemble, data.as_model_input(*shape), bank is not None)
         for name, data in datasets.items()
     }
+    # statistics are fitted when candidates need them (auto on validation OOD sets), else on demand
+    stats: dict[str, dict[str, np.ndarray]] = {}
+    if sets and train is not None:
+        fitted = {n: train.fit(n) for n in scores.names(candidate=True)}
+        stats = {n: v for n, v in fitted.items() if v is not None}
     # msp depends on T: the candidates see the T the export will fit on the same split
-    temperature = cal.fit_temperature(val.logits, run.val.labels) if sets else 1.0
+    temperature = cal.fit_temperature(val_in.logits, val_data.labels) if sets else 1.0
     chosen, k, selection = select_score(
         score,
-        id_data=val,
-        id_name=run.val.name,
+        id_data=val_in,
+        id_name=val_data.name,
         ood_val=sets,
         ood_specs=specs,
         temperature=temperature,
         bank=None if bank is None else bank.bank,
         default_k=default_k(0 if bank is None else bank.rows),
         knn_k=knn_k,
+        stats=stats,
     )
     if bank is not None and dtype != "float32" and k is not None:
-        assert val.features is not None
+        assert val_in.features is not None
         stored = bank.as_dtype(dtype)
-        check_float16(stored, val.features, k, bank.bank)
+        check_float16(stored, val_in.features, k, bank.bank)
         bank = stored
     if synthesized is not None:
         reason = f"{selection.reason} (sets synthesized from it: no --ood-val given)"
         selection = selection.model_copy(update={"synthesized": synthesized, "reason": reason})
-    return OODChoice(chosen, k, bank, selection, source)
+    return OODChoice(chosen, k, bank, selection, source, stats, train)

@@ -8,6 +8,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from export.select import SCORE_CHOICES as SCORE_CHOICES
+from export.select import score_choices
+from sdde_serve import scores
+
 HELP = (
     "Fuse a trained run into one ONNX graph (all members in one session.run), calibrate its "
     "temperature and OOD threshold on the run's validation split, verify it against PyTorch "
@@ -15,8 +19,8 @@ HELP = (
 )
 # kept in sync with export.layouts.LAYOUTS (a test checks); listed here so --help needs no torch
 LAYOUT_CHOICES = ("loop", "packed")
-# kept in sync with export.select.SCORE_CHOICES and export.knn's defaults (a test checks)
-SCORE_CHOICES = ("mal", "msp", "minmax", "knn", "auto")
+# kept in sync with export.knn's default (a test checks); the score choices come from the
+# registry (export.select.score_choices: numpy only, so --help still needs no torch)
 DEFAULT_BANK_ROWS = 10_000
 # kept in sync with export.quantize.PRECISIONS (a test checks)
 PRECISION_CHOICES = ("fp32", "int8", "bf16", "fp16")
@@ -47,13 +51,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ood-score",
         "--score",
         dest="score",
-        choices=SCORE_CHOICES,
+        choices=score_choices(),
         default="auto",
-        help="deployed OOD score (higher = in-distribution): mal (max average logit), msp, "
-        "minmax (min over members of the member's max logit), knn (k-th largest cosine "
-        "similarity to training features), or auto: the best mean AUROC against the --ood-val "
-        "sets, without them against sets synthesized from the validation images (--synth-ood), "
-        "and with --synth-ood none knn (the default measured by benchmarks/mnist_ood.py)",
+        help="deployed OOD score (higher = in-distribution): "
+        + scores.help_lines()
+        + "; or auto: the best mean AUROC against the --ood-val sets, without them against sets "
+        "synthesized from the validation images (--synth-ood), and with --synth-ood none knn "
+        "(the default measured by benchmarks/mnist_ood.py)",
+    )
+    parser.add_argument(
+        "--with-score",
+        dest="extra_scores",
+        action="append",
+        default=[],
+        choices=scores.names(),
+        metavar="NAME",
+        help="also put this registered OOD score in the graph (repeatable; the deployed one "
+        "always is): sdde eval then reports it beside the others",
     )
     parser.add_argument(
         "--ood-val",
@@ -222,6 +236,7 @@ def main(args: argparse.Namespace) -> int:
         knn_seed=args.knn_seed,
         precision=precision_options(args),
         synth_ood=parse_kinds(args.synth_ood),
+        extra_scores=tuple(args.extra_scores),
     )
     cal = manifest.calibration
     print(
@@ -240,7 +255,9 @@ def main(args: argparse.Namespace) -> int:
     if why is not None:
         print(f"  score chosen: {why.method} ({why.reason})")
         for name, auroc in sorted(why.val_auroc.items(), key=lambda kv: -kv[1]):
-            print(f"    validation AUROC {name:>8}: {100 * auroc:.2f}")
+            fpr = why.val_fpr95.get(name)
+            tail = "" if fpr is None else f", FPR@95 {100 * fpr:.2f}"
+            print(f"    validation AUROC {name:>11}: {100 * auroc:.2f}{tail}")
     if manifest.knn is not None:
         knn = manifest.knn
         print(

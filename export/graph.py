@@ -1,7 +1,10 @@
 """The fused ensemble graph: one module whose outputs are the serving contract.
 
 ``FusedEnsemble(images) -> logits [B, N, L], probs [B, L], mal [B], msp [B], minmax [B]
-(, knn [B]) (, cams [B, N, h, w])``
+(, knn [B]) (, more registered scores [B]) (, cams [B, N, h, w])``
+
+Every OOD score is built by its head in export/scores/, as registered in sdde_serve/scores/
+(docs/scores.md); the ones below are the graph's historical contract.
 
 * ``probs = mean_m softmax(logits_m / T)`` with ``T`` the buffer ``temperature``, which the
   exporter keeps as a float32 scalar initializer named ``temperature``: it only feeds a ``Div``
@@ -31,9 +34,9 @@ from __future__ import annotations
 import io
 import warnings
 
+import numpy as np
 import onnx
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from export.layouts import (
@@ -43,6 +46,7 @@ from export.layouts import (
     last_map,
     supports_last_map,
 )
+from export.scores import GraphInputs, head, initializer_name
 from sdde_serve.errors import UserError
 from sdde_serve.manifest import KNN_BANK_INITIALIZER, OUTPUTS, TEMPERATURE_INITIALIZER
 
@@ -102,8 +106,18 @@ def cam_weights(ensemble: nn.Module, input_shape: tuple[int, int, int]) -> Tenso
     return torch.stack(weights)  # type: ignore[arg-type]
 
 
+# the scores of every graph exported since minmax existed, in output order; knn follows when the
+# graph has a bank, then the other registered scores export adds (export/__init__.py)
+BASE_SCORES = ("mal", "msp", "minmax")
+
+
 class FusedEnsemble(nn.Module):
-    """Wraps a layout's core; outputs follow docs/architecture.md."""
+    """Wraps a layout's core; outputs follow docs/architecture.md.
+
+    Each OOD score is computed by its registered graph head (export/scores/); ``score_stats``
+    maps each score beyond :data:`BASE_SCORES` and ``knn`` to its fitted statistics (stored as
+    float32 initializers ``<score>_<key>``; an empty dict for a score that needs none).
+    """
 
     def __init__(
         self,
@@ -113,6 +127,7 @@ class FusedEnsemble(nn.Module):
         *,
         knn_bank: Tensor | None = None,
         knn_k: int | None = None,
+        score_stats: dict[str, dict[str, np.ndarray]] | None = None,
     ) -> None:
         super().__init__()
         self.core = core
@@ -123,6 +138,9 @@ class FusedEnsemble(nn.Module):
             self.register_buffer("cam_weights", cam_w.detach().transpose(0, 1).contiguous())
         self.with_knn = knn_bank is not None
         self.knn_k = 0
+        self.scores = list(BASE_SCORES)
+        self.stat_keys: dict[str, list[str]] = {}
+        self.params: dict[str, dict[str, int]] = {}
         if knn_bank is not None:
             rows = int(knn_bank.shape[0])
             if knn_k is None or not 1 <= knn_k <= rows:
@@ -132,27 +150,33 @@ class FusedEnsemble(nn.Module):
             # name (a transpose in the graph would be constant-folded into an anonymous copy)
             bank = knn_bank.detach().to(torch.float32).T.contiguous()
             self.register_buffer(KNN_BANK_INITIALIZER, bank)
+            self.scores.append("knn")
+            self.stat_keys["knn"] = ["bank"]
+            self.params["knn"] = {"k": self.knn_k}
+        for name, stats in (score_stats or {}).items():
+            if name in self.scores:
+                raise UserError(f"OOD score {name!r} is already in the graph")
+            self.scores.append(name)
+            self.stat_keys[name] = list(stats)
+            for key, value in stats.items():
+                t = torch.as_tensor(np.asarray(value, np.float32))
+                self.register_buffer(initializer_name(name, key), t)
+        self.heads = {name: head(name) for name in self.scores}
 
     @property
     def output_names(self) -> list[str]:
-        return [
-            *OUTPUTS,
-            "minmax",
-            *(["knn"] if self.with_knn else []),
-            *(["cams"] if self.with_cams else []),
-        ]
+        return [*OUTPUTS[:2], *self.scores, *(["cams"] if self.with_cams else [])]
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         logits, maps, feats = self.core.forward_all(images)
         probs = torch.softmax(logits / self.temperature, dim=-1).mean(dim=1)
-        mal = logits.mean(dim=1).amax(dim=-1)
-        msp = probs.amax(dim=-1)
-        minmax = logits.amax(dim=-1).amin(dim=1)
-        outs: list[Tensor] = [logits, probs, mal, msp, minmax]
-        if self.with_knn:
-            query = F.normalize(feats.flatten(1), dim=1)  # [B, N*D], unit rows
-            sims = torch.matmul(query, getattr(self, KNN_BANK_INITIALIZER))  # [B, R] cosines
-            outs.append(torch.topk(sims, self.knn_k, dim=1).values[:, -1])
+        x = GraphInputs(logits, probs, feats, self.temperature)
+        outs: list[Tensor] = [logits, probs]
+        for name in self.scores:
+            stats = {
+                k: getattr(self, initializer_name(name, k)) for k in self.stat_keys.get(name, [])
+            }
+            outs.append(self.heads[name](x, stats, self.params.get(name, {})))
         if self.with_cams:
             w = self.cam_weights[probs.argmax(dim=-1)]  # [B, N, K]
             area = maps.shape[-2] * maps.shape[-1]
@@ -169,14 +193,18 @@ def build_graph(
     with_cams: bool = True,
     knn_bank: Tensor | None = None,
     knn_k: int | None = None,
+    score_stats: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> FusedEnsemble:
     """The PyTorch module that gets exported (``with_cams`` only where CAMs are exact).
 
-    ``knn_bank`` ``[R, N*D]`` (unit rows, export/knn.py) adds the ``knn`` output with ``knn_k``.
+    ``knn_bank`` ``[R, N*D]`` (unit rows, export/knn.py) adds the ``knn`` output with ``knn_k``;
+    ``score_stats`` adds more registered scores with their statistics (:class:`FusedEnsemble`).
     """
     cam_w = cam_weights(ensemble, input_shape) if with_cams else None
     core = get_layout(layout).build(ensemble, cam_w is not None).eval()
-    return FusedEnsemble(core, temperature, cam_w, knn_bank=knn_bank, knn_k=knn_k).eval()
+    return FusedEnsemble(
+        core, temperature, cam_w, knn_bank=knn_bank, knn_k=knn_k, score_stats=score_stats
+    ).eval()
 
 
 def to_onnx(

@@ -30,6 +30,11 @@ from torch import nn
 from sdde_serve.errors import UserError
 from sdde_serve.manifest import KNN_BANK_INITIALIZER
 
+# the numpy reference lives with the score (sdde_serve/scores/knn.py, torch-free); re-exported
+from sdde_serve.scores.knn import knn_scores as knn_scores
+from sdde_serve.scores.knn import knn_scores_many as knn_scores_many
+from sdde_serve.scores.knn import normalize_rows as normalize_rows
+
 # Default bank size and k per bank rows, chosen by benchmarks/mnist_ood.py on its validation OOD
 # sets (docs/export.md): the validation AUROC rose with the bank (1,000 -> 7,200 rows) and fell
 # with k at every size (k = 1 best), so k = 1 below 15,000 rows, growing with the bank beyond
@@ -45,39 +50,6 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 def default_k(rows: int) -> int:
     """One neighbour per :data:`ROWS_PER_K` bank rows (at least 1)."""
     return max(1, round(rows / ROWS_PER_K))
-
-
-def normalize_rows(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (zero rows stay zero), in float64."""
-    x = np.asarray(x, np.float64).reshape(len(x), -1)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norm, 1e-12)
-
-
-def knn_scores(queries: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
-    """Reference of the graph's ``knn``: k-th largest cosine of each query row to ``bank`` rows.
-
-    ``queries`` are raw (concatenated) features ``[B, dims]``; ``bank`` rows are unit vectors.
-    """
-    bank = np.asarray(bank, np.float64)
-    if not 1 <= k <= len(bank):
-        raise UserError(f"KNN k must be in 1..{len(bank)} (the bank's rows), got {k}")
-    sims = normalize_rows(queries) @ bank.T  # [B, R]
-    # the k-th largest = the (R - k)-th smallest
-    return np.partition(sims, len(bank) - k, axis=1)[:, len(bank) - k]
-
-
-def knn_scores_many(queries: np.ndarray, bank: np.ndarray, ks: list[int]) -> dict[int, np.ndarray]:
-    """:func:`knn_scores` for several k at once (one similarity matrix, one partial sort)."""
-    bank = np.asarray(bank, np.float64)
-    if not ks:
-        return {}
-    if not 1 <= min(ks) <= max(ks) <= len(bank):
-        raise UserError(f"KNN k must be in 1..{len(bank)} (the bank's rows), got {sorted(ks)}")
-    sims = normalize_rows(queries) @ bank.T
-    top = max(ks)
-    best = -np.sort(-np.partition(sims, len(bank) - top, axis=1)[:, len(bank) - top :], axis=1)
-    return {k: best[:, k - 1] for k in ks}
 
 
 def stratified_subsample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:

@@ -1,12 +1,15 @@
 """Choosing the deployed OOD score (``sdde export --ood-score auto``) on validation data only.
 
-Candidates: ``mal``, ``msp`` (at the validation-fitted T), ``minmax`` and ``knn@k`` for every k in
-:data:`CANDIDATE_KS` the bank allows. Each is scored on the run's in-distribution validation
-split against every ``--ood-val`` set; the candidate with the best mean AUROC (in-distribution
-positive) wins, ties going to the earlier candidate. Without ``--ood-val`` the sets are
-synthesized from the validation images (export/synth_ood.py, called by export/choice.py); with
-none at all the benchmark's choice is deployed (:data:`DEFAULT_SCORE`, k from the bank size).
-The sets reported as results must never be passed here.
+Candidates: every registered score (sdde_serve/scores/) marked ``candidate``, in registration
+order: ``mal``, ``msp`` (at the validation-fitted T), ``minmax``, ``knn@k`` for every k in
+:data:`CANDIDATE_KS` the bank allows, ``energy``, and the scores with fitted statistics
+(``mahalanobis``) when the training-split statistics were given. Each is scored on the run's
+in-distribution validation split against every ``--ood-val`` set; the candidate with the best
+mean AUROC (in-distribution positive) wins, ties going to the earlier candidate. Without
+``--ood-val`` the sets are synthesized from the validation images (export/synth_ood.py, called
+by export/choice.py); with none at all the benchmark's choice is deployed (:data:`DEFAULT_SCORE`,
+k from the bank size). The sets reported as results must never be
+passed here.
 
 numpy only (the features and logits come from the caller), so the rule is testable on its own.
 """
@@ -17,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sdde_serve import calibration as cal
-from sdde_serve.evaluation.metrics import auroc
+from sdde_serve import scores
+from sdde_serve.evaluation.metrics import auroc, fpr_at_tpr
 from sdde_serve.manifest import ScoreSelection
 
 # what `auto` deploys without validation OOD data: KNN at export.knn.default_k; chosen by
@@ -26,7 +29,14 @@ from sdde_serve.manifest import ScoreSelection
 DEFAULT_SCORE = "knn"
 FALLBACK_WITHOUT_BANK = "mal"
 CANDIDATE_KS = (1, 2, 5, 10, 20, 50, 100, 200)
-SCORE_CHOICES = ("mal", "msp", "minmax", "knn", "auto")
+
+
+def score_choices() -> tuple[str, ...]:
+    """``--ood-score``'s choices: every registered score, then ``auto``."""
+    return (*scores.names(), "auto")
+
+
+SCORE_CHOICES = score_choices()  # the built-in scores' (see score_choices for later ones)
 
 
 @dataclass
@@ -35,6 +45,14 @@ class ScoreInputs:
 
     logits: np.ndarray  # [n, N, L]
     features: np.ndarray | None  # [n, N*D] concatenated pre-logit features (None: no bank)
+
+    def score_data(self, temperature: float, stats: dict | None = None) -> scores.ScoreData:
+        """The registry's view: member features ``[n, N, D]``."""
+        n, members = self.logits.shape[:2]
+        feats = None if self.features is None else self.features.reshape(n, members, -1)
+        return scores.ScoreData(
+            np.asarray(self.logits, np.float64), temperature, feats, stats or {}
+        )
 
 
 def candidate_name(score: str, k: int | None = None) -> str:
@@ -48,27 +66,40 @@ def parse_candidate(name: str) -> tuple[str, int | None]:
 
 
 def candidate_scores(
-    data: ScoreInputs, *, temperature: float, bank: np.ndarray | None, ks: list[int]
+    data: ScoreInputs,
+    *,
+    temperature: float,
+    bank: np.ndarray | None,
+    ks: list[int],
+    stats: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Every candidate's score (higher = in-distribution) on one image set."""
+    """Every candidate's score (higher = in-distribution) on one image set.
+
+    ``stats``: fitted training-split statistics of the registered scores that need them; a
+    score whose statistics (or features) are missing is not a candidate.
+    """
     from export.knn import knn_scores_many
 
-    probs = cal.ensemble_probs(data.logits, temperature)
-    out = {
-        "mal": cal.mal(data.logits),
-        "msp": cal.msp(probs),
-        "minmax": cal.minmax(data.logits),
-    }
-    if bank is not None and data.features is not None:
-        for k, scores in knn_scores_many(data.features, bank, ks).items():
-            out[candidate_name("knn", k)] = scores
+    stats = stats or {}
+    out: dict[str, np.ndarray] = {}
+    for name in scores.names(candidate=True):
+        spec = scores.get(name)
+        if name == "knn":
+            if bank is not None and data.features is not None:
+                for k, values in knn_scores_many(data.features, bank, ks).items():
+                    out[candidate_name("knn", k)] = values
+        elif (spec.fit is None or name in stats) and (
+            data.features is not None or not spec.needs_features
+        ):
+            out[name] = spec.compute(data.score_data(temperature, stats.get(name)))
     return out
 
 
 def choose(
     id_scores: dict[str, np.ndarray], ood_scores: dict[str, dict[str, np.ndarray]]
 ) -> tuple[str, dict[str, float], dict[str, dict[str, float]]]:
-    """The candidate with the best mean AUROC over the OOD sets; (name, means, per set)."""
+    """The candidate with the best mean AUROC over the OOD sets, equal AUROCs going to the lower
+    mean FPR@95, then to the earlier candidate; (name, means, per set)."""
     if not ood_scores:
         raise ValueError("choosing a score needs at least one validation OOD set")
     per_set = {
@@ -76,8 +107,19 @@ def choose(
         for c in id_scores
     }
     means = {c: float(np.mean(list(v.values()))) for c, v in per_set.items()}
-    best = max(means, key=lambda c: means[c])  # max keeps the first of equal values
+    fpr = mean_fpr95(id_scores, ood_scores)
+    best = min(means, key=lambda c: (-means[c], fpr[c]))  # min keeps the first of equal keys
     return best, means, per_set
+
+
+def mean_fpr95(
+    id_scores: dict[str, np.ndarray], ood_scores: dict[str, dict[str, np.ndarray]]
+) -> dict[str, float]:
+    """Each candidate's FPR@95 (OOD accepted at 95% ID acceptance), averaged over the sets."""
+    return {
+        c: float(np.mean([fpr_at_tpr(id_scores[c], sets[c]) for sets in ood_scores.values()]))
+        for c in id_scores
+    }
 
 
 def select_score(
@@ -91,6 +133,7 @@ def select_score(
     bank: np.ndarray | None,
     default_k: int,
     knn_k: int | None,
+    stats: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> tuple[str, int | None, ScoreSelection]:
     """(score, k, why): the deployed score, the graph's k (None without a bank), the record."""
     rows = 0 if bank is None else len(bank)
@@ -99,18 +142,22 @@ def select_score(
         ks = [knn_k]  # the user fixed k: auto still chooses among the scores
     means: dict[str, float] = {}
     per_set: dict[str, dict[str, float]] = {}
+    fpr: dict[str, float] = {}
     best = None
     if ood_val:
-        kw = {"temperature": temperature, "bank": bank, "ks": ks}
+        kw = {"temperature": temperature, "bank": bank, "ks": ks, "stats": stats}
         id_scores = candidate_scores(id_data, **kw)
         ood = {n: candidate_scores(d, **kw) for n, d in ood_val.items()}
         best, means, per_set = choose(id_scores, ood)
+        fpr = mean_fpr95(id_scores, ood)
     k = None if bank is None else (knn_k or default_k)
     common = {
         "val_auroc": means,
         "val_auroc_per_set": per_set,
+        "val_fpr95": fpr,
         "ood_val": dict(ood_specs),
         "id_data": id_name if ood_val else None,
+        "id_n": len(id_data.logits) if ood_val else None,
     }
     if requested != "auto":
         reason = f"--ood-score {requested}"

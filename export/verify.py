@@ -9,6 +9,11 @@
    abs difference exceeds its tolerance fails the export with a message naming the output, the
    input set and the size.
 
+Every other registered OOD score in the graph (energy, mahalanobis: sdde_serve/scores/) is
+compared with its float64 numpy reference on the PyTorch logits and pre-logit features, with the
+statistics the exporter fitted, within its registered tolerance (relative to max(1, |reference|)
+where the spec says so: squared distances grow large).
+
 Tolerances (``TOLERANCES``): 1e-4 on logits, MAL and minmax, 1e-5 on probabilities, MSP and
 the KNN cosine similarity (which lies in [-1, 1]); CAMs 1e-4
 relative to their largest value, compared only on rows whose predicted class is not a near-tie
@@ -23,6 +28,7 @@ import torch
 from torch import nn
 
 from export.layouts import ensemble_members, last_map
+from sdde_serve import scores as score_registry
 from sdde_serve.errors import UserError
 
 TOLERANCES: dict[str, float] = {
@@ -50,8 +56,11 @@ def reference_outputs(
     with_cams: bool,
     with_minmax: bool = False,
     knn: tuple[np.ndarray, int] | None = None,
+    scores: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """What the graph must output, computed with PyTorch independently of the layout."""
+    """What the graph must output, computed with PyTorch independently of the layout.
+
+    ``scores``: further registered scores and their statistics (their numpy references)."""
     ensemble = ensemble.eval()
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     with torch.no_grad():
@@ -70,6 +79,12 @@ def reference_outputs(
 
         bank, k = knn
         out["knn"] = knn_scores(pre_logit_features(ensemble, images), bank, k)
+    if scores:
+        with torch.no_grad():
+            feats = ensemble.forward_pre_logits(x).double().numpy()
+        for name, stats in scores.items():
+            data = score_registry.ScoreData(out["logits"], temperature, feats, stats)
+            out[name] = score_registry.get(name).compute(data)
     if with_cams:
         out["cams"] = gradcam_last_map(ensemble, x, probs.argmax(dim=-1)).numpy()
     return out
@@ -105,7 +120,11 @@ def max_differences(
                 f"verification failed: output {name!r} has shape {list(got.shape)}, "
                 f"PyTorch gives {list(ref.shape)}"
             )
-        if name == "cams":
+        spec = score_registry.SCORES.get(name)
+        if spec is not None and spec.relative_tolerance:
+            scale = max(1.0, float(np.abs(ref).max(initial=0.0)))
+            diff = np.abs(got.astype(np.float64) - ref).max(initial=0.0) / scale
+        elif name == "cams":
             top2 = np.sort(expected["probs"], axis=-1)[:, -2:]
             rows = (top2[:, 1] - top2[:, 0]) > _TIE_GAP
             scale = max(1.0, float(np.abs(ref).max(initial=0.0)))
@@ -138,26 +157,28 @@ def verify(
     inputs: dict[str, np.ndarray],
     tolerances: dict[str, float] | None = None,
     knn: tuple[np.ndarray, int] | None = None,
+    scores: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Check ``model`` and compare it with PyTorch on each input set; returns the differences.
 
     ``knn`` = (bank rows as stored, k): what the graph's ``knn`` output must compute.
+    ``scores`` = the graph's other registered scores and their fitted statistics.
 
     Raises :class:`VerificationError` naming the first output out of tolerance.
     """
-    tol = {**TOLERANCES, **(tolerances or {})}
+    scores = scores or {}
+    tol = {
+        **TOLERANCES,
+        **{n: score_registry.get(n).tolerance for n in scores},
+        **(tolerances or {}),
+    }
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VerificationError(f"verification failed: onnx.checker: {first}") from None
     graph_outputs = {o.name for o in model.graph.output}
-    if ("knn" in graph_outputs) != (knn is not None):
-        has = "has" if "knn" in graph_outputs else "lacks"
-        raise VerificationError(
-            f"verification failed: the graph {has} a 'knn' output but a bank was "
-            f"{'not ' if knn is None else ''}given to check it against"
-        )
+    check_score_outputs(graph_outputs, knn is not None, scores)
     session = cpu_session(model)
     report: dict[str, dict[str, float]] = {}
     for set_name, images in inputs.items():
@@ -169,6 +190,7 @@ def verify(
             with_cams="cams" in graph_outputs,
             with_minmax="minmax" in graph_outputs,
             knn=knn,
+            scores=scores,
         )
         diffs = max_differences(actual, expected)
         for name, diff in diffs.items():
@@ -179,6 +201,25 @@ def verify(
                 )
         report[set_name] = diffs
     return report
+
+
+def check_score_outputs(outputs: set[str], has_bank: bool, scores: dict[str, dict]) -> None:
+    """Every score output of the graph must have what it is checked against (a bank for
+    ``knn``, statistics for the other registered scores), and nothing given may be missing."""
+    if ("knn" in outputs) != has_bank:
+        has = "has" if "knn" in outputs else "lacks"
+        raise VerificationError(
+            f"verification failed: the graph {has} a 'knn' output but a bank was "
+            f"{'' if has_bank else 'not '}given to check it against"
+        )
+    unchecked = [
+        o for o in outputs if o in score_registry.SCORES and o not in (*TOLERANCES, *scores)
+    ]
+    if unchecked:
+        raise VerificationError(
+            f"verification failed: the graph has score outputs {sorted(unchecked)} with no "
+            "statistics given to check them against"
+        )
 
 
 def verification_inputs(

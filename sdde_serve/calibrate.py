@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sdde_serve import calibration as cal
-from sdde_serve import conformal
+from sdde_serve import conformal, scores
 from sdde_serve.engine import make_session
 from sdde_serve.errors import UserError
 from sdde_serve.manifest import (
@@ -36,6 +36,7 @@ from sdde_serve.manifest import (
     ScoreSelection,
     TemperatureFold,
     TemperatureRule,
+    get_temperature,
     load_onnx,
     now_iso,
     read_manifest,
@@ -88,16 +89,19 @@ def fit_calibration(
         raise UserError(f"calibration data {data!r} has {len(labels)} labelled images; need >= 2")
     if labels.min() < 0 or labels.max() >= logits.shape[-1]:
         raise UserError(f"calibration data {data!r} has labels outside 0..{logits.shape[-1] - 1}")
-    if score not in SCORE_KINDS or (scores_at is None and score not in cal.SCORES):
-        raise UserError(f"unknown OOD score {score!r}; choose one of: {', '.join(SCORE_KINDS)}")
+    if score not in scores.SCORES or (scores_at is None and not scores.get(score).member_subset):
+        raise UserError(f"unknown OOD score {score!r}; choose one of: {', '.join(scores.SCORES)}")
     if not 0.0 < id_acceptance <= 1.0:
         raise UserError(f"--id-acceptance must be in (0, 1], got {id_acceptance}")
     before = cal.ensemble_probs(logits, 1.0)
     decision = choose_temperature(logits, labels)
     temperature = decision.temperature
     after = cal.ensemble_probs(logits, temperature)
-    scores = cal.ood_score(score, logits, after) if scores_at is None else scores_at(temperature)
-    ood = conformal_ood_spec(scores, score=score, id_acceptance=id_acceptance)
+    if scores_at is None:  # a score of the logits alone (the registry's member_subset ones)
+        values = scores.get(score).compute(scores.ScoreData(logits, temperature))
+    else:
+        values = scores_at(temperature)
+    ood = conformal_ood_spec(values, score=score, id_acceptance=id_acceptance)
     warnings = []
     if cal.temperature_at_bound(decision.fitted):
         warnings.append(
@@ -181,9 +185,10 @@ def validation_scores(
     outputs = {o.name for o in model.graph.output}
     if score in outputs:
         return run_graph(model, images, [score], batch_size)[score].astype(np.float64)
-    if score in cal.SCORES and score not in ("mal", "msp"):
-        found = run_graph(model, images, ["logits", "probs"], batch_size)
-        return cal.ood_score(score, found["logits"], found["probs"])
+    if score in scores.SCORES and scores.get(score).recompute_from_logits:
+        found = run_graph(model, images, ["logits"], batch_size)
+        logits = np.asarray(found["logits"], np.float64)
+        return scores.get(score).compute(scores.ScoreData(logits, get_temperature(model)))
     raise UserError(
         f"the model has no {score!r} output"
         + (" (exported without a KNN bank: re-export with --knn-bank)" if score == "knn" else "")

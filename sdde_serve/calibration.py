@@ -206,8 +206,9 @@ def threshold_for_acceptance(scores: np.ndarray, rate: float) -> float:
     return float(s[min(k, len(s) - 1)])
 
 
-# the OOD scores computable from logits and probabilities (``knn`` needs the graph's bank: its
-# value only ever comes from the graph's output, see sdde_serve.scoring.score_of)
+# the OOD scores computable from logits and probabilities alone (the registry says which:
+# sdde_serve/scores/; ``knn`` and other fitted scores only ever come from the graph's output, see
+# sdde_serve.scoring.score_of). Kept as functions of (logits, probs) for their callers.
 SCORES = {
     "mal": lambda logits, probs: mal(logits),
     "msp": lambda logits, probs: msp(probs),

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from sdde_serve import scores as score_registry
 from sdde_serve.errors import UserError
 from sdde_serve.manifest import Manifest, read_manifest
 from sdde_serve.model_checks import (
@@ -32,8 +33,17 @@ if TYPE_CHECKING:  # onnxruntime loads lazily: importing the engine must stay ch
 log = logging.getLogger("sdde.engine")
 
 REQUIRED_OUTPUTS = ("logits", "probs", "mal", "msp")
-# [B] scores of newer graphs: fetched when the graph has them (older files lack them and serve on)
-OPTIONAL_SCORES = ("minmax", "knn")
+# the fields of EngineOutput for scores newer graphs may lack; other registered scores' outputs
+# are kept in EngineOutput.extra
+_SCORE_FIELDS = ("minmax", "knn")
+
+
+def optional_scores() -> tuple[str, ...]:
+    """[B] scores of newer graphs (the registry's, but mal and msp): fetched when the graph has
+    them (older files lack them and serve on)."""
+    return tuple(n for n in score_registry.names() if n not in REQUIRED_OUTPUTS)
+
+
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider")
 
 
@@ -49,9 +59,31 @@ class EngineOutput:
     cams: np.ndarray | None = None  # [B, N, h, w] when the graph exports them
     minmax: np.ndarray | None = None  # [B] min over members of the member's max logit
     knn: np.ndarray | None = None  # [B] k-th largest cosine similarity to the KNN bank
+    # [B] outputs of the graph's other registered scores (energy, mahalanobis...), by name
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.probs)
+
+    def score(self, name: str) -> np.ndarray | None:
+        """The graph's output for score ``name``, None when the graph lacks it."""
+        if name in ("mal", "msp", *_SCORE_FIELDS):
+            return getattr(self, name)
+        return self.extra.get(name)
+
+    @staticmethod
+    def from_outputs(out: dict[str, np.ndarray]) -> EngineOutput:
+        """From the graph's outputs by name (any registered score it has)."""
+        return EngineOutput(
+            out["logits"],
+            out["probs"],
+            out["mal"],
+            out["msp"],
+            out.get("cams"),
+            minmax=out.get("minmax"),
+            knn=out.get("knn"),
+            extra={n: out[n] for n in optional_scores() if n not in _SCORE_FIELDS and n in out},
+        )
 
     def slice(self, start: int, stop: int) -> EngineOutput:
         def part(a: np.ndarray | None) -> np.ndarray | None:
@@ -65,6 +97,7 @@ class EngineOutput:
             part(self.cams),
             minmax=part(self.minmax),
             knn=part(self.knn),
+            extra={n: v[start:stop] for n, v in self.extra.items()},
         )
 
     @staticmethod
@@ -82,6 +115,7 @@ class EngineOutput:
             joined("cams"),
             minmax=joined("minmax"),
             knn=joined("knn"),
+            extra={n: np.concatenate([p.extra[n] for p in parts]) for n in parts[0].extra},
         )
 
 
@@ -213,12 +247,15 @@ class Engine:
         missing = [o for o in REQUIRED_OUTPUTS if o not in self.output_names]
         if missing:
             raise ModelLoadError(f"{self.path}: graph lacks outputs {missing}")
-        if self.manifest.ood.score == "knn" and "knn" not in self.output_names:
-            raise ModelLoadError(f"{self.path}: the manifest deploys 'knn' but the graph lacks it")
+        deployed = score_registry.get(self.manifest.ood.score)
+        if deployed.name not in self.output_names and not deployed.recompute_from_logits:
+            raise ModelLoadError(
+                f"{self.path}: the manifest deploys {deployed.name!r} but the graph lacks it"
+            )
         # every output but the CAMs (only fetched on request: they are large)
         self._scores = [
             *REQUIRED_OUTPUTS,
-            *(o for o in OPTIONAL_SCORES if o in self.output_names),
+            *(o for o in optional_scores() if o in self.output_names),
         ]
         self._fetch = [*self._scores, *(["cams"] if "cams" in self.output_names else [])]
         spec = self.manifest.input
@@ -260,16 +297,7 @@ class Engine:
             )
         names = self._fetch if with_cams else self._scores
         values = self.session.run(names, {self.input_name: images})
-        out = dict(zip(names, values, strict=True))
-        return EngineOutput(
-            out["logits"],
-            out["probs"],
-            out["mal"],
-            out["msp"],
-            out.get("cams"),
-            minmax=out.get("minmax"),
-            knn=out.get("knn"),
-        )
+        return EngineOutput.from_outputs(dict(zip(names, values, strict=True)))
 
     def run_batches(
         self, images: np.ndarray, batch_size: int = 256, *, with_cams: bool = False

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sdde_serve import scores
 from sdde_serve.errors import UserError, permission_denied
 from sdde_serve.transform import Resize, ResizeMode
 
@@ -26,10 +27,10 @@ SCHEMA_VERSION = 1
 TEMPERATURE_INITIALIZER = "temperature"
 KNN_BANK_INITIALIZER = "knn_bank"
 OUTPUTS = ("logits", "probs", "mal", "msp")
-# OOD scores a manifest may deploy; each is a [B] output of the graph of the same name (graphs
-# exported before minmax/knn existed lack those outputs: see sdde_serve.scoring.score_of)
-OOD_SCORES = ("mal", "msp", "minmax", "knn")
-OODScore = Literal["mal", "msp", "minmax", "knn"]
+# OOD scores a manifest may deploy: the registry's (sdde_serve/scores/), each a [B] output of the
+# graph of the same name (graphs exported before minmax/knn existed lack those outputs: see
+# sdde_serve.scoring.score_of). The built-in names; scores registered later count too.
+OOD_SCORES = scores.names()
 
 
 class _Model(BaseModel):
@@ -96,12 +97,18 @@ class ScoreSelection(_Model):
     id_data: str | None = None  # the in-distribution validation images the AUROCs used
     # set when the ood_val sets were synthesized from id_data (no --ood-val given)
     synthesized: SynthesizedOOD | None = None
+    # candidate -> mean validation FPR@95 over ood_val (breaks ties of equal mean AUROC)
+    val_fpr95: dict[str, float] = Field(default_factory=dict)
+    id_n: int | None = None  # how many in-distribution validation images the choice used
+    # the choice's ID images are disjoint from the images T, the threshold and the conformal
+    # calibration scores were fitted on (auto with --ood-val splits the validation split)
+    calibration_apart: bool = False
 
 
 class OODSpec(_Model):
     """OOD rule: an image is OOD when ``score < threshold`` (higher = more in-distribution)."""
 
-    score: OODScore = "mal"
+    score: str = "mal"  # a registered score (sdde_serve/scores/)
     threshold: float
     id_acceptance: float = Field(0.95, gt=0.0, le=1.0)
     higher_is_in_distribution: Literal[True] = True
@@ -110,6 +117,13 @@ class OODSpec(_Model):
     # the calibration set of the split-conformal p-value (sdde_serve/conformal.py). Absent in
     # files exported before p-values existed: those serve no p-value and keep `score < threshold`.
     calibration_scores: list[float] | None = None
+
+    @field_validator("score")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        if value not in scores.SCORES:
+            raise ValueError(f"unknown OOD score {value!r}; known: {', '.join(scores.SCORES)}")
+        return value
 
     @property
     def alpha(self) -> float:
@@ -135,6 +149,14 @@ class KNNSpec(_Model):
     subsample: Literal["all", "stratified"]
     seed: int
     fingerprint: str  # SHA-256 of the bank's little-endian bytes as stored
+
+
+class ScoreStatsSpec(_Model):
+    """A registered score's statistics stored in the graph (initializers ``<score>_<key>``)."""
+
+    shapes: dict[str, list[int]]  # key -> shape of its float32 initializer
+    memory_bytes: int
+    source: str  # where they were fitted (the run's training split, never its validation)
 
 
 class CalibrationMetrics(_Model):
@@ -230,6 +252,8 @@ class Manifest(_Model):
     ood: OODSpec
     calibration: CalibrationInfo
     knn: KNNSpec | None = None  # the graph has a ``knn`` output (files before it: none)
+    # statistics of the graph's other fitted scores (mahalanobis...); empty in older files
+    score_stats: dict[str, ScoreStatsSpec] = Field(default_factory=dict)
     weights_sha256: str
     # SHA-256 of the graph's structure (graph_sha256()); stamped by write_manifest, absent in
     # files written before it existed

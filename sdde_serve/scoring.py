@@ -8,10 +8,10 @@ from typing import Literal, get_args
 import numpy as np
 from pydantic import BaseModel, Field
 
-from sdde_serve import conformal
-from sdde_serve.calibration import member_agreement, ood_score
+from sdde_serve import conformal, scores
+from sdde_serve.calibration import member_agreement
 from sdde_serve.engine import EngineOutput
-from sdde_serve.manifest import OOD_SCORES, Manifest
+from sdde_serve.manifest import Manifest
 
 OODPolicy = Literal["flag", "reject"]
 OOD_POLICIES: tuple[str, ...] = get_args(OODPolicy)
@@ -31,10 +31,7 @@ class Prediction(BaseModel):
     confidence: float | None = Field(None, description="calibrated probability of `label`")
     top_k: list[ClassProbability] | None = None
     ood_score: float = Field(description="higher = more in-distribution")
-    score_kind: str = Field(
-        description="'mal' (max average logit), 'msp', 'minmax' (min over members of the "
-        "member's max logit) or 'knn' (k-th largest cosine similarity to training features)"
-    )
+    score_kind: str = Field(description="the deployed OOD score: " + scores.help_lines())
     threshold: float = Field(description="is_ood = ood_score < threshold")
     ood_p_value: float | None = Field(
         None,
@@ -64,15 +61,18 @@ def score_of(out: EngineOutput, kind: str) -> np.ndarray:
     """The OOD score ``kind`` of every image, as the graph computed it (float32 -> float64).
 
     Graphs exported before ``minmax`` existed lack that output: it is recomputed from their
-    logits, exactly (max and min only pick float32 values). ``knn`` needs the graph's bank.
+    logits, exactly (max and min only pick float32 values); so is any registered score marked
+    ``recompute_from_logits``. ``knn`` needs the graph's bank, other fitted scores their stats.
     """
-    if kind not in OOD_SCORES:
-        raise ValueError(f"unknown OOD score {kind!r}; choose one of {OOD_SCORES}")
-    value = getattr(out, kind)
-    if value is None and kind in ("minmax",):
-        value = ood_score(kind, out.logits, out.probs)
+    if kind not in scores.SCORES:
+        raise ValueError(f"unknown OOD score {kind!r}; choose one of {scores.names()}")
+    spec = scores.get(kind)
+    value = out.score(kind)
+    if value is None and spec.recompute_from_logits:
+        value = spec.compute(scores.ScoreData(np.asarray(out.logits, np.float64)))
     if value is None:
-        raise ValueError(f"the model has no {kind!r} output (exported without a KNN bank)")
+        why = " (exported without a KNN bank)" if kind == "knn" else ""
+        raise ValueError(f"the model has no {kind!r} output{why}")
     return np.asarray(value, np.float64)
 
 

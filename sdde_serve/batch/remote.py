@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from sdde_serve import scores
 from sdde_serve.engine import REQUIRED_OUTPUTS, EngineOutput
 from sdde_serve.errors import UserError
 from sdde_serve.manifest import Manifest
@@ -130,8 +131,11 @@ class RemoteBackend:
             tensor["parameters"] = {"binary_data_size": len(raw)}
         else:
             tensor["data"] = images.ravel().tolist()
-        # the knn score exists only in the graph: fetched when it is the deployed one
-        names = [*REQUIRED_OUTPUTS, *(["knn"] if self.manifest.ood.score == "knn" else [])]
+        # a score beyond the required outputs is fetched when it is the deployed one (minmax:
+        # recomputed from the logits, as for older graphs)
+        deployed = self.manifest.ood.score
+        extra = deployed not in REQUIRED_OUTPUTS and not scores.get(deployed).recompute_from_logits
+        names = [*REQUIRED_OUTPUTS, *([deployed] if extra else [])]
         request = {
             "inputs": [tensor],
             "outputs": [{"name": n, "parameters": {"binary_data": self.binary}} for n in names],
@@ -155,11 +159,7 @@ class RemoteBackend:
                 f"{data[:300].decode(errors='replace')}"
             )
         arrays = _parse_outputs(data, resp_headers, names)
-        return EngineOutput(
-            *(arrays[k] for k in REQUIRED_OUTPUTS),
-            minmax=arrays.get("minmax"),
-            knn=arrays.get("knn"),
-        )
+        return EngineOutput.from_outputs(arrays)
 
     def close(self) -> None:
         if self._conn is not None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sdde_serve import calibration as cal
+from sdde_serve import scores
 from sdde_serve.data import ArrayDataset
 from sdde_serve.engine import Engine, EngineOutput
 from sdde_serve.errors import UserError
@@ -38,35 +39,38 @@ def _msp_avg_logits(out: EngineOutput, temperature: float) -> np.ndarray:
 
 def _graph_score(name: str) -> Callable[[EngineOutput, float], np.ndarray | None]:
     def score(out: EngineOutput, temperature: float) -> np.ndarray | None:
-        if name == "knn" and out.knn is None:
-            return None  # a model exported without a KNN bank
+        if out.score(name) is None and not scores.get(name).recompute_from_logits:
+            return None  # not in this graph (a KNN bank, fitted statistics: chosen at export)
         return score_of(out, name)
 
     return score
 
 
-# OOD scores, all "higher = more in-distribution". ``mal``, ``msp``, ``minmax`` and ``knn`` are
-# the graph's own outputs, the scores a manifest can deploy (``msp`` uses the manifest's
-# temperature; ``minmax``, the official code's aggregation, is recomputed from the logits of
-# graphs exported before it was an output; ``knn`` exists only in graphs with a KNN bank).
-# ``msp_avg_logits`` is the official code's other aggregation (MSP of the member-averaged logits
-# at T = 1), computed here from the graph's member logits.
-SCORES: dict[str, Callable[[EngineOutput, float], np.ndarray | None]] = {
-    "mal": _graph_score("mal"),
-    "msp": _graph_score("msp"),
-    "minmax": _graph_score("minmax"),
-    "knn": _graph_score("knn"),
-    "msp_avg_logits": _msp_avg_logits,
-}
+def score_table() -> dict[str, Callable[[EngineOutput, float], np.ndarray | None]]:
+    """OOD scores, all "higher = more in-distribution": every registered score the graph has
+    (sdde_serve/scores/; ``msp`` at the manifest's temperature; ``minmax`` recomputed from the
+    logits of graphs exported before it was an output; ``knn`` only in graphs with a KNN bank),
+    then ``msp_avg_logits``, the official code's other aggregation (MSP of the member-averaged
+    logits at T = 1), computed here from the graph's member logits."""
+    return {
+        **{n: _graph_score(n) for n in scores.names()},
+        "msp_avg_logits": _msp_avg_logits,
+    }
+
+
+def score_descriptions() -> dict[str, str]:
+    return {
+        **{n: f"{s.summary} (graph output)" for n, s in scores.SCORES.items()},
+        "msp": "max of mean over members of softmax(logits / T) (graph output)",
+        "minmax": "min over members of the member's max logit (official code; graph output)",
+        "msp_avg_logits": "max of softmax(member-averaged logits), T = 1 (official code)",
+    }
+
+
+# the built-in scores' table (what a report of an older metrics file falls back to)
+SCORES = score_table()
 PRIMARY_SCORES = ("mal", "msp")
-SCORE_DESCRIPTIONS = {
-    "mal": "max over classes of member-averaged logits (graph output)",
-    "msp": "max of mean over members of softmax(logits / T) (graph output)",
-    "minmax": "min over members of the member's max logit (official code; graph output)",
-    "knn": "k-th largest cosine similarity of the concatenated member pre-logit features to "
-    "the training-feature bank (graph output)",
-    "msp_avg_logits": "max of softmax(member-averaged logits), T = 1 (official code)",
-}
+SCORE_DESCRIPTIONS = score_descriptions()
 
 
 @dataclass
@@ -163,8 +167,8 @@ def _cam_subset(
 
 
 def _score(name: str, spec: str, out: EngineOutput, temperature: float) -> ScoredSet:
-    scores = {k: fn(out, temperature) for k, fn in SCORES.items()}
-    present = {k: v for k, v in scores.items() if v is not None}
+    values = {k: fn(out, temperature) for k, fn in score_table().items()}
+    present = {k: v for k, v in values.items() if v is not None}
     return ScoredSet(name, spec, np.asarray(out.logits, np.float64), present)
 
 
@@ -240,12 +244,13 @@ def evaluate(
     if out_id.minmax is not None:
         graph_check["minmax_max_abs_diff"] = float(np.abs(out_id.minmax - cal.minmax(logits)).max())
 
-    scores = [k for k in SCORES if k in id_set.scores]  # knn only with a bank
+    score_names = [k for k in score_table() if k in id_set.scores]  # knn only with a bank
     per_set = {
-        s.name: {k: ood_metrics(id_set.scores[k], s.scores[k]) for k in scores} for s in ood_sets
+        s.name: {k: ood_metrics(id_set.scores[k], s.scores[k]) for k in score_names}
+        for s in ood_sets
     }
     per_group = {
-        g: {k: mean_metrics([per_set[n][k] for n in names]) for k in scores}
+        g: {k: mean_metrics([per_set[n][k] for n in names]) for k in score_names}
         for g, names in groups.items()
     }
     thr, kind = float(manifest.ood.threshold), manifest.ood.score
@@ -287,7 +292,7 @@ def evaluate(
         },
         "conventions": {
             "positive_class": POSITIVE_CLASS,
-            "scores": {k: SCORE_DESCRIPTIONS[k] for k in scores},
+            "scores": {k: score_descriptions()[k] for k in score_names},
             "ece_bins": 15,
             "before_calibration": "T = 1 from the graph's member logits",
             "after_calibration": f"T = {temperature:g} (the manifest's)",
@@ -305,7 +310,7 @@ def evaluate(
         },
         "ood": {
             "metrics": list(OOD_METRICS),
-            "scores": scores,
+            "scores": score_names,
             "deployed": kind,
             "knn": None
             if manifest.knn is None

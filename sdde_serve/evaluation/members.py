@@ -6,10 +6,11 @@ recomputed from them: the **first k** members (what exporting a smaller ensemble
 the **mean over random subsets** of size k (all subsets when there are at most ``subsets`` of
 them), which says how much is the members' number and how much their luck.
 
-For each subset: accuracy, NLL, ECE and Brier at a temperature, and
-the OOD AUROC and FPR@95 of every score computable from member logits: ``mal``, ``msp`` (at the
-subset's T) and ``minmax`` (min over members of each member's max logit). A feature-space score
-(the kNN score on the members' pre-logit features) is not subsettable from logits and is left out.
+For each subset: accuracy, NLL, ECE and Brier at a temperature, and the OOD AUROC and FPR@95 of
+every registered score computable from member logits that the graph has (sdde_serve/scores/,
+``member_subset``): ``mal``, ``msp`` (at the subset's T), ``minmax`` (min over members of each
+member's max logit), ``energy`` where exported. Feature-space scores (kNN, Mahalanobis on the
+members' pre-logit features) are not subsettable from logits and are left out.
 
 The temperature: all N members are the exported graph, at the T its manifest records (so the
 k = N row is the main table's). A smaller subset, given labelled validation data, gets the T the
@@ -23,7 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from sdde_serve import calibration as cal
+from sdde_serve import scores
 from sdde_serve.errors import UserError
 from sdde_serve.evaluation.evaluate import Evaluation
 from sdde_serve.evaluation.metrics import mean_metrics, ood_metrics
@@ -40,26 +42,39 @@ SCHEMA_KEY = "members_sweep"
 SWEEP_OOD_METRICS = ("auroc", "fpr95")
 
 
-def _minmax(logits: np.ndarray, temperature: float) -> np.ndarray:
-    return logits.max(axis=2).min(axis=1)
+def _subset_score(name: str) -> Callable[[np.ndarray, float], np.ndarray]:
+    spec = scores.get(name)
+    return lambda z, t: spec.compute(scores.ScoreData(np.asarray(z, np.float64), t))
 
 
-# logits [n, k, L] of a member subset, its temperature -> score (higher = more in-distribution)
-SUBSET_SCORES: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
-    "mal": lambda z, t: cal.mal(z),
-    "msp": lambda z, t: cal.msp(cal.ensemble_probs(z, t)),
-    "minmax": _minmax,
-}
-SCORE_DOCS = {
+def subset_scores(available: Iterable[str]) -> dict[str, Callable[[np.ndarray, float], np.ndarray]]:
+    """logits [n, k, L] of a member subset, its temperature -> score (higher = more ID), for
+    every registered score computable from member logits alone (``member_subset``) that the
+    evaluated graph has (``available``)."""
+    return {n: _subset_score(n) for n in scores.names(member_subset=True) if n in available}
+
+
+# the scores of every graph (mal, msp and minmax, recomputed for older graphs)
+SUBSET_SCORES = subset_scores(("mal", "msp", "minmax"))
+_SUBSET_WORDING = {
     "mal": "max over classes of the subset's member-averaged logits",
     "msp": "max of the subset's mean of softmax(logits / T), T refitted for the subset",
     "minmax": "min over the subset's members of each member's max logit",
 }
-NOT_SUBSETTABLE = {
-    "knn": "a feature-space score, the distance of the members' pre-logit features to the "
-    "training features; the graph outputs it as one score for the whole ensemble, and member "
-    "logits cannot reproduce it for a subset"
-}
+
+
+def score_docs(names: Iterable[str]) -> dict[str, str]:
+    return {n: _SUBSET_WORDING.get(n, f"{scores.get(n).summary}, of the subset") for n in names}
+
+
+def not_subsettable() -> dict[str, str]:
+    """Registered scores the sweep cannot recompute for a subset, and why."""
+    return {
+        n: f"{scores.get(n).summary}: it needs the members' pre-logit features or statistics "
+        "stored in the graph for the whole ensemble, which member logits cannot reproduce for a "
+        "subset"
+        for n in scores.names(member_subset=False)
+    }
 
 
 @dataclass(frozen=True)
@@ -89,16 +104,17 @@ def subset_metrics(
     id_logits = evaluation.id_set.logits[:, idx]
     labels = evaluation.labels
     probs = cal.ensemble_probs(id_logits, temperature)
-    id_scores = {s: fn(id_logits, temperature) for s, fn in SUBSET_SCORES.items()}
+    fns = subset_scores(evaluation.id_set.scores)
+    id_scores = {s: fn(id_logits, temperature) for s, fn in fns.items()}
     sets = {
         ood.name: {
             s: _pick(ood_metrics(id_scores[s], fn(ood.logits[:, idx], temperature)))
-            for s, fn in SUBSET_SCORES.items()
+            for s, fn in fns.items()
         }
         for ood in evaluation.ood_sets
     }
     groups = {
-        g: {s: mean_metrics([sets[n][s] for n in names]) for s in SUBSET_SCORES}
+        g: {s: mean_metrics([sets[n][s] for n in names]) for s in fns}
         for g, names in evaluation.groups.items()
     }
     return {
@@ -187,8 +203,8 @@ def members_sweep(
             else f"the manifest's T = {manifest_t:.4g} for every subset (no --val-data)"
         ),
         "temperature_refitted": refit,
-        "scores": SCORE_DOCS,
-        "not_subsettable": NOT_SUBSETTABLE,
+        "scores": score_docs(subset_scores(evaluation.id_set.scores)),
+        "not_subsettable": not_subsettable(),
         "ood_metrics": list(SWEEP_OOD_METRICS),
         "first": first,
         "random": random,

@@ -12,7 +12,9 @@ from collections.abc import Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from sdde_serve import scores
 from sdde_serve.manifest import Manifest
+from sdde_serve.scores.msp import CONFIDENCE_BUCKETS
 from sdde_serve.scoring import Prediction
 from sdde_serve.server.multiprocess import multiprocess_dir, remove_series
 
@@ -23,21 +25,17 @@ LATENCY_BUCKETS = (
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-CONFIDENCE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
-# MAL is a logit: wide, uneven range; MSP is a probability. No negative bounds: with one,
-# prometheus_client drops the histogram's _sum (and with it the mean score); scores <= 0 are all
-# far out of distribution and share the first bucket.
-SCORE_BUCKETS = {
-    "mal": (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0, 20.0,
-            30.0, 50.0),
-    "msp": CONFIDENCE_BUCKETS,
-    # the smallest member's max logit: a logit like MAL
-    "minmax": (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0, 20.0,
-               30.0, 50.0),
-    # a cosine similarity; in-distribution images crowd close to 1
-    "knn": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96,
-            0.97, 0.98, 0.99, 0.995, 1.0),
-}  # fmt: skip
+
+
+def score_bucket_table() -> dict[str, tuple[float, ...]]:
+    """Each registered score's histogram bounds (sdde_serve/scores/: a logit's wide, uneven range
+    for MAL-like scores, a probability's for MSP, a cosine's for KNN). No negative bounds: with
+    one, prometheus_client drops the histogram's _sum (and with it the mean score); scores <= 0
+    are all far out of distribution and share the first bucket."""
+    return {name: spec.buckets for name, spec in scores.SCORES.items()}
+
+
+SCORE_BUCKETS = score_bucket_table()
 
 
 # p-values: fine near 0 (where alpha lives), then even steps so that the distribution can be
@@ -69,7 +67,8 @@ GAUGE_MODES = {
 def score_buckets(kind: str, threshold: float) -> list[float]:
     """The score's buckets plus the threshold itself, so the histogram can count
     ``score < threshold`` exactly (``le`` equal to the threshold is the boundary)."""
-    bounds = {*SCORE_BUCKETS.get(kind, SCORE_BUCKETS["mal"]), float(threshold)}
+    table = score_bucket_table()
+    bounds = {*table.get(kind, table["mal"]), float(threshold)}
     return sorted(b for b in bounds if b >= 0.0)
 
 

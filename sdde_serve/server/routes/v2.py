@@ -3,7 +3,7 @@
 Input: one tensor ``images``, FP32, shape ``[B, C, H, W]``, pixels in [0, 1], as JSON ``data``
 (flat or nested, row-major) or as raw little-endian bytes after the JSON header (binary tensor
 extension: the header's length is in ``Inference-Header-Content-Length``, the tensor carries
-``parameters.binary_data_size``). Outputs (all by default): see :data:`OUTPUTS`. An output is
+``parameters.binary_data_size``). Outputs (all by default): see :func:`output_table`. An output is
 returned as bytes when it asks ``binary_data: true`` or the request sets ``binary_data_output``.
 The per-request parameter ``ood_policy`` (``flag``/``reject``) sets ``label`` to -1 for rejected
 images; ``alpha`` overrides the model's (``is_ood = ood_p_value < alpha``).
@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.background import BackgroundTask
 
-from sdde_serve import __version__
+from sdde_serve import __version__, scores
 from sdde_serve.calibration import member_agreement
 from sdde_serve.engine import EngineOutput
 from sdde_serve.manifest import Manifest
@@ -61,15 +61,17 @@ DTYPES: dict[str, np.dtype] = {
 Outputs = dict[str, tuple[str, np.ndarray]]
 OutputFn = Callable[[EngineOutput, list[Prediction]], np.ndarray]
 
+
+def _score_output(name: str) -> OutputFn:
+    return lambda o, p: score_of(o, name)
+
+
+OutputSpec = tuple[str, Callable[[int, int], list[int]], OutputFn]
 # name -> (datatype, shape after the batch dim as a function of (members, classes), compute)
-OUTPUTS: dict[str, tuple[str, Callable[[int, int], list[int]], OutputFn]] = {
+OUTPUTS: dict[str, OutputSpec] = {
     "probs": ("FP32", lambda n, c: [c], lambda o, p: o.probs),
     "logits": ("FP32", lambda n, c: [n, c], lambda o, p: o.logits),
-    "mal": ("FP32", lambda n, c: [], lambda o, p: o.mal),
-    "msp": ("FP32", lambda n, c: [], lambda o, p: o.msp),
-    "minmax": ("FP32", lambda n, c: [], lambda o, p: score_of(o, "minmax")),
-    # only for models exported with a KNN bank (model_outputs)
-    "knn": ("FP32", lambda n, c: [], lambda o, p: score_of(o, "knn")),
+    # every registered OOD score (sdde_serve/scores/) goes here, see output_table
     "ood_score": ("FP32", lambda n, c: [], lambda o, p: np.array([x.ood_score for x in p])),
     "is_ood": ("BOOL", lambda n, c: [], lambda o, p: np.array([x.is_ood for x in p])),
     # p-values lie in (0, 1]; -1 (as `label` for a rejected image) for models exported without
@@ -88,9 +90,31 @@ OUTPUTS: dict[str, tuple[str, Callable[[int, int], list[int]], OutputFn]] = {
 }
 
 
+def output_table() -> dict[str, OutputSpec]:
+    """:data:`OUTPUTS` with every registered OOD score after ``logits`` (the registry as it is
+    now: a score registered after this module loaded is served too)."""
+    fixed = list(OUTPUTS.items())
+    score_outputs = [(n, ("FP32", _no_dims, _score_output(n))) for n in scores.names()]
+    return dict([*fixed[:2], *score_outputs, *fixed[2:]])
+
+
+def _no_dims(members: int, classes: int) -> list[int]:
+    return []
+
+
 def model_outputs(manifest: Manifest) -> list[str]:
-    """The outputs this model offers: all of :data:`OUTPUTS` but ``knn`` without a KNN bank."""
-    return [n for n in OUTPUTS if n != "knn" or manifest.knn is not None]
+    """The outputs this model offers: all of :func:`output_table` but the scores its graph lacks
+    and cannot recompute from its logits (``knn`` without a KNN bank, other fitted scores)."""
+    return [n for n in output_table() if n not in scores.SCORES or score_available(manifest, n)]
+
+
+def score_available(manifest: Manifest, name: str) -> bool:
+    spec = scores.get(name)
+    if spec.in_every_graph or spec.recompute_from_logits:
+        return True
+    if name == "knn":  # graphs with a bank have always recorded it in the manifest
+        return manifest.knn is not None
+    return name in manifest.outputs
 
 
 class TensorRequest(BaseModel):
@@ -264,7 +288,7 @@ async def model_metadata(
         ],
         outputs=[
             TensorMetadata(name=name, datatype=dt, shape=[-1, *shape(members, classes)])
-            for name, (dt, shape, _) in OUTPUTS.items()
+            for name, (dt, shape, _) in output_table().items()
             if name in model_outputs(m)
         ],
         parameters={
@@ -304,7 +328,7 @@ def _max_values(runtime: ModelRuntime, max_images: int) -> int:
     """Most values a valid header can hold: the largest input tensor as JSON ``data``, plus room
     for the outputs list and parameters (see :func:`check_json_values`)."""
     spec = runtime.manifest.input
-    return max_images * spec.channels * spec.height * spec.width + 8 * len(OUTPUTS) + 64
+    return max_images * spec.channels * spec.height * spec.width + 8 * len(output_table()) + 64
 
 
 def _parse(header: bytes, max_values: int | None = None) -> InferenceRequest:
@@ -500,8 +524,9 @@ def _response(
     JSON header + binary tensors (serialised off the loop when large)."""
     entries: list[dict[str, Any]] = []
     chunks: list[bytes] = []
+    table = output_table()
     for out_name, binary_out in wanted:
-        datatype, _, compute = OUTPUTS[out_name]
+        datatype, _, compute = table[out_name]
         array = np.asarray(compute(out, preds)).astype(DTYPES[datatype])
         entry: dict[str, Any] = {"name": out_name, "datatype": datatype, "shape": list(array.shape)}
         if binary_out:
