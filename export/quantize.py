@@ -7,8 +7,12 @@ still finds a float32 ``temperature`` initializer, and the scores are computed a
 from the lower-precision logits.
 
 * **int8**: onnxruntime static quantization in the QDQ format, per-channel symmetric int8
-  weights, activations calibrated (MinMax) on **training** images, never the validation split
-  that T, the threshold and this module's own comparison use.
+  weights in 7 bits (``reduce_range``), uint8 activations calibrated (MinMax) on **training**
+  images, never the validation split that T, the threshold and this module's own comparison use.
+  7-bit weights are what makes one file right on every x86 CPU: without VNNI (AVX2, AVX-512
+  without VNNI) onnxruntime's U8S8 kernels multiply with VPMADDUBSW, which adds two
+  uint8 x int8 products into a *saturating* int16; 2 x 255 x 127 overflows it, 2 x 255 x 64 =
+  32640 does not (see :data:`INT8_WEIGHT_BITS`, docs/export.md).
 * **fp16**: float16 member networks for the CUDA provider (inputs and outputs stay float32).
   onnxruntime's CPU provider runs such a graph only by inserting casts back to float32 (it has
   no float16 convolution on x86), so it is slower there; it is built for GPUs.
@@ -69,6 +73,13 @@ DEFAULT_MAX_AUROC_DROP = 0.5
 # training images the int8 activation ranges are calibrated on (MinMax over all of them)
 DEFAULT_CALIBRATION_IMAGES = 512
 CALIBRATION_BATCH = 64
+# weights quantized to 7 bits (onnxruntime's ``reduce_range``: symmetric [-64, 64]) so that a
+# pair of uint8 x int8 products never saturates the int16 sum of the non-VNNI x86 kernels
+# (VPMADDUBSW); onnxruntime's quantize_static docs recommend it for CPUs without VNNI, and on
+# VNNI/AMX (int32 accumulation) it costs one bit of weight precision and no speed (measured,
+# docs/export.md). The same file is then right on every x86 kind it is deployed to.
+INT8_REDUCE_RANGE = True
+INT8_WEIGHT_MAX = 64  # |quantized weight| with reduce_range: 2 * 255 * 64 = 32640 <= 32767
 # ops quantized inside the member networks: everything onnxruntime fuses into int8 kernels on
 # the CPU provider (QLinearConv, QGemm, QLinearAdd, ...); Relu and MaxPool are quantized as
 # "pass-through" ops so that no dequantize/quantize pair sits between two convolutions
@@ -155,6 +166,7 @@ def to_int8(model: onnx.ModelProto, calibration_images: np.ndarray) -> onnx.Mode
                 op_types_to_quantize=list(INT8_OPS),
                 nodes_to_quantize=members,
                 per_channel=True,
+                reduce_range=INT8_REDUCE_RANGE,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,

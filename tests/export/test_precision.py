@@ -82,6 +82,23 @@ def test_int8_graph_is_valid_quantized_and_agrees_with_fp32(int8_model, tiny_mod
     np.testing.assert_allclose(out["mal"], cal.mal(out["logits"]), atol=1e-5)
 
 
+def test_int8_products_cannot_saturate_the_int16_sums_of_non_vnni_kernels(int8_model):
+    """Instruction-set independent: on AVX2 (no VNNI) onnxruntime adds two uint8 x int8
+    products into a saturating int16 (VPMADDUBSW); with 7-bit weights no pair can overflow it,
+    so the int8 graph computes the same on every x86 kind."""
+    from onnx import numpy_helper
+
+    from export.quantize import INT8_WEIGHT_MAX
+
+    q = load_onnx(int8_model)
+    weights = [numpy_helper.to_array(t) for t in q.graph.initializer]
+    int8 = [w for w in weights if w.dtype == np.int8 and w.ndim >= 2]
+    assert int8 and max(int(np.abs(w.astype(np.int32)).max()) for w in int8) <= INT8_WEIGHT_MAX
+    uint8_activations = [t for t in q.graph.initializer if t.data_type == TensorProto.UINT8]
+    assert uint8_activations  # the activation zero points: uint8, 0..255
+    assert np.iinfo(np.int16).max >= 2 * 255 * INT8_WEIGHT_MAX
+
+
 def test_int8_manifest_records_precision_and_deltas(int8_model, tiny_model, tiny_run):
     from training.run import load_run
 
