@@ -23,7 +23,8 @@ from the lower-precision logits.
 After conversion the caller refits T and the threshold on the converted graph's own outputs,
 then :func:`compare_precision` measures it against the float32 graph on the validation split
 (accuracy, NLL, ECE, label agreement and, given validation OOD images, the AUROC of the deployed
-score) and :func:`check_tolerances` refuses an export beyond the tolerances.
+score) and :func:`check_tolerances` refuses an export beyond the tolerances (accuracy, AUROC,
+NLL and ECE).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MAX_ACCURACY_DROP",
     "DEFAULT_MAX_AUROC_DROP",
+    "DEFAULT_MAX_ECE_INCREASE",
+    "DEFAULT_MAX_NLL_INCREASE",
     "PRECISIONS",
     "check_tolerances",
     "compare_precision",
@@ -70,6 +73,11 @@ __all__ = [
 # tolerances in points (percentage points of accuracy and of AUROC x 100)
 DEFAULT_MAX_ACCURACY_DROP = 0.3
 DEFAULT_MAX_AUROC_DROP = 0.5
+# calibration tolerances: NLL in percent of fp32's NLL, ECE in points (x 100). Accuracy and
+# AUROC miss a graph whose probabilities drifted without flipping labels (measured on an AVX2
+# machine before 7-bit weights: NLL +12%, ECE doubled, accuracy within tolerance).
+DEFAULT_MAX_NLL_INCREASE = 5.0
+DEFAULT_MAX_ECE_INCREASE = 2.0
 # training images the int8 activation ranges are calibrated on (MinMax over all of them)
 DEFAULT_CALIBRATION_IMAGES = 512
 CALIBRATION_BATCH = 64
@@ -426,13 +434,18 @@ def compare_precision(
 
 
 def check_tolerances(
-    check: PrecisionCheck, *, max_accuracy_drop: float, max_auroc_drop: float
+    check: PrecisionCheck,
+    *,
+    max_accuracy_drop: float,
+    max_auroc_drop: float,
+    max_nll_increase: float = DEFAULT_MAX_NLL_INCREASE,
+    max_ece_increase: float = DEFAULT_MAX_ECE_INCREASE,
 ) -> None:
     """Raise ``UserError`` (exit 2, nothing written) when the converted graph is worse than the
-    fp32 one by more than the tolerances (in points)."""
+    fp32 one by more than the tolerances (points; NLL: percent of fp32's NLL)."""
+    # a value exactly at the tolerance passes (1e-9: 100 * (0.95 - 0.945) is 0.5000000000000004)
     problems = []
     acc_drop = check.accuracy_drop_points
-    # a drop exactly at the tolerance passes (1e-9: 100 * (0.95 - 0.945) is 0.5000000000000004)
     if acc_drop > max_accuracy_drop + 1e-9:
         problems.append(
             f"accuracy {check.fp32.accuracy:.2%} -> {check.converted.accuracy:.2%} "
@@ -443,6 +456,16 @@ def check_tolerances(
         problems.append(
             f"AUROC vs {check.ood_data} {check.fp32.auroc:.2%} -> {check.converted.auroc:.2%} "
             f"({auroc_drop:.2f} points lost, --max-auroc-drop {max_auroc_drop:g})"
+        )
+    if check.nll_increase_percent > max_nll_increase + 1e-9:
+        problems.append(
+            f"NLL {check.fp32.nll:.4f} -> {check.converted.nll:.4f} "
+            f"({check.nll_increase_percent:+.1f}%, --max-nll-increase {max_nll_increase:g})"
+        )
+    if check.ece_increase_points > max_ece_increase + 1e-9:
+        problems.append(
+            f"ECE {check.fp32.ece:.4f} -> {check.converted.ece:.4f} "
+            f"({check.ece_increase_points:+.2f} points, --max-ece-increase {max_ece_increase:g})"
         )
     if problems:
         raise UserError(
@@ -465,9 +488,20 @@ class PrecisionOptions:
     precision: str = "fp32"
     max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP
     max_auroc_drop: float = DEFAULT_MAX_AUROC_DROP
+    max_nll_increase: float = DEFAULT_MAX_NLL_INCREASE
+    max_ece_increase: float = DEFAULT_MAX_ECE_INCREASE
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES
     # validation OOD sets (never a set reported as a result); AUROC is over their union
     ood_val: list[ArrayDataset] = field(default_factory=list)
+
+    def tolerances(self) -> dict[str, float]:
+        """The tolerances as :func:`check_tolerances` takes them (and the manifest records)."""
+        return {
+            "max_accuracy_drop": self.max_accuracy_drop,
+            "max_auroc_drop": self.max_auroc_drop,
+            "max_nll_increase": self.max_nll_increase,
+            "max_ece_increase": self.max_ece_increase,
+        }
 
     def default_layout(self, arch: str) -> str | None:
         """The layout measured faster for this precision and arch, if it differs from fp32's."""
@@ -478,8 +512,11 @@ class PrecisionOptions:
             raise UserError(
                 f"unknown --precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}"
             )
-        if self.max_accuracy_drop < 0 or self.max_auroc_drop < 0:
-            raise UserError("--max-accuracy-drop and --max-auroc-drop must be >= 0 (points)")
+        if min(self.tolerances().values()) < 0:
+            raise UserError(
+                "--max-accuracy-drop, --max-auroc-drop, --max-nll-increase and "
+                "--max-ece-increase must be >= 0"
+            )
         if self.calibration_images < 1:
             raise UserError(f"--calibration-images must be >= 1, got {self.calibration_images}")
         if self.precision == "bf16":  # before the slow part
@@ -529,15 +566,8 @@ def lower_precision(
         ood_data=ood_name,
         calibration_data=calib_name,
     )
-    check = check.model_copy(
-        update={
-            "max_accuracy_drop": options.max_accuracy_drop,
-            "max_auroc_drop": options.max_auroc_drop,
-        }
-    )
-    check_tolerances(
-        check, max_accuracy_drop=options.max_accuracy_drop, max_auroc_drop=options.max_auroc_drop
-    )
+    check = check.model_copy(update=options.tolerances())
+    check_tolerances(check, **options.tolerances())
     return converted, info, ood, check
 
 

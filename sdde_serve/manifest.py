@@ -167,10 +167,22 @@ class PrecisionCheck(_Model):
     max_abs_logit_diff: float
     max_accuracy_drop: float | None = None  # tolerances the export was checked against (points)
     max_auroc_drop: float | None = None
+    # NLL increase in percent of fp32's NLL, ECE increase in points (files before: unchecked)
+    max_nll_increase: float | None = None
+    max_ece_increase: float | None = None
 
     @property
     def accuracy_drop_points(self) -> float:
         return 100.0 * (self.fp32.accuracy - self.converted.accuracy)
+
+    @property
+    def nll_increase_percent(self) -> float:
+        """Converted NLL above fp32's, in percent of fp32's (negative: lower)."""
+        return 100.0 * (self.converted.nll - self.fp32.nll) / max(self.fp32.nll, 1e-12)
+
+    @property
+    def ece_increase_points(self) -> float:
+        return 100.0 * (self.converted.ece - self.fp32.ece)
 
     @property
     def auroc_drop_points(self) -> float | None:

@@ -114,6 +114,8 @@ def test_int8_manifest_records_precision_and_deltas(int8_model, tiny_model, tiny
     assert check.calibration_data and check.calibration_data.endswith(":train (512 images)")
     assert (check.ood_data, check.n_ood) == ("noise", 96)
     assert (check.max_accuracy_drop, check.max_auroc_drop) == (100.0, 0.5)
+    assert (check.max_nll_increase, check.max_ece_increase) == (5.0, 2.0)
+    assert check.nll_increase_percent <= 5.0 and check.ece_increase_points <= 2.0
     # the fp32 side is the fp32 export's own validation numbers
     assert check.fp32.accuracy == pytest.approx(fp32.calibration.after.accuracy)
     assert check.fp32.nll == pytest.approx(fp32.calibration.after.nll, rel=1e-4)
@@ -189,6 +191,49 @@ def test_refusal_message_names_the_metric_and_the_flag():
         check_tolerances(check, max_accuracy_drop=1.0, max_auroc_drop=0.5)
     assert "accuracy" not in str(err.value).split(";")[0]
     check_tolerances(check, max_accuracy_drop=0.5, max_auroc_drop=1.0)  # at the limit: passes
+
+
+def test_nll_and_ece_beyond_tolerance_are_refused_with_accuracy_unchanged():
+    """Probabilities that drift without flipping labels (the AVX2 saturation walkthrough:
+    accuracy kept, NLL +12%, ECE doubled) are refused by the calibration tolerances."""
+    same = PrecisionMetrics(accuracy=0.95, nll=0.2, ece=0.02)
+    drifted = PrecisionMetrics(accuracy=0.95, nll=0.224, ece=0.045)
+    check = PrecisionCheck(
+        precision="int8",
+        data="digits@train:val",
+        n=200,
+        fp32=same,
+        converted=drifted,
+        label_agreement=1.0,
+        max_abs_logit_diff=8.15,
+    )
+    assert check.nll_increase_percent == pytest.approx(12.0)
+    assert check.ece_increase_points == pytest.approx(2.5)
+    tolerances = dict(max_accuracy_drop=0.3, max_auroc_drop=0.5)
+    with pytest.raises(UserError) as err:
+        check_tolerances(check, **tolerances)  # the defaults: NLL 5%, ECE 2 points
+    message = str(err.value)
+    assert "NLL 0.2000 -> 0.2240 (+12.0%, --max-nll-increase 5)" in message
+    assert "ECE 0.0200 -> 0.0450 (+2.50 points, --max-ece-increase 2)" in message
+    assert "accuracy" not in message.split("refused on")[1]
+    with pytest.raises(UserError, match="ECE") as err:
+        check_tolerances(check, **tolerances, max_nll_increase=12.0)  # at the limit: passes
+    assert "NLL" not in str(err.value)
+    check_tolerances(check, **tolerances, max_nll_increase=12.0, max_ece_increase=2.5)
+    # a lower NLL or ECE than fp32's is never a reason to refuse
+    better = check.model_copy(update={"fp32": drifted, "converted": same})
+    check_tolerances(better, **tolerances, max_nll_increase=0.0, max_ece_increase=0.0)
+
+
+def test_cli_tolerance_defaults_are_the_library_defaults():
+    import argparse
+
+    from export.cli import add_arguments, precision_options
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    options = precision_options(parser.parse_args(["RUN", "-o", "m.onnx"]))
+    assert options.tolerances() == PrecisionOptions().tolerances()
 
 
 def test_bf16_is_refused_before_the_slow_part(tiny_run, tmp_path, capsys):
