@@ -191,6 +191,19 @@ class PrecisionCheck(_Model):
         return 100.0 * (self.fp32.auroc - self.converted.auroc)
 
 
+class ProbeCheck(_Model):
+    """A small batch and the outputs the graph must give for it, checked by the engine when it
+    loads the model on this machine's kernels (sdde_serve/probe.py). Independent of T."""
+
+    images: str  # base64 of the uint8 pixels [n, C, H, W]; the graph's input is pixels / 255
+    n: int = Field(gt=0)
+    logits: list[list[list[float]]]  # [n, members, classes], the graph's own at export
+    knn: list[float] | None = None  # [n], when the graph has a knn output
+    logit_tolerance: float = Field(gt=0.0)  # max |diff| of logits, MAL and minmax
+    prob_tolerance: float = Field(gt=0.0)  # max |diff| of probs, MSP and knn
+    computed_on: str = ""  # the CPU the outputs were computed on (architecture, widest ISA)
+
+
 class Manifest(_Model):
     schema_version: Literal[1] = SCHEMA_VERSION
     name: str
@@ -215,6 +228,7 @@ class Manifest(_Model):
     # numeric precision of the member networks (fp32, int8, fp16); heads stay float32
     precision: str = "fp32"
     precision_check: PrecisionCheck | None = None  # None for fp32
+    probe: ProbeCheck | None = None  # load-time self-check (files before it: none)
     created_at: str = Field(default_factory=lambda: now_iso())
     training_config: dict[str, Any] = Field(default_factory=dict)
 

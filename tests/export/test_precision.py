@@ -38,12 +38,14 @@ def _noise_set(n: int = 96, seed: int = 0) -> ArrayDataset:
 
 
 @pytest.fixture(scope="module")
-def int8_model(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def int8_model(margin_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """int8 export of the run trained to margins (tests/export/conftest.py): on the tiny run's
+    near-ties any kernel difference flips labels, whatever the scheme."""
     from export import export_run
 
     path = tmp_path_factory.mktemp("int8") / "model-int8.onnx"
     options = PrecisionOptions(precision="int8", max_accuracy_drop=100.0, ood_val=[_noise_set()])
-    export_run(tiny_run, path, name="tiny-int8", precision=options)
+    export_run(margin_run, path, name="margin-int8", precision=options)
     return path
 
 
@@ -53,7 +55,7 @@ def test_precision_choices_match_the_registry():
     assert tuple(PRECISIONS) == PRECISION_CHOICES
 
 
-def test_int8_graph_is_valid_quantized_and_agrees_with_fp32(int8_model, tiny_model, tiny_run):
+def test_int8_graph_is_valid_quantized_and_agrees_with_fp32(int8_model, margin_model, margin_run):
     from training.run import load_run
 
     q = load_onnx(int8_model)
@@ -68,10 +70,10 @@ def test_int8_graph_is_valid_quantized_and_agrees_with_fp32(int8_model, tiny_mod
     assert get_temperature(q) == pytest.approx(manifest.temperature, rel=1e-6)
     assert weights_sha256(q) == manifest.weights_sha256
 
-    run = load_run(tiny_run)
+    run = load_run(margin_run)
     shape = (manifest.input.channels, manifest.input.height, manifest.input.width)
     images = run.val.as_model_input(*shape)
-    ref = run_graph(load_onnx(tiny_model), images, ["probs"])["probs"]
+    ref = run_graph(load_onnx(margin_model), images, ["probs"])["probs"]
     out = run_graph(q, images, ["logits", "probs", "mal"])
     agreement = float((ref.argmax(-1) == out["probs"].argmax(-1)).mean())
     assert agreement >= 0.99
@@ -99,11 +101,11 @@ def test_int8_products_cannot_saturate_the_int16_sums_of_non_vnni_kernels(int8_m
     assert np.iinfo(np.int16).max >= 2 * 255 * INT8_WEIGHT_MAX
 
 
-def test_int8_manifest_records_precision_and_deltas(int8_model, tiny_model, tiny_run):
+def test_int8_manifest_records_precision_and_deltas(int8_model, margin_model, margin_run):
     from training.run import load_run
 
     manifest = read_manifest(load_onnx(int8_model))
-    fp32 = read_manifest(load_onnx(tiny_model))
+    fp32 = read_manifest(load_onnx(margin_model))
     assert manifest.precision == "int8" and fp32.precision == "fp32"
     # the layout measured faster for int8 LeNet (fp32 LeNet defaults to loop)
     assert (manifest.layout, fp32.layout) == ("packed", "loop")
@@ -123,11 +125,12 @@ def test_int8_manifest_records_precision_and_deltas(int8_model, tiny_model, tiny
     assert check.converted.accuracy == pytest.approx(manifest.calibration.after.accuracy)
     assert check.converted.nll == pytest.approx(manifest.calibration.after.nll, rel=1e-4)
     assert check.fp32.auroc is not None and check.converted.auroc is not None
-    assert check.label_agreement >= 0.99
+    # the issue 21 goals, on a model with margins (~89% validation accuracy)
+    assert check.label_agreement >= 0.99 and abs(check.nll_increase_percent) <= 5.0
     # T and the threshold fitted on the int8 graph's own deployed score: its validation scores
     # are the conformal calibration set, and the threshold accepts at least 95% of them (less
     # alpha / n: docs/conventions.md)
-    run = load_run(tiny_run)
+    run = load_run(margin_run)
     images = run.val.as_model_input(1, manifest.input.height, manifest.input.width)
     kind = manifest.ood.score
     scores = run_graph(load_onnx(int8_model), images, [kind])[kind].astype(np.float64)
@@ -246,12 +249,12 @@ def test_bf16_is_refused_before_the_slow_part(tiny_run, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_fp16_graph_runs_on_cpu_with_float32_heads(tiny_run, tiny_model, tmp_path):
+def test_fp16_graph_runs_on_cpu_with_float32_heads(margin_run, tmp_path):
     from export import export_run
     from sdde_serve.engine import Engine
 
     out = tmp_path / "m16.onnx"
-    manifest = export_run(tiny_run, out, precision=PrecisionOptions("fp16"))
+    manifest = export_run(margin_run, out, precision=PrecisionOptions("fp16"))
     model = load_onnx(out)
     onnx.checker.check_model(model, full_check=True)
     assert manifest.precision == "fp16" and manifest.precision_check is not None
