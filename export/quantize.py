@@ -12,7 +12,7 @@ from the lower-precision logits.
   7-bit weights are what makes one file right on every x86 CPU: without VNNI (AVX2, AVX-512
   without VNNI) onnxruntime's U8S8 kernels multiply with VPMADDUBSW, which adds two
   uint8 x int8 products into a *saturating* int16; 2 x 255 x 127 overflows it, 2 x 255 x 64 =
-  32640 does not (see :data:`INT8_WEIGHT_BITS`, docs/export.md).
+  32640 does not (:data:`INT8_SCHEMES`, docs/export.md).
 * **fp16**: float16 member networks for the CUDA provider (inputs and outputs stay float32).
   onnxruntime's CPU provider runs such a graph only by inserting casts back to float32 (it has
   no float16 convolution on x86), so it is slower there; it is built for GPUs.
@@ -86,8 +86,18 @@ CALIBRATION_BATCH = 64
 # (VPMADDUBSW); onnxruntime's quantize_static docs recommend it for CPUs without VNNI, and on
 # VNNI/AMX (int32 accumulation) it costs one bit of weight precision and no speed (measured,
 # docs/export.md). The same file is then right on every x86 kind it is deployed to.
-INT8_REDUCE_RANGE = True
 INT8_WEIGHT_MAX = 64  # |quantized weight| with reduce_range: 2 * 255 * 64 = 32640 <= 32767
+# int8 schemes: name -> quantize_static options (activations / weights). Only the default is
+# shipped; the others exist so that benchmarks/bench_engine.py --precision-runs can measure
+# why (docs/export.md): "u8s8-w8" is the 8-bit weight scheme that saturates on AVX2, "u8u8"
+# avoids saturation with uint8 weights (asymmetric), "s8s8" uses int8 activations.
+INT8_SCHEMES: dict[str, dict[str, object]] = {
+    "u8s8-w7": {"reduce_range": True},
+    "u8s8-w8": {"reduce_range": False},
+    "u8u8": {"reduce_range": False, "weight_type": "QUInt8", "weight_symmetric": False},
+    "s8s8": {"reduce_range": False, "activation_type": "QInt8", "activation_symmetric": True},
+}
+DEFAULT_INT8_SCHEME = "u8s8-w7"
 # ops quantized inside the member networks: everything onnxruntime fuses into int8 kernels on
 # the CPU provider (QLinearConv, QGemm, QLinearAdd, ...); Relu and MaxPool are quantized as
 # "pass-through" ops so that no dequantize/quantize pair sits between two convolutions
@@ -141,14 +151,18 @@ class _ImageReader:
         return None if batch is None else {"images": batch}
 
 
-def to_int8(model: onnx.ModelProto, calibration_images: np.ndarray) -> onnx.ModelProto:
-    """Static int8 QDQ copy of ``model``: per-channel weights, activations from the images."""
+def to_int8(
+    model: onnx.ModelProto, calibration_images: np.ndarray, scheme: str = DEFAULT_INT8_SCHEME
+) -> onnx.ModelProto:
+    """Static int8 QDQ copy of ``model``: per-channel weights, activations from the images;
+    ``scheme``: one of :data:`INT8_SCHEMES` (the default is the one export ships)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if len(calibration_images) == 0:
         raise UserError("int8 calibration needs training images; the training split is empty")
+    options = INT8_SCHEMES[scheme]
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     _require_node_names(model)
@@ -174,11 +188,14 @@ def to_int8(model: onnx.ModelProto, calibration_images: np.ndarray) -> onnx.Mode
                 op_types_to_quantize=list(INT8_OPS),
                 nodes_to_quantize=members,
                 per_channel=True,
-                reduce_range=INT8_REDUCE_RANGE,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
+                reduce_range=bool(options["reduce_range"]),
+                activation_type=QuantType[str(options.get("activation_type", "QUInt8"))],
+                weight_type=QuantType[str(options.get("weight_type", "QInt8"))],
                 calibrate_method=CalibrationMethod.MinMax,
-                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+                extra_options={
+                    "WeightSymmetric": bool(options.get("weight_symmetric", True)),
+                    "ActivationSymmetric": bool(options.get("activation_symmetric", False)),
+                },
             )
         quantized = onnx.load(str(dst))
     _keep_metadata(model, quantized)

@@ -38,12 +38,14 @@ from sdde_serve.manifest import Manifest, ProbeCheck
 PROBE_IMAGES = 8
 # precision -> (max |logit diff| relative to max(1, largest |stored logit|), max |diff| of
 # probabilities, MSP and KNN cosine similarity). fp32: kernels differ by ~1e-6, TF32 on GPUs by
-# ~1e-3; fp16 by ~1e-3; int8 kernels without saturation agree to requantization ties (measured
-# max |logit diff| int8 vs fp32 itself ~0.5% of the largest logit: docs/export.md).
+# ~1e-3; fp16 by ~1e-3. int8 kernels without saturation agree up to requantization ties; 3% is
+# about twice the int8 graph's own distance from fp32 on the probe (1.6% and 1.4% of the largest
+# logit on two trained digits runs, docs/export.md): a kernel that errs as much as quantization
+# itself is refused.
 PROBE_TOLERANCES: dict[str, tuple[float, float]] = {
     "fp32": (5e-3, 5e-3),
     "fp16": (2e-2, 1e-2),
-    "int8": (5e-2, 3e-2),
+    "int8": (3e-2, 2e-2),
 }
 # outputs on the logits' scale (the others are probabilities or cosine similarities)
 LOGIT_SCALE = ("logits", "mal", "minmax")

@@ -101,6 +101,23 @@ def test_int8_products_cannot_saturate_the_int16_sums_of_non_vnni_kernels(int8_m
     assert np.iinfo(np.int16).max >= 2 * 255 * INT8_WEIGHT_MAX
 
 
+def test_only_the_7_bit_scheme_keeps_the_weights_within_the_bound():
+    """The bound above is the scheme's doing: 8-bit weights reach 127 (and would saturate)."""
+    from onnx import numpy_helper
+
+    from export.quantize import DEFAULT_INT8_SCHEME, INT8_SCHEMES, INT8_WEIGHT_MAX
+
+    images = np.random.default_rng(1).random((16, 4, 8, 8), dtype=np.float32)
+    largest = {}
+    for scheme in (DEFAULT_INT8_SCHEME, "u8s8-w8"):
+        q = to_int8(_identity_shared_model(), images, scheme=scheme)
+        weights = [numpy_helper.to_array(t) for t in q.graph.initializer]
+        largest[scheme] = max(int(np.abs(w.astype(np.int32)).max()) for w in weights
+                              if w.dtype == np.int8 and w.ndim >= 2)  # fmt: skip
+    assert INT8_SCHEMES[DEFAULT_INT8_SCHEME]["reduce_range"] is True
+    assert largest == {DEFAULT_INT8_SCHEME: INT8_WEIGHT_MAX, "u8s8-w8": 127}
+
+
 def test_int8_manifest_records_precision_and_deltas(int8_model, margin_model, margin_run):
     from training.run import load_run
 
