@@ -204,3 +204,14 @@ def test_serve_setting_is_the_engine_option():
     assert FLAGS["--probe-check"] == ("probe_check", {"choices": PROBE_MODES})
     assert Settings().probe_check == DEFAULT_PROBE_MODE == "refuse"
     assert Settings(probe_check="warn").probe_check == "warn"
+
+
+@pytest.mark.parametrize("module", ["sdde_serve.evaluation.cli", "sdde_serve.batch.cli"])
+def test_eval_and_score_take_the_same_probe_flag(module):
+    import argparse
+    import importlib
+
+    parser = argparse.ArgumentParser()
+    importlib.import_module(module).add_arguments(parser)
+    action = next(a for a in parser._actions if "--probe-check" in a.option_strings)
+    assert (tuple(action.choices), action.default) == (("refuse", "warn", "off"), "refuse")
