@@ -18,7 +18,11 @@ With ``--precision-runs CASE=RUN_DIR ...`` it measures precisions instead, on *t
 each run is exported by ``export_run`` in fp32 and int8 (``--precision``; tolerances lifted so
 that the deltas are recorded even beyond them), and the graphs are timed side by side at batch
 1, 8 and 64, with the export's own deltas (accuracy, NLL, ECE, label agreement, AUROC against
-``--ood-val``) next to the speed. Writes ``benchmarks/results/bench_engine_precision.json``.
+``--ood-val``) next to the speed; then every int8 scheme of ``export.quantize.INT8_SCHEMES``
+(the shipped 7-bit-weight one and the ones it was chosen against) with its label agreement and
+NLL change vs fp32 and its speed-up. Writes ``benchmarks/results/bench_engine_precision_<cpu>.json``
+(<cpu>: the widest int8-relevant ISA flag of this machine, e.g. ``avx512vnni``; also recorded
+with the flags present, since int8 kernels and their saturation differ per kind).
 
     .venv/bin/python benchmarks/bench_engine.py --threads 2 \
         --precision-runs lenet_x5=runs/lenet resnet18_32_x5=runs/r18 --ood-val flipped=ood.npz
@@ -431,6 +435,81 @@ def bench_precision_case(
     return {"run_dir": str(run_dir), "rows": rows, "checks": checks}
 
 
+# flags of /proc/cpuinfo that decide onnxruntime's int8 kernels, widest first
+ISA_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni", "avx512bw", "avx512f", "avx2")
+SCHEME_GOALS = {"label_agreement": 0.99, "abs_nll_change_percent": 5.0}  # issue 21
+
+
+def cpu_isa() -> tuple[str, list[str]]:
+    """(the widest int8-relevant flag without underscores, e.g. ``avx512vnni``; all present)."""
+    from sdde_serve.probe import cpu_kind
+
+    flags = cpu_kind().split()[-1]
+    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+        line = next((ln for ln in f if ln.startswith(("flags", "Features"))), ":")
+    present = [flag for flag in ISA_FLAGS if flag in line.split(":", 1)[1].split()]
+    return flags.replace("_", ""), present
+
+
+def scheme_quality(graph, reference: dict, images: np.ndarray, labels: np.ndarray) -> dict:
+    """Agreement and NLL of ``graph`` vs the fp32 outputs ``reference``, both at fp32's T."""
+    from sdde_serve import calibration as cal
+    from sdde_serve.calibrate import run_graph
+
+    out = run_graph(graph, images, ["logits", "probs"])
+    nll, ref_nll = cal.nll(out["probs"], labels), cal.nll(reference["probs"], labels)
+    return {
+        "accuracy": cal.accuracy(out["probs"], labels),
+        "label_agreement": float((out["probs"].argmax(-1) == reference["probs"].argmax(-1)).mean()),
+        "nll": nll,
+        "nll_change_percent": 100.0 * (nll - ref_nll) / ref_nll,
+        "ece": cal.ece(out["probs"], labels),
+        "max_abs_logit_diff": float(np.abs(out["logits"] - reference["logits"]).max()),
+    }
+
+
+def bench_schemes(
+    case: str, run_dir: Path, fp32_path: Path, threads: int, min_time: float, work: Path
+) -> dict:
+    """Every int8 scheme of export.quantize.INT8_SCHEMES, built from an fp32 export in the layout
+    int8 ships with for the arch, at fp32's T (no refit): quality vs fp32 and speed vs the fp32
+    graph in its own default layout, side by side in one round per batch."""
+    import onnx
+
+    from export import export_run
+    from export.quantize import DEFAULT_LAYOUTS, INT8_SCHEMES, run_training_images, to_int8
+    from sdde_serve.calibrate import run_graph
+    from training.run import load_run
+
+    run = load_run(run_dir)
+    arch = str(run.config["model"]["arch"])
+    base = work / f"{case}-fp32-for-int8.onnx"
+    export_run(run_dir, base, layout=DEFAULT_LAYOUTS.get(("int8", arch)), with_cams=False)
+    fp32 = onnx.load(str(fp32_path))
+    shape = tuple(d.dim_value for d in fp32.graph.input[0].type.tensor_type.shape.dim[1:])
+    images, labels = run.val.as_model_input(*shape), run.val.labels
+    train, _ = run_training_images(run, 512, shape)  # type: ignore[arg-type]
+    graphs = {s: to_int8(onnx.load(str(base)), train, scheme=s) for s in INT8_SCHEMES}
+    reference = run_graph(fp32, images, ["logits", "probs"])
+    quality = {s: scheme_quality(g, reference, images, labels) for s, g in graphs.items()}
+    sessions = {"fp32": session(fp32.SerializeToString(), threads)}
+    sessions.update({s: session(g.SerializeToString(), threads) for s, g in graphs.items()})
+    speedups: dict[str, dict[int, float]] = {s: {} for s in graphs}
+    for batch in BATCHES:
+        x = np.random.default_rng(batch).random((batch, *shape), dtype=np.float32)
+        calls = {n: (lambda s=s, x=x: s.run(["probs"], {"images": x})) for n, s in sessions.items()}
+        secs = time_interleaved(calls, min_time)
+        for scheme in graphs:
+            speedups[scheme][batch] = secs["fp32"] / secs[scheme]
+    for scheme, q in quality.items():
+        q["speedup_vs_fp32"] = speedups[scheme]
+        print(f"  {case:15s} {scheme:8s} agree {q['label_agreement']:.2%}  NLL "
+              f"{q['nll_change_percent']:+.2f}%  max|dlogit| {q['max_abs_logit_diff']:.3g}  "
+              + "  ".join(f"b={b} {v:.2f}x" for b, v in speedups[scheme].items()),
+              flush=True)  # fmt: skip
+    return {"int8_layout": DEFAULT_LAYOUTS.get(("int8", arch)), "schemes": quality}
+
+
 def print_precision_table(results: dict) -> None:
     print(f"\n{'case':15s} {'variant':12s} " + " ".join(f"{'b=' + str(b):>18s}" for b in BATCHES)
           + "  acc drop  AUROC drop  agree  in tol")  # fmt: skip
@@ -468,6 +547,10 @@ def precision_main(args: argparse.Namespace) -> int:
             results[case] = bench_precision_case(
                 case, Path(run_dir), args.threads, args.min_time, args.ood_val, Path(tmp)
             )
+            fp32_path = Path(tmp) / f"{case}-fp32.onnx"
+            results[case]["int8_schemes"] = bench_schemes(
+                case, Path(run_dir), fp32_path, args.threads, args.min_time, Path(tmp)
+            )
     print_precision_table(results)
     goals = {}
     for case, per_batch in PRECISION_GOALS.items():
@@ -488,12 +571,28 @@ def precision_main(args: argparse.Namespace) -> int:
                 "speedup": best["speedup_vs_fp32"],
                 "met": bool(best["speedup_vs_fp32"] >= goal and ok),
             }
+    from export.quantize import DEFAULT_INT8_SCHEME
+
+    for case, res in results.items():
+        q = res["int8_schemes"]["schemes"][DEFAULT_INT8_SCHEME]
+        goals[f"{case} int8 ({DEFAULT_INT8_SCHEME}) agreement >= 99% and |dNLL| <= 5%"] = {
+            "label_agreement": q["label_agreement"],
+            "nll_change_percent": q["nll_change_percent"],
+            "met": bool(
+                q["label_agreement"] >= SCHEME_GOALS["label_agreement"]
+                and abs(q["nll_change_percent"]) <= SCHEME_GOALS["abs_nll_change_percent"]
+            ),
+        }
     for goal, v in goals.items():
         verdict = "met" if v["met"] else "MISSED"
-        print(f"goal {goal}: {verdict} ({v['best_variant']} {v['speedup']:.2f}x)")
+        detail = {k: v[k] for k in v if k != "met"}
+        print(f"goal {goal}: {verdict} ({detail})")
     load = os.getloadavg()
+    isa, isa_flags = cpu_isa()
     out = {
         "machine": {
+            "cpu_kind": isa,
+            "isa_flags": isa_flags,
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),
             "threads": args.threads,
@@ -507,7 +606,7 @@ def precision_main(args: argparse.Namespace) -> int:
         "cpu_s": time.process_time(),
     }
     path = (
-        args.out.with_name("bench_engine_precision.json")
+        args.out.with_name(f"bench_engine_precision_{isa}.json")
         if args.out.name == "bench_engine.json"
         else args.out
     )

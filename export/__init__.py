@@ -91,7 +91,7 @@ def export_run(
     from export.layouts import default_layout, get_layout
     from export.quantize import PrecisionOptions, lower_precision, run_training_images
     from export.synth_ood import DEFAULT_KINDS
-    from export.verify import verification_inputs, verify
+    from export.verify import build_probe, verification_inputs, verify
     from sdde_serve.calibrate import calibrate_model as calibrate_on_validation
     from sdde_serve.manifest import InputSpec, save_onnx_atomic, weights_sha256, write_manifest
     from training.run import load_run
@@ -209,6 +209,8 @@ def export_run(
         weights_sha256=weights_sha256(proto),
         precision=precision.precision,
         precision_check=precision_check,
+        # what the final graph gives on a few validation images, checked again at load time
+        probe=build_probe(proto, val_images, precision.precision),
         training_config={k: v for k, v in config.items() if k != "schema"},
     )
     write_manifest(proto, manifest)

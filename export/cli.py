@@ -162,6 +162,18 @@ def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
         "points below fp32",
     )
     group.add_argument(
+        "--max-nll-increase",
+        type=float,
+        default=5.0,
+        help="refuse a converted graph whose validation NLL is this many percent above fp32's",
+    )
+    group.add_argument(
+        "--max-ece-increase",
+        type=float,
+        default=2.0,
+        help="refuse a converted graph whose validation ECE is this many points above fp32's",
+    )
+    group.add_argument(
         "--calibration-images",
         type=int,
         default=512,
@@ -181,6 +193,8 @@ def precision_options(args: argparse.Namespace):  # -> export.quantize.Precision
         precision=args.precision,
         max_accuracy_drop=args.max_accuracy_drop,
         max_auroc_drop=args.max_auroc_drop,
+        max_nll_increase=args.max_nll_increase,
+        max_ece_increase=args.max_ece_increase,
         calibration_images=args.calibration_images,
         # each set under the NAME the user gave it (recorded in the manifest as ood_data)
         ood_val=[
@@ -198,7 +212,10 @@ def print_precision(manifest) -> None:  # manifest: sdde_serve.manifest.Manifest
     print(f"  precision {check.precision} vs fp32 on {check.data} ({check.n} images):")
     drop = 0.0 - check.accuracy_drop_points  # 0.0 - 0.0 prints +0.00, not -0.00
     print(f"    accuracy {a.accuracy:.4f} -> {b.accuracy:.4f} ({drop:+.2f} points)")
-    print(f"    NLL {a.nll:.4f} -> {b.nll:.4f}, ECE {a.ece:.4f} -> {b.ece:.4f}")
+    print(
+        f"    NLL {a.nll:.4f} -> {b.nll:.4f} ({check.nll_increase_percent:+.1f}%), "
+        f"ECE {a.ece:.4f} -> {b.ece:.4f} ({check.ece_increase_points:+.2f} points)"
+    )
     print(
         f"    labels agree on {check.label_agreement:.2%}; "
         f"max |logit diff| {check.max_abs_logit_diff:.3g}"

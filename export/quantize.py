@@ -7,8 +7,12 @@ still finds a float32 ``temperature`` initializer, and the scores are computed a
 from the lower-precision logits.
 
 * **int8**: onnxruntime static quantization in the QDQ format, per-channel symmetric int8
-  weights, activations calibrated (MinMax) on **training** images, never the validation split
-  that T, the threshold and this module's own comparison use.
+  weights in 7 bits (``reduce_range``), uint8 activations calibrated (MinMax) on **training**
+  images, never the validation split that T, the threshold and this module's own comparison use.
+  7-bit weights are what makes one file right on every x86 CPU: without VNNI (AVX2, AVX-512
+  without VNNI) onnxruntime's U8S8 kernels multiply with VPMADDUBSW, which adds two
+  uint8 x int8 products into a *saturating* int16; 2 x 255 x 127 overflows it, 2 x 255 x 64 =
+  32640 does not (:data:`INT8_SCHEMES`, docs/export.md).
 * **fp16**: float16 member networks for the CUDA provider (inputs and outputs stay float32).
   onnxruntime's CPU provider runs such a graph only by inserting casts back to float32 (it has
   no float16 convolution on x86), so it is slower there; it is built for GPUs.
@@ -19,7 +23,8 @@ from the lower-precision logits.
 After conversion the caller refits T and the threshold on the converted graph's own outputs,
 then :func:`compare_precision` measures it against the float32 graph on the validation split
 (accuracy, NLL, ECE, label agreement and, given validation OOD images, the AUROC of the deployed
-score) and :func:`check_tolerances` refuses an export beyond the tolerances.
+score) and :func:`check_tolerances` refuses an export beyond the tolerances (accuracy, AUROC,
+NLL and ECE).
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MAX_ACCURACY_DROP",
     "DEFAULT_MAX_AUROC_DROP",
+    "DEFAULT_MAX_ECE_INCREASE",
+    "DEFAULT_MAX_NLL_INCREASE",
     "PRECISIONS",
     "check_tolerances",
     "compare_precision",
@@ -66,9 +73,31 @@ __all__ = [
 # tolerances in points (percentage points of accuracy and of AUROC x 100)
 DEFAULT_MAX_ACCURACY_DROP = 0.3
 DEFAULT_MAX_AUROC_DROP = 0.5
+# calibration tolerances: NLL in percent of fp32's NLL, ECE in points (x 100). Accuracy and
+# AUROC miss a graph whose probabilities drifted without flipping labels (measured on an AVX2
+# machine before 7-bit weights: NLL +12%, ECE doubled, accuracy within tolerance).
+DEFAULT_MAX_NLL_INCREASE = 5.0
+DEFAULT_MAX_ECE_INCREASE = 2.0
 # training images the int8 activation ranges are calibrated on (MinMax over all of them)
 DEFAULT_CALIBRATION_IMAGES = 512
 CALIBRATION_BATCH = 64
+# weights quantized to 7 bits (onnxruntime's ``reduce_range``: symmetric [-64, 64]) so that a
+# pair of uint8 x int8 products never saturates the int16 sum of the non-VNNI x86 kernels
+# (VPMADDUBSW); onnxruntime's quantize_static docs recommend it for CPUs without VNNI, and on
+# VNNI/AMX (int32 accumulation) it costs one bit of weight precision and no speed (measured,
+# docs/export.md). The same file is then right on every x86 kind it is deployed to.
+INT8_WEIGHT_MAX = 64  # |quantized weight| with reduce_range: 2 * 255 * 64 = 32640 <= 32767
+# int8 schemes: name -> quantize_static options (activations / weights). Only the default is
+# shipped; the others exist so that benchmarks/bench_engine.py --precision-runs can measure
+# why (docs/export.md): "u8s8-w8" is the 8-bit weight scheme that saturates on AVX2, "u8u8"
+# avoids saturation with uint8 weights (asymmetric), "s8s8" uses int8 activations.
+INT8_SCHEMES: dict[str, dict[str, object]] = {
+    "u8s8-w7": {"reduce_range": True},
+    "u8s8-w8": {"reduce_range": False},
+    "u8u8": {"reduce_range": False, "weight_type": "QUInt8", "weight_symmetric": False},
+    "s8s8": {"reduce_range": False, "activation_type": "QInt8", "activation_symmetric": True},
+}
+DEFAULT_INT8_SCHEME = "u8s8-w7"
 # ops quantized inside the member networks: everything onnxruntime fuses into int8 kernels on
 # the CPU provider (QLinearConv, QGemm, QLinearAdd, ...); Relu and MaxPool are quantized as
 # "pass-through" ops so that no dequantize/quantize pair sits between two convolutions
@@ -122,14 +151,18 @@ class _ImageReader:
         return None if batch is None else {"images": batch}
 
 
-def to_int8(model: onnx.ModelProto, calibration_images: np.ndarray) -> onnx.ModelProto:
-    """Static int8 QDQ copy of ``model``: per-channel weights, activations from the images."""
+def to_int8(
+    model: onnx.ModelProto, calibration_images: np.ndarray, scheme: str = DEFAULT_INT8_SCHEME
+) -> onnx.ModelProto:
+    """Static int8 QDQ copy of ``model``: per-channel weights, activations from the images;
+    ``scheme``: one of :data:`INT8_SCHEMES` (the default is the one export ships)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if len(calibration_images) == 0:
         raise UserError("int8 calibration needs training images; the training split is empty")
+    options = INT8_SCHEMES[scheme]
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     _require_node_names(model)
@@ -155,10 +188,14 @@ def to_int8(model: onnx.ModelProto, calibration_images: np.ndarray) -> onnx.Mode
                 op_types_to_quantize=list(INT8_OPS),
                 nodes_to_quantize=members,
                 per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
+                reduce_range=bool(options["reduce_range"]),
+                activation_type=QuantType[str(options.get("activation_type", "QUInt8"))],
+                weight_type=QuantType[str(options.get("weight_type", "QInt8"))],
                 calibrate_method=CalibrationMethod.MinMax,
-                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+                extra_options={
+                    "WeightSymmetric": bool(options.get("weight_symmetric", True)),
+                    "ActivationSymmetric": bool(options.get("activation_symmetric", False)),
+                },
             )
         quantized = onnx.load(str(dst))
     _keep_metadata(model, quantized)
@@ -414,13 +451,18 @@ def compare_precision(
 
 
 def check_tolerances(
-    check: PrecisionCheck, *, max_accuracy_drop: float, max_auroc_drop: float
+    check: PrecisionCheck,
+    *,
+    max_accuracy_drop: float,
+    max_auroc_drop: float,
+    max_nll_increase: float = DEFAULT_MAX_NLL_INCREASE,
+    max_ece_increase: float = DEFAULT_MAX_ECE_INCREASE,
 ) -> None:
     """Raise ``UserError`` (exit 2, nothing written) when the converted graph is worse than the
-    fp32 one by more than the tolerances (in points)."""
+    fp32 one by more than the tolerances (points; NLL: percent of fp32's NLL)."""
+    # a value exactly at the tolerance passes (1e-9: 100 * (0.95 - 0.945) is 0.5000000000000004)
     problems = []
     acc_drop = check.accuracy_drop_points
-    # a drop exactly at the tolerance passes (1e-9: 100 * (0.95 - 0.945) is 0.5000000000000004)
     if acc_drop > max_accuracy_drop + 1e-9:
         problems.append(
             f"accuracy {check.fp32.accuracy:.2%} -> {check.converted.accuracy:.2%} "
@@ -431,6 +473,16 @@ def check_tolerances(
         problems.append(
             f"AUROC vs {check.ood_data} {check.fp32.auroc:.2%} -> {check.converted.auroc:.2%} "
             f"({auroc_drop:.2f} points lost, --max-auroc-drop {max_auroc_drop:g})"
+        )
+    if check.nll_increase_percent > max_nll_increase + 1e-9:
+        problems.append(
+            f"NLL {check.fp32.nll:.4f} -> {check.converted.nll:.4f} "
+            f"({check.nll_increase_percent:+.1f}%, --max-nll-increase {max_nll_increase:g})"
+        )
+    if check.ece_increase_points > max_ece_increase + 1e-9:
+        problems.append(
+            f"ECE {check.fp32.ece:.4f} -> {check.converted.ece:.4f} "
+            f"({check.ece_increase_points:+.2f} points, --max-ece-increase {max_ece_increase:g})"
         )
     if problems:
         raise UserError(
@@ -453,9 +505,20 @@ class PrecisionOptions:
     precision: str = "fp32"
     max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP
     max_auroc_drop: float = DEFAULT_MAX_AUROC_DROP
+    max_nll_increase: float = DEFAULT_MAX_NLL_INCREASE
+    max_ece_increase: float = DEFAULT_MAX_ECE_INCREASE
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES
     # validation OOD sets (never a set reported as a result); AUROC is over their union
     ood_val: list[ArrayDataset] = field(default_factory=list)
+
+    def tolerances(self) -> dict[str, float]:
+        """The tolerances as :func:`check_tolerances` takes them (and the manifest records)."""
+        return {
+            "max_accuracy_drop": self.max_accuracy_drop,
+            "max_auroc_drop": self.max_auroc_drop,
+            "max_nll_increase": self.max_nll_increase,
+            "max_ece_increase": self.max_ece_increase,
+        }
 
     def default_layout(self, arch: str) -> str | None:
         """The layout measured faster for this precision and arch, if it differs from fp32's."""
@@ -466,8 +529,11 @@ class PrecisionOptions:
             raise UserError(
                 f"unknown --precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}"
             )
-        if self.max_accuracy_drop < 0 or self.max_auroc_drop < 0:
-            raise UserError("--max-accuracy-drop and --max-auroc-drop must be >= 0 (points)")
+        if min(self.tolerances().values()) < 0:
+            raise UserError(
+                "--max-accuracy-drop, --max-auroc-drop, --max-nll-increase and "
+                "--max-ece-increase must be >= 0"
+            )
         if self.calibration_images < 1:
             raise UserError(f"--calibration-images must be >= 1, got {self.calibration_images}")
         if self.precision == "bf16":  # before the slow part
@@ -517,15 +583,8 @@ def lower_precision(
         ood_data=ood_name,
         calibration_data=calib_name,
     )
-    check = check.model_copy(
-        update={
-            "max_accuracy_drop": options.max_accuracy_drop,
-            "max_auroc_drop": options.max_auroc_drop,
-        }
-    )
-    check_tolerances(
-        check, max_accuracy_drop=options.max_accuracy_drop, max_auroc_drop=options.max_auroc_drop
-    )
+    check = check.model_copy(update=options.tolerances())
+    check_tolerances(check, **options.tolerances())
     return converted, info, ood, check
 
 

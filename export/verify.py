@@ -18,6 +18,9 @@ Tolerances (``TOLERANCES``): 1e-4 on logits, MAL and minmax, 1e-5 on probabiliti
 the KNN cosine similarity (which lies in [-1, 1]); CAMs 1e-4
 relative to their largest value, compared only on rows whose predicted class is not a near-tie
 (a 1e-7 wobble may legitimately flip the argmax there, and with it the explained class).
+
+3. :func:`build_probe`: a few validation images and the final graph's outputs on them, stored in
+   the manifest so that the engine repeats the check on the machine that serves the file.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from torch import nn
 from export.layouts import ensemble_members, last_map
 from sdde_serve import scores as score_registry
 from sdde_serve.errors import UserError
+from sdde_serve.manifest import ProbeCheck
+from sdde_serve.probe import PROBE_IMAGES, cpu_kind, encode_images, make_probe
 
 TOLERANCES: dict[str, float] = {
     "logits": 1e-4,
@@ -234,3 +239,12 @@ def verification_inputs(
     if real is not None and len(real):
         inputs["real"] = np.ascontiguousarray(real[:n_real], dtype=np.float32)
     return inputs
+
+
+def build_probe(model: onnx.ModelProto, images: np.ndarray, precision: str) -> ProbeCheck:
+    """The manifest's load-time probe: the first :data:`PROBE_IMAGES` of ``images`` (stored as
+    uint8) and ``model``'s own logits (and KNN similarities) on them, computed here on the
+    CPU provider (sdde_serve/probe.py)."""
+    pixels, decoded = encode_images(images[:PROBE_IMAGES])
+    outputs = run_onnx(model, decoded)
+    return make_probe(pixels, outputs, precision, computed_on=cpu_kind())

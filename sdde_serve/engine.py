@@ -26,6 +26,7 @@ from sdde_serve.model_checks import (
     check_outputs,
     read_model,
 )
+from sdde_serve.probe import DEFAULT_PROBE_MODE, PROBE_MODES, probe_images, probe_problem
 
 if TYPE_CHECKING:  # onnxruntime loads lazily: importing the engine must stay cheap
     import onnxruntime
@@ -205,7 +206,10 @@ class Engine:
         verify_weights: bool = True,
         spin_wait: bool = True,
         expect_sha256: str | None = None,
+        probe_check: str = DEFAULT_PROBE_MODE,
     ) -> None:
+        if probe_check not in PROBE_MODES:
+            raise UserError(f"--probe-check must be one of {', '.join(PROBE_MODES)}")
         self.path = Path(path)
         proto, self.sha256 = read_model(self.path)  # sha256: of the file's bytes
         check_digest(self.path, self.sha256, expect_sha256)  # pinned: before anything else
@@ -261,6 +265,7 @@ class Engine:
         spec = self.manifest.input
         self.input_shape = (spec.channels, spec.height, spec.width)
         self._probe()
+        self._self_check(probe_check)
         log.info(
             "loaded %s (%s v%s, %d members, sha256 %s) on %s",
             self.path,
@@ -282,6 +287,23 @@ class Engine:
                 f"{self.path}: the graph fails on a blank {list(blank.shape)} input ({exc})"
             ) from None
         check_outputs(dict(zip(self.output_names, values, strict=True)), self.manifest, self.path)
+
+    def _self_check(self, mode: str) -> None:
+        """The manifest's probe batch on this machine's kernels (sdde_serve/probe.py): refuse
+        (``mode`` refuse) or warn when its outputs differ from the export's beyond tolerance."""
+        probe = self.manifest.probe
+        if mode == "off" or probe is None:  # files exported before the probe have none
+            return
+        out = self.run(probe_images(probe, self.input_shape))
+        outputs = {k: getattr(out, k) for k in ("logits", "probs", "mal", "msp", "minmax", "knn")}
+        problem = probe_problem(probe, self.manifest, outputs)
+        if problem is None:
+            return
+        if mode == "refuse":
+            raise ModelLoadError(
+                f"{self.path}: {problem}; refused (--probe-check warn serves it anyway)"
+            )
+        log.warning("%s: %s; serving it anyway (--probe-check warn)", self.path, problem)
 
     @property
     def has_cams(self) -> bool:

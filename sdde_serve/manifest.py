@@ -223,16 +223,41 @@ class PrecisionCheck(_Model):
     max_abs_logit_diff: float
     max_accuracy_drop: float | None = None  # tolerances the export was checked against (points)
     max_auroc_drop: float | None = None
+    # NLL increase in percent of fp32's NLL, ECE increase in points (files before: unchecked)
+    max_nll_increase: float | None = None
+    max_ece_increase: float | None = None
 
     @property
     def accuracy_drop_points(self) -> float:
         return 100.0 * (self.fp32.accuracy - self.converted.accuracy)
 
     @property
+    def nll_increase_percent(self) -> float:
+        """Converted NLL above fp32's, in percent of fp32's (negative: lower)."""
+        return 100.0 * (self.converted.nll - self.fp32.nll) / max(self.fp32.nll, 1e-12)
+
+    @property
+    def ece_increase_points(self) -> float:
+        return 100.0 * (self.converted.ece - self.fp32.ece)
+
+    @property
     def auroc_drop_points(self) -> float | None:
         if self.fp32.auroc is None or self.converted.auroc is None:
             return None
         return 100.0 * (self.fp32.auroc - self.converted.auroc)
+
+
+class ProbeCheck(_Model):
+    """A small batch and the outputs the graph must give for it, checked by the engine when it
+    loads the model on this machine's kernels (sdde_serve/probe.py). Independent of T."""
+
+    images: str  # base64 of the uint8 pixels [n, C, H, W]; the graph's input is pixels / 255
+    n: int = Field(gt=0)
+    logits: list[list[list[float]]]  # [n, members, classes], the graph's own at export
+    knn: list[float] | None = None  # [n], when the graph has a knn output
+    logit_tolerance: float = Field(gt=0.0)  # max |diff| of logits, MAL and minmax
+    prob_tolerance: float = Field(gt=0.0)  # max |diff| of probs, MSP and knn
+    computed_on: str = ""  # the CPU the outputs were computed on (architecture, widest ISA)
 
 
 class Manifest(_Model):
@@ -261,6 +286,7 @@ class Manifest(_Model):
     # numeric precision of the member networks (fp32, int8, fp16); heads stay float32
     precision: str = "fp32"
     precision_check: PrecisionCheck | None = None  # None for fp32
+    probe: ProbeCheck | None = None  # load-time self-check (files before it: none)
     created_at: str = Field(default_factory=lambda: now_iso())
     training_config: dict[str, Any] = Field(default_factory=dict)
 

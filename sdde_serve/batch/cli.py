@@ -20,6 +20,7 @@ from pathlib import Path
 
 from sdde_serve.deprecation import add_deprecated_alias
 from sdde_serve.errors import UserError
+from sdde_serve.probe import add_probe_argument
 from sdde_serve.scoring import OOD_POLICIES
 
 from .inputs import check_inputs, iter_inputs
@@ -95,6 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=0, help="onnxruntime intra-op threads (0: one per core)"
     )
+    add_probe_argument(parser)
     parser.add_argument(
         "--ood-policy",
         choices=OOD_POLICIES,
@@ -189,7 +191,12 @@ def local_backend(args: argparse.Namespace, opts: ScoreOptions) -> Iterator[Back
     """This machine's onnxruntime; decoding in threads, or processes with ``--processes``."""
     from sdde_serve.engine import Engine
 
-    engine = Engine(args.model, intra_op_threads=args.threads, expect_sha256=args.expect_sha256)
+    engine = Engine(
+        args.model,
+        intra_op_threads=args.threads,
+        expect_sha256=args.expect_sha256,
+        probe_check=args.probe_check,
+    )
     yield BackendRun(
         pipeline_job(engine, args, opts), engine.manifest, "local:" + ",".join(engine.providers)
     )

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from sdde_serve.deprecation import add_deprecated_alias
+from sdde_serve.probe import add_probe_argument
 
 if TYPE_CHECKING:
     from sdde_serve.engine import Engine
@@ -70,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=0, help="onnxruntime intra-op threads (0: one per core)"
     )
+    add_probe_argument(parser)
     parser.add_argument(
         "--no-plots",
         action="store_true",
@@ -106,7 +108,7 @@ def main(args: argparse.Namespace, *, cam_provider: Callable[[], CamProvider] | 
         raise UserError("--cams-from-run needs a CAM provider (run it as `sdde eval`)")
     # before the slow part, so that a missing torch fails at once
     cam_fn_for_model = cam_provider() if args.cams_from_run and cam_provider else None
-    engine = Engine(args.model, intra_op_threads=args.threads)
+    engine = Engine(args.model, intra_op_threads=args.threads, probe_check=args.probe_check)
     cam_fn = cam_fn_for_model(args.cams_from_run, engine) if cam_fn_for_model else None
     model = engine.manifest.input  # folders of files are decoded as the server decodes them
     id_data = load_dataset(args.data, split="test", model=model)

@@ -24,6 +24,7 @@ import uvicorn
 from pydantic import SecretStr
 
 from sdde_serve.errors import UserError
+from sdde_serve.probe import PROBE_MODES
 from sdde_serve.scoring import OOD_POLICIES
 from sdde_serve.server.settings import ENV_PREFIX, Settings
 
@@ -55,6 +56,7 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--max-images-per-request": ("max_images_per_request", {"type": int}),
     "--top-k": ("top_k", {"type": int}),
     "--require-gpu": ("require_gpu", {"action": "store_true"}),
+    "--probe-check": ("probe_check", {"choices": PROBE_MODES}),
     "--expect-sha256": ("expect_sha256", {"metavar": "HEX"}),
     "--spin-wait": ("spin_wait", {"action": argparse.BooleanOptionalAction}),
     "--decode-threads": ("decode_threads", {"type": int}),

@@ -137,6 +137,7 @@ def open_engine(settings: Settings, path: Path) -> Engine:
         intra_op_threads=settings.intra_op_threads,
         require_gpu=settings.require_gpu,
         spin_wait=settings.spin_wait,
+        probe_check=settings.probe_check,
         # a pinned digest names one file: refused with a repository at start-up (server cli)
         expect_sha256=settings.expect_sha256,
     )

@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sdde_serve.errors import UserError
+from sdde_serve.probe import DEFAULT_PROBE_MODE, PROBE_HELP, ProbeMode
 from sdde_serve.scoring import OODPolicy
 
 ENV_PREFIX = "SDDE_"
@@ -84,6 +85,7 @@ class Settings(BaseSettings):
         None,
         description="refuse to start unless the model file's SHA-256 (sha256sum MODEL) is this",
     )
+    probe_check: ProbeMode = Field(DEFAULT_PROBE_MODE, description=PROBE_HELP)
     require_gpu: bool = Field(False, description="fail at start-up unless a GPU provider loads")
     spin_wait: bool = Field(
         True,
