@@ -7,9 +7,10 @@ format of timm's published files), this project's for the others. ``hub`` asks t
 timm for the published weights (a download: never in tests).
 
 Every member starts from the same weights. The classifier (``get_classifier()``) is loaded only
-when its shape matches; otherwise each member keeps its own fresh head, drawn from the run's
-seeded RNG like a from-scratch member (so heads differ between members, bodies do not). Any
-other mismatch (a missing or unexpected tensor, another shape) is an error, never a partial load.
+when the file has it with the model's shapes; otherwise each member keeps its own fresh head,
+drawn from the run's seeded RNG like a from-scratch member (so heads differ between members,
+bodies do not). Any other mismatch (a missing or unexpected tensor, another shape) is an error,
+never a partial load.
 """
 
 from __future__ import annotations
@@ -103,7 +104,10 @@ def merged_state(model: SplitModel, state: dict[str, Tensor], label: str) -> dic
     target = model.pretrained_target()
     own = target.state_dict()
     head = head_keys(target, model.get_classifier())
-    missing = sorted(k for k in own if k not in state and not k.endswith(OPTIONAL_SUFFIX))
+    # a file without a classifier (a headless backbone) is fine: the fresh heads stay
+    missing = sorted(
+        k for k in own if k not in state and k not in head and not k.endswith(OPTIONAL_SUFFIX)
+    )
     unexpected = sorted(k for k in state if k not in own)
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
@@ -135,11 +139,10 @@ def model_name(model: SplitModel) -> str:
     return f"timm:{name}" if name else type(model).__name__
 
 
-def load_into(members: Sequence[SplitModel], state: dict[str, Tensor], label: str) -> bool:
-    """Loads ``state`` into every member; returns whether the classifier came from the file."""
+def load_into(members: Sequence[SplitModel], state: dict[str, Tensor], label: str) -> None:
+    """Loads ``state`` into every member (``merged_state``: the head only when it fits)."""
     for member in members:
         member.pretrained_target().load_state_dict(merged_state(member, state, label))
-    return all(head_fits(m, state) for m in members)
 
 
 def record(source: str | None) -> dict[str, Any] | None:

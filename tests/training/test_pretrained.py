@@ -78,6 +78,15 @@ def test_same_class_count_loads_the_head_too(tmp_path):
         assert all(torch.equal(member[k], v) for k, v in file.items())
 
 
+def test_headless_backbone_file_keeps_the_fresh_heads(tmp_path):
+    full = pretrained.read_state_dict(timm_file(tmp_path, num_classes=5))
+    path = tmp_path / "backbone.pt"
+    torch.save({k: v for k, v in full.items() if not k.startswith("fc.")}, path)
+    a, _ = members_from(path, num_classes=5)
+    assert torch.equal(a["conv1.0.weight"], full["conv1.0.weight"])
+    assert not torch.equal(a["fc.weight"], full["fc.weight"])
+
+
 def test_wrapped_ddp_checkpoint_of_a_builtin_arch_loads(tmp_path):
     torch.manual_seed(1)
     source = models.create_model("resnet20", num_classes=10, in_chans=3)
