@@ -138,3 +138,24 @@ def test_resnet20_packed_export_layout_equals_the_ensemble() -> None:
         x = torch.rand(2, 3, 32, 32)
         packed, _ = PackedCore(ens, with_maps=False)(x)
         torch.testing.assert_close(packed, ens(x), rtol=1e-5, atol=1e-5)
+
+
+def test_resnet20_exports_in_every_layout_and_matches_pytorch() -> None:
+    """Option A's per-group padding traces to ONNX with a dynamic batch (verify() checks batch
+    1 and 7 against the PyTorch ensemble)."""
+    from export.graph import build_graph, to_onnx
+    from export.layouts import LAYOUTS
+    from export.verify import verification_inputs, verify
+    from training.ensemble import build_ensemble
+
+    torch.manual_seed(0)
+    ens = build_ensemble(
+        "resnet20", members=2, num_classes=4, in_chans=3, mean=[0.5] * 3, std=[0.25] * 3
+    ).eval()
+    shape = (3, 32, 32)
+    real = torch.rand(2, *shape).numpy()
+    for layout in LAYOUTS:
+        model = to_onnx(build_graph(ens, layout, input_shape=shape), input_shape=shape)
+        report = verify(model, ens, temperature=1.0, inputs=verification_inputs(shape, real))
+        assert report["random (batch 7)"]["logits"] <= 1e-4
+        assert "cams" in report["real"]  # GAP + linear head: exact CAMs are exported
