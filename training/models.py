@@ -525,13 +525,16 @@ def saliency_map_hw(arch: str, in_chans: int, size: int, layer: str | None) -> t
 def check_saliency_map(arch: str, in_chans: int, size: int, layer: str | None) -> None:
     """Refuses, before training starts, a saliency map too small for CAMs to compare.
 
-    At 32 px a timm ImageNet CNN (stride 32) ends in a 1x1 map: nothing is left after the crop.
+    Maps lose a 1-pixel border, then are standardised: a 3x3 map leaves one pixel, which
+    standardises to zero, so the diversity term would be identically zero. At 32 px a timm
+    ImageNet CNN (stride 32) ends in a 1x1 map; it needs 128 px for 4x4.
     """
     h, w = saliency_map_hw(arch, in_chans, size, layer)
-    if min(h, w) <= 2 * CAM_BORDER:
+    side = 2 * CAM_BORDER + 2  # 2x2 left after the crop: one pixel would standardise to zero
+    if min(h, w) < side:
         raise UserError(
             f"--arch {arch} at --input-size {size} gives a {h}x{w} map at its saliency layer; "
             f"CAMs (SDDE's diversity term, the per-epoch CAM similarity) need at least "
-            f"{2 * CAM_BORDER + 1}x{2 * CAM_BORDER + 1}: raise --input-size, choose an earlier "
-            "--saliency-layer, or use a method without CAMs and --cam-samples 0"
+            f"{side}x{side}: raise --input-size, choose an earlier --saliency-layer, or use a "
+            "method without CAMs and --cam-samples 0"
         )

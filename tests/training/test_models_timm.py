@@ -50,8 +50,31 @@ def test_token_models_and_unknown_names_are_refused() -> None:
 
 
 def test_saliency_map_must_survive_the_cam_crop() -> None:
-    # stride 32: 1x1 at 32 px, 3x3 at 96 px; ResNet-20's layer3 is 8x8 at 32 px
-    with pytest.raises(UserError, match="gives a 1x1 map at its saliency layer"):
-        check_saliency_map(f"timm:{NAME}", 3, 32, None)
-    check_saliency_map(f"timm:{NAME}", 3, 96, None)
+    # stride 32: 1x1 at 32 px, 3x3 at 96 px (one pixel after the crop), 4x4 at 128 px;
+    # ResNet-20's layer3 is 8x8 at 32 px, LeNet's conv2 5x5 at 28 px
+    for size, side in ((32, 1), (96, 3)):
+        with pytest.raises(UserError, match=f"gives a {side}x{side} map.*at least 4x4"):
+            check_saliency_map(f"timm:{NAME}", 3, size, None)
+    check_saliency_map(f"timm:{NAME}", 3, 128, None)
     check_saliency_map("resnet20", 3, 32, None)
+    check_saliency_map("lenet", 1, 28, None)
+
+
+def test_sdde_diversity_term_reaches_a_timm_members_weights() -> None:
+    """At 128 px timm's last map is 4x4: GradCAM is differentiable through forward_features
+    and the diversity term's gradient reaches every member's first convolution."""
+    from training.ensemble import build_ensemble
+    from training.saliency import diversity_similarity, gradcam
+
+    torch.manual_seed(0)
+    ens = build_ensemble(
+        f"timm:{NAME}", members=2, num_classes=3, in_chans=3, mean=[0.5] * 3, std=[0.25] * 3
+    ).eval()
+    # at initialisation many maps are all zero (ReLU of a negative sum): 4 images give pairs
+    # where both members' maps are positive
+    x, y = torch.rand(4, 3, 128, 128), torch.tensor([0, 2, 1, 1])
+    maps = gradcam(ens, x, y, create_graph=True)
+    assert maps.shape == (4, 2, 4, 4)
+    similarity = diversity_similarity(maps, "gradcam")
+    grads = torch.autograd.grad(similarity, [m.net.conv1[0].weight for m in ens.members])
+    assert all(float(g.abs().sum()) > 0 for g in grads)
