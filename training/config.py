@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 from sdde_serve.errors import UserError
@@ -182,10 +181,6 @@ class TrainConfig:
             raise UserError("--nesterov needs --momentum > 0 (or pass --no-nesterov)")
         if not self.data:
             raise UserError("--data must name a data spec (e.g. digits)")
-        pretrained = self.pretrained
-        # a resume loads its own weights: the start file is not read again
-        if pretrained not in (None, "hub") and not self.resume and not Path(pretrained).is_file():
-            raise UserError(f"--pretrained {self.pretrained}: no such file")
 
     # --- serialisation ----------------------------------------------------------------------
 

@@ -205,3 +205,20 @@ def test_timm_run_from_a_pretrained_file_trains_exports_and_quantizes(tmp_path):
     q = load_onnx(tmp_path / "q.onnx")
     assert int8.precision == "int8" and read_manifest(q).precision == "int8"
     assert any(t.data_type == onnx.TensorProto.INT8 for t in q.graph.initializer)
+
+
+def test_resume_continues_from_the_checkpoint_without_the_start_file(tmp_path):
+    from training.trainer import train
+
+    torch.manual_seed(5)
+    weights = tmp_path / "lenet.pt"
+    torch.save(models.create_model("lenet", num_classes=10, in_chans=1).state_dict(), weights)
+    settings = dict(data="digits", arch="lenet", members=2, method="de", batch_size=32)
+    settings.update(cam_samples=0, eval_train_samples=0, progress=False, out=str(tmp_path / "r"))
+    train(TrainConfig(**settings, pretrained=str(weights), max_steps=2))
+    first = json.loads((tmp_path / "r" / "config.json").read_text())["model"]["pretrained"]
+    weights.unlink()  # the start file is gone: a resume must not need it
+    train(TrainConfig(**settings, pretrained=str(weights), max_steps=3, resume=True))
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["model"]["pretrained"] == first and first["sha256"]
+    assert json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
