@@ -162,8 +162,8 @@ def test_bad_pretrained_file_is_one_line_exit_2_and_writes_nothing(kind, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
-def test_timm_run_from_a_pretrained_file_trains_exports_and_quantizes(tmp_path):
-    """2 steps of DE at 32 px (no CAMs: the map is 1x1), then fp32 and int8 export."""
+def test_timm_run_from_a_pretrained_file_trains_exports_evaluates_and_quantizes(tmp_path):
+    """2 steps of DE at 32 px (no CAMs: the map is 1x1), fp32 export, sdde eval, int8 export."""
     from export import export_run
     from export.quantize import PrecisionOptions
     from training.run import load_run
@@ -199,6 +199,20 @@ def test_timm_run_from_a_pretrained_file_trains_exports_and_quantizes(tmp_path):
         expected = run.ensemble(torch.from_numpy(images)).numpy()
     got = run_graph(load_onnx(tmp_path / "m.onnx"), images, ["logits"])["logits"]
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+    # sdde eval reads the timm model's graph like any other: its accuracy is the torch ensemble's
+    data = cfg.data
+    argv = ["eval", str(tmp_path / "m.onnx"), "--data", data, "--threads", "1"]
+    assert sdde_cli.main([*argv, "--out-dir", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    full = np.load(data)
+    with torch.no_grad():
+        x = torch.from_numpy(full["images"].astype(np.float32) / 255.0)
+        torch_acc = float(
+            (run.ensemble(x).softmax(-1).mean(1).argmax(-1).numpy() == full["labels"]).mean()
+        )
+    assert report["model"]["arch"] == ARCH
+    assert report["classification"]["before"]["accuracy"] == pytest.approx(torch_acc, abs=1e-9)
 
     options = PrecisionOptions(precision="int8", max_accuracy_drop=100.0, max_auroc_drop=100.0)
     int8 = export_run(run_dir, tmp_path / "q.onnx", name="timm", precision=options)
