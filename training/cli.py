@@ -50,6 +50,7 @@ METAVARS: dict[str, str] = {
     "data": "SPEC",
     "outliers": "SPEC",
     "arch": "NAME",
+    "pretrained": "PATH|hub",
     "members": "N",
     "method": "METHOD",
     "epochs": "E",

@@ -28,6 +28,7 @@ BACKEND_CHOICES = ("loop", "fused")
 class TrainConfig:
     data: str = "digits"
     arch: str = "lenet"
+    pretrained: str | None = None
     members: int = 5
     method: str = "sdde"
     epochs: int = 10
@@ -94,20 +95,19 @@ class TrainConfig:
         from training import methods, models  # imports torch; resolve() is a training-time call
 
         self.validate()
-        if self.arch not in models.ARCHS:
-            raise UserError(
-                f"unknown --arch {self.arch!r}; choose one of: {', '.join(models.ARCHS)}"
-            )
+        spec = models.arch_spec(self.arch)  # UserError for unknown names
         method = registry.spec(self.method)
         if method.needs_outliers and not self.outliers:
             raise UserError(f"--method {self.method} needs --outliers SPEC (unlabeled OOD images)")
-        spec = models.ARCHS[self.arch]
         size = int(spec.input_size) if self.input_size is None else self.input_size
         if self.in_chans is not None:
             chans = self.in_chans
         else:
             chans = int(data_channels) if data_channels is not None else spec.input_channels
         lam, layer, outlier_batch = self.lambda_div, self.saliency_layer, self.outlier_batch_size
+        gradcam_loss = "lambda_div" in method.hparams and self.saliency == "gradcam"
+        if self.cam_samples > 0 or gradcam_loss:  # the run compares GradCAMs
+            models.check_saliency_map(self.arch, chans, size, layer)
         return ResolvedConfig(
             **{
                 **self.to_dict(),
@@ -219,12 +219,14 @@ class ResolvedConfig(TrainConfig):
 
 
 def auto_augment(channels: int, size: int) -> str:
-    """``auto``: crop+flip for 32x32 colour sets (as OpenOOD), none for gray/digit sets.
+    """``auto``: crop+flip for colour (natural) images, none for gray/digit sets.
 
-    Flips and crops are wrong for digits (a mirrored 2 is not a 2), and the paper's MNIST setting
-    trains gray 28x28 sets without augmentation.
+    Crop+flip (``RandomCrop(size, padding=4)`` + horizontal flip) is the official SDDE / OpenOOD
+    CIFAR protocol. Flips and crops are wrong for digits (a mirrored 2 is not a 2), and the
+    paper's MNIST setting trains gray 28x28 sets without augmentation. ``size`` is unused today
+    (kept so a size-dependent recipe needs no new signature).
     """
-    return "crop-flip" if channels == 3 and size == 32 else "none"
+    return "crop-flip" if channels == 3 else "none"
 
 
 def flag(name: str) -> str:
@@ -241,7 +243,11 @@ RESUME_OVERRIDABLE = frozenset(
 # Help text for every CLI flag; keys are TrainConfig field names (checked in tests).
 FIELD_HELP: dict[str, str] = {
     "data": "training data spec: digits, an IDX dir, an image folder, a .npz, torchvision:NAME",
-    "arch": "model architecture (e.g. lenet, resnet18_32x32, resnet18, resnet50)",
+    "arch": "model architecture: lenet, resnet20, resnet18_32x32, resnet18, resnet50 or "
+    "timm:NAME (any timm CNN)",
+    "pretrained": "start every member from these weights: a state dict (.pt/.pth/.safetensors; "
+    "its SHA-256 goes into config.json) or 'hub' (torchvision/timm download); a classifier of "
+    "another class count is re-initialised per member",
     "members": "number of ensemble members",
     "method": f"training method: {', '.join(registry.METHODS)}",
     "epochs": "training epochs (the cosine schedule spans all of them)",
@@ -273,7 +279,7 @@ FIELD_HELP: dict[str, str] = {
     "resume": "continue the run in --out from its last_state.pt",
     "input_size": "model input height and width (None: the arch's)",
     "in_chans": "model input channels (None: the training data's)",
-    "augment": "auto (crop+flip for 32x32 colour sets, none otherwise), none, crop (random "
+    "augment": "auto (crop+flip for colour images, none for gray ones), none, crop (random "
     "28-px crop of the 4-px padded image, no flip) or crop-flip",
     "amp": "bf16 autocast on CUDA",
     "channels_last": "channels-last memory format on CUDA",

@@ -30,6 +30,7 @@ from torch.func import functional_call, vmap
 
 from training.config import BACKEND_CHOICES, DIVERSITY_BN_CHOICES
 from training.models import create_model
+from training.pretrained import load_into, source_state_dict
 
 BACKENDS = BACKEND_CHOICES
 BN_MODES = DIVERSITY_BN_CHOICES
@@ -172,14 +173,22 @@ def build_ensemble(
     std: Sequence[float],
     saliency_layer: str | None = None,
     backend: str = "loop",
+    pretrained: str | None = None,
 ) -> Ensemble:
-    """``members`` freshly initialised models of ``arch`` (drawn from the current torch RNG)."""
+    """``members`` freshly initialised models of ``arch`` (drawn from the current torch RNG).
+
+    ``pretrained`` (a file or ``"hub"``, training/pretrained.py): every member then starts from
+    those weights, except a classifier of another shape, which keeps its fresh initialisation.
+    """
     nets = [
         create_model(
             arch, num_classes=num_classes, in_chans=in_chans, saliency_layer=saliency_layer
         )
         for _ in range(members)
     ]
+    if pretrained is not None:
+        state = source_state_dict(pretrained, arch)
+        load_into(nets, state, pretrained)
     return Ensemble(nets, mean, std, backend=backend)
 
 

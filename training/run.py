@@ -2,6 +2,7 @@
 
 ```
 RUN_DIR/config.json         {"schema": "sdde-run/1", resolved TrainConfig, "data", "model"}
+                            ("model" records the pretrained file's SHA-256 under "pretrained")
 RUN_DIR/split.json          {"seed", "val_fraction", "n", "val_indices", "fingerprint"}
 RUN_DIR/metrics.jsonl       one JSON object per epoch (and one at a max_steps stop)
 RUN_DIR/best.safetensors    weights only: member i under "members.{i}.", plus "mean" and "std"
@@ -32,6 +33,7 @@ from torch import Tensor
 from sdde_serve.atomic import atomic_path, write_bytes_atomic
 from sdde_serve.data import ArrayDataset, parse_spec, run_part
 from sdde_serve.errors import UserError
+from training import pretrained
 from training.config import RESUME_OVERRIDABLE, TrainConfig
 from training.ensemble import Ensemble, build_ensemble
 
@@ -269,6 +271,8 @@ def write_run_header(
         "num_classes": n_classes,
         "in_chans": cfg.in_chans,
         "saliency_layer": cfg.saliency_layer,
+        # the weights members started from: {"source", "sha256"} (None: random initialisation)
+        "pretrained": pretrained.record(cfg.pretrained),
     }
     split = {
         "seed": cfg.seed,

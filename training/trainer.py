@@ -182,6 +182,7 @@ def setup(given: TrainConfig, ctx: DistContext) -> Run:
         std=std,
         saliency_layer=cfg.saliency_layer,
         backend=cfg.backend,
+        pretrained=None if state is not None else cfg.pretrained,  # a resume loads its own
     )
     use_cuda = device.type == "cuda"
     memory_format = torch.channels_last if (use_cuda and cfg.channels_last) else None
