@@ -34,6 +34,12 @@ from sdde_serve import scores
 from sdde_serve.data import ArrayDataset, load_dataset
 from sdde_serve.errors import UserError
 from sdde_serve.manifest import KNNSpec, ScoreSelection, ScoreStatsSpec, SynthesizedOOD
+from sdde_serve.scores import combined
+
+# scores with statistics of validation ID images (beyond the training split's): name ->
+# (statistics fitted on the training rows, ScoreData of the choice half) -> full statistics.
+# They are fitted on the images that choose the score, never on the calibration half.
+VALIDATION_FITTED = {combined.SPEC.name: combined.standardise}
 
 SYNTH_PREFIX = "synth:"  # names of the synthesized sets in ood.selection
 
@@ -48,11 +54,19 @@ class OODChoice:
     # fitted statistics of the registered scores that need them (training split), by score
     stats: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     train: TrainingFeatures | None = None  # fits the statistics still missing, on demand
+    # the choice half's images as the scores see them (VALIDATION_FITTED's statistics)
+    choice_data: scores.ScoreData | None = None
 
     def stats_of(self, name: str) -> dict[str, np.ndarray] | None:
         """``name``'s statistics, fitted on first use (None: it has none or cannot have them)."""
         if name not in self.stats and self.train is not None:
             fitted = self.train.fit(name)
+            if fitted is not None and name in VALIDATION_FITTED:
+                fitted = (
+                    None
+                    if self.choice_data is None
+                    else fit_on_validation(name, fitted, self.choice_data)
+                )
             if fitted is not None:
                 self.stats[name] = fitted
         return self.stats.get(name)
@@ -200,15 +214,23 @@ def check_float16(bank: FeatureBank, queries: np.ndarray, k: int, full: np.ndarr
         )
 
 
+def fit_on_validation(
+    name: str, fitted: dict[str, np.ndarray], choice: scores.ScoreData
+) -> dict[str, np.ndarray]:
+    """``name``'s training-split statistics completed on the choice half's ID images."""
+    return VALIDATION_FITTED[name](fitted, choice)
+
+
 def synthesized_sets(
-    run: Any, kinds: tuple[str, ...]
+    val: ArrayDataset, kinds: tuple[str, ...]
 ) -> tuple[dict[str, ArrayDataset], dict[str, str], SynthesizedOOD]:
-    """Validation OOD sets made from ``run``'s validation images: (sets, specs, record)."""
-    made = synthesize(run.val.images, run.val.labels, kinds, per_kind=PER_KIND, seed=SEED)
+    """Validation OOD sets made from the images of ``val`` (the validation split's choice half
+    when it is divided: the calibration half stays untouched): (sets, specs, record)."""
+    made = synthesize(val.images, val.labels, kinds, per_kind=PER_KIND, seed=SEED)
     sets = {f"{SYNTH_PREFIX}{k}": ArrayDataset(f"{SYNTH_PREFIX}{k}", v) for k, v in made.items()}
-    specs = {name: f"{name.removeprefix(SYNTH_PREFIX)} of {run.val.name}" for name in sets}
+    specs = {name: f"{name.removeprefix(SYNTH_PREFIX)} of {val.name}" for name in sets}
     n = len(next(iter(made.values())))
-    record = SynthesizedOOD(source=run.val.name, kinds=list(kinds), per_kind=n, seed=SEED)
+    record = SynthesizedOOD(source=val.name, kinds=list(kinds), per_kind=n, seed=SEED)
     return sets, specs, record
 
 
@@ -236,12 +258,15 @@ def split_validation(
 
 
 def validation_roles(
-    val: ArrayDataset, score: str, ood_val: dict[str, str] | None
+    val: ArrayDataset, score: str, ood_val: dict[str, str] | None, *, synthesizes: bool = True
 ) -> tuple[ArrayDataset, ArrayDataset]:
     """(images that choose the score, images T and the threshold are fitted on): the two halves
-    of :func:`split_validation` when ``auto`` chooses on ``--ood-val`` data, else the whole
-    split twice (nothing is chosen on data). Splits need >= 2 images in each half."""
-    if score == "auto" and ood_val and len(val) >= 4:
+    of :func:`split_validation` when ``auto`` chooses on validation OOD data (``--ood-val`` sets,
+    or sets it ``synthesizes`` from the choice half) or the deployed score fits statistics on
+    validation ID images (:data:`VALIDATION_FITTED`), else the whole split twice (nothing is
+    chosen or fitted on it). Splits need >= 2 images in each half."""
+    chooses = score == "auto" and (bool(ood_val) or synthesizes)
+    if (chooses or score in VALIDATION_FITTED) and len(val) >= 4:
         return split_validation(val)
     return val, val
 
@@ -285,8 +310,8 @@ def choose_ood_score(
         if len(datasets[name]) == 0:
             raise UserError(f"--ood-val {name}={spec}: the data set is empty")
     specs, synthesized = dict(ood_val), None
-    if score == "auto" and not ood_val and synth_kinds and len(run.val) >= 2:
-        datasets, specs, synthesized = synthesized_sets(run, synth_kinds)
+    if score == "auto" and not ood_val and synth_kinds and len(val_data) >= 2:
+        datasets, specs, synthesized = synthesized_sets(val_data, synth_kinds)
     sets = {
         name: score_inputs(ensemble, data.as_model_input(*shape), bank is not None)
         for name, data in datasets.items()
@@ -294,12 +319,16 @@ def choose_ood_score(
     # statistics are fitted when candidates need them (auto on real validation OOD sets), else
     # on demand. Synthesized sets rank only the scores without fitted statistics: that is the
     # rule benchmarks/synth_ood_mnist.py measured against real held-out OOD data.
+    # msp depends on T: the candidates see the T the export will fit on the same split
+    temperature = cal.fit_temperature(val_in.logits, val_data.labels) if sets else 1.0
+    choice_data = val_in.score_data(temperature)
     stats: dict[str, dict[str, np.ndarray]] = {}
     if sets and train is not None and synthesized is None:
         fitted = {n: train.fit(n) for n in scores.names(candidate=True)}
+        for n in VALIDATION_FITTED:
+            if fitted.get(n) is not None:
+                fitted[n] = fit_on_validation(n, fitted[n], choice_data)  # type: ignore[arg-type]
         stats = {n: v for n, v in fitted.items() if v is not None}
-    # msp depends on T: the candidates see the T the export will fit on the same split
-    temperature = cal.fit_temperature(val_in.logits, val_data.labels) if sets else 1.0
     chosen, k, selection = select_score(
         score,
         id_data=val_in,
@@ -320,4 +349,4 @@ def choose_ood_score(
     if synthesized is not None:
         reason = f"{selection.reason} (sets synthesized from it: no --ood-val given)"
         selection = selection.model_copy(update={"synthesized": synthesized, "reason": reason})
-    return OODChoice(chosen, k, bank, selection, source, stats, train)
+    return OODChoice(chosen, k, bank, selection, source, stats, train, choice_data)

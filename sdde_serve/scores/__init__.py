@@ -6,7 +6,7 @@ tables, `auto`'s candidates: ties go to the earlier score).
 
 from __future__ import annotations
 
-from sdde_serve.scores import energy, knn, knn_members, mahalanobis, mal, minmax, msp, vim
+from sdde_serve.scores import combined, energy, knn, knn_members, mahalanobis, mal, minmax, msp, vim
 from sdde_serve.scores.registry import (
     SCORES,
     FitData,
@@ -27,6 +27,7 @@ register(energy.SPEC)
 register(mahalanobis.SPEC)
 register(vim.SPEC)
 register(knn_members.SPEC)
+register(combined.SPEC)
 
 __all__ = [
     "SCORES",

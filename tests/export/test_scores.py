@@ -286,3 +286,121 @@ def test_auto_chooses_on_one_half_and_calibrates_on_the_other(tiny_run, tmp_path
     ties = [c for c, v in why.val_auroc.items() if v == best]
     chosen = min(ties, key=lambda c: why.val_fpr95[c])
     assert chosen.split("@")[0] == m.ood.score
+
+
+def _robust_z_mean_by_hand(columns: list[np.ndarray], ref: list[np.ndarray]) -> np.ndarray:
+    """The combined score written out: each base standardised by the median and IQR / 1.349 of
+    its ID reference scores, then averaged."""
+    z = []
+    for s, r in zip(columns, ref, strict=True):
+        q1, med, q3 = np.quantile(r, [0.25, 0.5, 0.75])
+        z.append((s - med) / ((q3 - q1) / 1.349))
+    return np.mean(z, axis=0)
+
+
+def test_combined_is_the_mean_robust_z_of_mal_and_mahalanobis():
+    from sdde_serve.scores.combined import standardise
+
+    rng = np.random.default_rng(3)
+    n, members, dims, classes = 200, 3, 5, 4
+    labels = rng.integers(0, classes, n)
+    train = rng.normal(size=(n, members, dims)) + labels[:, None, None]
+    w, b = rng.normal(size=(members, classes, dims)), rng.normal(size=(members, classes))
+    spec = scores.get("combined")
+    fitted = spec.fit(FitData(train, labels, w, b))
+    assert set(fitted) == {"mahalanobis_precision", "mahalanobis_pmu", "mahalanobis_mpm"}
+    maha = fit_mahalanobis(FitData(train, labels, w, b))
+
+    def data(x: np.ndarray, stats: dict) -> ScoreData:
+        return ScoreData(np.einsum("inD,nlD->inl", x, w) + b, 1.0, x, stats)
+
+    id_x = rng.normal(size=(60, members, dims)) + rng.integers(0, classes, 60)[:, None, None]
+    stats = standardise(fitted, data(id_x, fitted))
+    x = rng.normal(size=(25, members, dims)) * 3
+    got = spec.compute(data(x, stats))
+
+    def bases(xs):  # MAL by hand, Mahalanobis by its (OpenOOD-checked) reference
+        logits = np.einsum("inD,nlD->inl", xs, w) + b
+        mds = scores.get("mahalanobis").compute(ScoreData(logits, 1.0, xs, maha))
+        return [logits.mean(axis=1).max(axis=1), mds]
+
+    want = _robust_z_mean_by_hand(bases(x), bases(id_x))
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+    # the ID reference images themselves sit at median 0 on each base
+    np.testing.assert_allclose(np.median(spec.compute(data(id_x, stats))), 0.0, atol=1.0)
+    # higher = more in-distribution: features far from every class score below every ID image
+    far = spec.compute(data(id_x * 4 + 10, stats))
+    assert far.max() < spec.compute(data(id_x, stats)).min()
+
+
+@pytest.mark.parametrize("layout", ["loop", "packed"])
+def test_graph_combined_equals_numpy_and_verifies(layout):
+    from sdde_serve.scores.combined import standardise
+
+    ens = _lenets()
+    rng = np.random.default_rng(4)
+    train = rng.random((40, 1, 28, 28), dtype=np.float32)
+    feats = pre_logit_features(ens, train).reshape(40, 2, -1)
+    fitted = scores.get("combined").fit(FitData(feats, np.arange(40) % 4, *final_layers(ens)))
+    val = rng.random((30, 1, 28, 28), dtype=np.float32)
+    with torch.no_grad():
+        val_logits = ens(torch.from_numpy(val)).double().numpy()
+    val_f = pre_logit_features(ens, val).reshape(30, 2, -1).astype(np.float64)
+    stats = standardise(fitted, ScoreData(val_logits, 1.0, val_f, fitted))
+    assert stats["median"].shape == stats["scale"].shape == (2,)
+    graph = build_graph(ens, layout, input_shape=(1, 28, 28), score_stats={"combined": stats})
+    assert graph.output_names[-1] == "combined"
+    proto = to_onnx(graph, input_shape=(1, 28, 28))
+    inits = {i.name for i in proto.graph.initializer}
+    assert {"combined_median", "combined_scale", "combined_mahalanobis_precision"} <= inits
+    x = rng.random((6, 1, 28, 28), dtype=np.float32)
+    with torch.no_grad():
+        logits = ens(torch.from_numpy(x)).double().numpy()
+    f = pre_logit_features(ens, x).reshape(6, 2, -1).astype(np.float64)
+    want = scores.get("combined").compute(ScoreData(logits, 1.0, f, stats))
+    np.testing.assert_allclose(run_onnx(proto, x)["combined"], want, rtol=1e-4, atol=1e-3)
+    verify(proto, ens, temperature=1.0, inputs={"x": x}, scores={"combined": stats})
+    wrong = {**stats, "median": stats["median"] + 1.0}
+    with pytest.raises(VerificationError, match="'combined'"):
+        verify(proto, ens, temperature=1.0, inputs={"x": x}, scores={"combined": wrong})
+
+
+def test_combined_is_fitted_on_the_choice_half_and_calibrated_on_the_other(tiny_run, tmp_path):
+    from onnx import numpy_helper
+
+    from export import export_run
+    from export.choice import split_validation, training_features
+    from export.knn import pre_logit_features as feats_of
+    from sdde_serve.manifest import load_onnx
+    from sdde_serve.scores.combined import standardise
+    from training.run import load_run
+
+    m = export_run(tiny_run, tmp_path / "m.onnx", score="combined", knn_bank=120,
+                   with_cams=False)  # fmt: skip
+    run = load_run(tiny_run)
+    assert m.ood.score == "combined" and "calibration half" in m.calibration.data
+    assert m.calibration.n == len(run.val) - len(run.val) // 2
+    assert set(m.score_stats["combined"].shapes) >= {"median", "scale", "mahalanobis_pmu"}
+    # the stored standardisation is the choice half's (refitted here), not the calibration half's
+    choice, _ = split_validation(run.val)
+    images = choice.as_model_input(1, 28, 28)
+    ens = run.ensemble.eval()
+    with torch.no_grad():
+        logits = ens(torch.from_numpy(images)).double().numpy()
+    f = feats_of(ens, images).reshape(len(images), 3, -1).astype(np.float64)
+    fitted = training_features(run, (1, 28, 28), rows=120, seed=0).fit("combined")
+    want = standardise(fitted, ScoreData(logits, 1.0, f, fitted))
+    inits = {i.name: i for i in load_onnx(tmp_path / "m.onnx").graph.initializer}
+    np.testing.assert_allclose(numpy_helper.to_array(inits["combined_median"]), want["median"],
+                               rtol=1e-5)  # fmt: skip
+
+
+def test_auto_ranks_the_combined_score_with_the_others(tiny_run, tmp_path):
+    from export import export_run
+
+    noise = tmp_path / "noise.npz"
+    rng = np.random.default_rng(2)
+    np.savez(noise, images=rng.integers(0, 256, (60, 1, 8, 8), dtype=np.uint8))
+    m = export_run(tiny_run, tmp_path / "m.onnx", ood_val={"noise": str(noise)}, knn_bank=120,
+                   with_cams=False)  # fmt: skip
+    assert "combined" in m.ood.selection.val_auroc and "combined" in m.ood.selection.val_fpr95
