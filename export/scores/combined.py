@@ -1,5 +1,5 @@
-"""Graph head of ``combined`` (sdde_serve/scores/combined.py): each base score's own head on its
-own statistics, standardised by the stored ``median`` and ``scale``, averaged."""
+"""Graph head of ``combined`` (sdde_serve/scores/combined.py): the mal and knn heads (knn on the
+score's own copy of the bank), standardised by the stored ``median`` and ``scale``, averaged."""
 
 from __future__ import annotations
 
@@ -8,15 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from export.scores import GraphInputs, head
-from sdde_serve.scores.combined import BASES
+from export.scores import GraphInputs
+from export.scores.builtin import knn, mal
+from sdde_serve.scores.knn_members import k_for
 
 
 def combined(x: GraphInputs, stats: dict[str, Tensor], params: dict[str, Any]) -> Tensor:
-    cols = []
-    for base in BASES:
-        prefix = f"{base.name}_"
-        own = {k.removeprefix(prefix): v for k, v in stats.items() if k.startswith(prefix)}
-        cols.append(head(base.name)(x, own, {}))
-    z = (torch.stack(cols, dim=1) - stats["median"]) / stats["scale"]
+    bank = stats["knn_bank"]  # [N*D, R]
+    near = knn(x, {"bank": bank}, {"k": k_for(int(bank.shape[-1]))})
+    z = (torch.stack([mal(x, {}, {}), near], dim=1) - stats["median"]) / stats["scale"]
     return z.mean(dim=1)

@@ -298,7 +298,7 @@ def _robust_z_mean_by_hand(columns: list[np.ndarray], ref: list[np.ndarray]) -> 
     return np.mean(z, axis=0)
 
 
-def test_combined_is_the_mean_robust_z_of_mal_and_knn_members():
+def test_combined_is_the_mean_robust_z_of_mal_and_knn():
     from sdde_serve.scores.combined import standardise
 
     rng = np.random.default_rng(3)
@@ -308,8 +308,8 @@ def test_combined_is_the_mean_robust_z_of_mal_and_knn_members():
     w, b = rng.normal(size=(members, classes, dims)), rng.normal(size=(members, classes))
     spec = scores.get("combined")
     fitted = spec.fit(FitData(train, labels, w, b))
-    assert set(fitted) == {"knn_members_bank"}
-    bank = scores.get("knn_members").fit(FitData(train, labels, w, b))
+    assert set(fitted) == {"knn_bank"} and fitted["knn_bank"].shape == (members * dims, n)
+    unit = train.reshape(n, -1) / np.linalg.norm(train.reshape(n, -1), axis=1, keepdims=True)
 
     def data(x: np.ndarray, stats: dict) -> ScoreData:
         return ScoreData(np.einsum("inD,nlD->inl", x, w) + b, 1.0, x, stats)
@@ -319,10 +319,11 @@ def test_combined_is_the_mean_robust_z_of_mal_and_knn_members():
     x = rng.normal(size=(25, members, dims)) * 3
     got = spec.compute(data(x, stats))
 
-    def bases(xs):  # MAL by hand, KNN per member by its own (hand-checked) reference
+    def bases(xs):  # by hand: MAL, and the nearest (k = 1 for 200 rows) training row's cosine
         logits = np.einsum("inD,nlD->inl", xs, w) + b
-        knn = scores.get("knn_members").compute(ScoreData(logits, 1.0, xs, bank))
-        return [logits.mean(axis=1).max(axis=1), knn]
+        q = xs.reshape(len(xs), -1)
+        cos = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ unit.T
+        return [logits.mean(axis=1).max(axis=1), cos.max(axis=1)]
 
     want = _robust_z_mean_by_hand(bases(x), bases(id_x))
     np.testing.assert_allclose(got, want, rtol=1e-9)
@@ -349,7 +350,7 @@ def test_graph_combined_equals_numpy_and_verifies(layout):
     assert graph.output_names[-1] == "combined"
     proto = to_onnx(graph, input_shape=(1, 28, 28))
     inits = {i.name for i in proto.graph.initializer}
-    assert {"combined_median", "combined_scale", "combined_knn_members_bank"} <= inits
+    assert {"combined_median", "combined_scale", "combined_knn_bank"} <= inits
     x = rng.random((6, 1, 28, 28), dtype=np.float32)
     with torch.no_grad():
         logits = ens(torch.from_numpy(x)).double().numpy()
@@ -379,7 +380,7 @@ def test_combined_is_fitted_on_the_choice_half_and_calibrated_on_the_other(tiny_
     run = load_run(tiny_run)
     assert m.ood.score == "combined" and "calibration half" in m.calibration.data
     assert m.calibration.n == len(run.val) - len(run.val) // 2
-    assert set(m.score_stats["combined"].shapes) == {"median", "scale", "knn_members_bank"}
+    assert m.score_stats["combined"].shapes == {"median": [2], "scale": [2], "knn_bank": [252, 120]}
     # the stored standardisation is the choice half's (refitted here), not the calibration half's
     choice, _ = split_validation(run.val)
     images = choice.as_model_input(1, 28, 28)
