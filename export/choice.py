@@ -316,12 +316,12 @@ def choose_ood_score(
         name: score_inputs(ensemble, data.as_model_input(*shape), bank is not None)
         for name, data in datasets.items()
     }
+    # msp depends on T: the candidates see a T fitted on the images that rank them
+    temperature = cal.fit_temperature(val_in.logits, val_data.labels) if sets else 1.0
+    choice_data = val_in.score_data(temperature)
     # statistics are fitted when candidates need them (auto on real validation OOD sets), else
     # on demand. Synthesized sets rank only the scores without fitted statistics: that is the
     # rule benchmarks/synth_ood_mnist.py measured against real held-out OOD data.
-    # msp depends on T: the candidates see the T the export will fit on the same split
-    temperature = cal.fit_temperature(val_in.logits, val_data.labels) if sets else 1.0
-    choice_data = val_in.score_data(temperature)
     stats: dict[str, dict[str, np.ndarray]] = {}
     if sets and train is not None and synthesized is None:
         fitted = {n: train.fit(n) for n in scores.names(candidate=True)}
