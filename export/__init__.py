@@ -116,7 +116,7 @@ def export_run(
     if run.val.labels is None or len(run.val) == 0:
         raise UserError(f"{run_dir}: the validation split has no labelled images to calibrate on")
     # the images that choose the score are not the ones the threshold is fitted on
-    choice_val, cal_val = validation_roles(run.val, score, ood_val, synthesizes=synth_ood != ())
+    choice_val, cal_val = validation_roles(run.val, score, ood_val)
     val_images = cal_val.as_model_input(*shape)
     choice = choose_ood_score(
         run,

@@ -119,10 +119,8 @@ def test_default_export_chooses_on_synthesized_sets_and_records_them(tiny_model)
     why = m.ood.selection
     assert why is not None and why.method == "auto" and why.synthesized is not None
     assert why.synthesized.kinds == list(DEFAULT_KINDS) and why.synthesized.seed == synth_ood.SEED
-    # chosen on the choice half (the synthesized sets' source too), calibrated on the other half
-    assert why.synthesized.source == why.id_data and "choice half" in why.id_data
-    assert why.calibration_apart and "calibration half" in m.calibration.data
-    assert why.synthesized.per_kind == min(synth_ood.PER_KIND, why.id_n)
+    assert why.synthesized.source == why.id_data == m.calibration.data
+    assert why.synthesized.per_kind == min(synth_ood.PER_KIND, m.calibration.n)
     assert sorted(why.ood_val) == sorted(f"synth:{k}" for k in DEFAULT_KINDS)
     assert set(why.val_auroc_per_set[m.ood.score if m.knn is None else f"knn@{m.knn.k}"]) == set(
         why.ood_val
