@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -190,13 +191,28 @@ def diversity_similarity(maps: Tensor, kind: str) -> Tensor:
 def soft_unit(v: Tensor) -> Tensor:
     """``v [B, N, D] / sqrt(||v||^2 + delta_n^2)``: unit vectors with a per-member norm floor.
 
-    ``delta_n = FLOOR * sqrt(mean_b ||v_{b,n}||^2)``, detached (a constant of the step, so it adds
-    no gradient of its own). Bounded: every output norm is < 1 and its Jacobian is at most
+    ``delta_n = FLOOR * sqrt(mean_b ||v_{b,n}||^2)`` over the whole batch (all processes),
+    detached (a constant of the step, so it adds no gradient of its own). Bounded: every output
+    norm is < 1 and its Jacobian is at most
     ``1 / delta_n``.
     """
     sq = v.pow(2).sum(-1, keepdim=True)  # [B, N, 1]
-    delta_sq = FLOOR**2 * sq.detach().mean(0, keepdim=True) + TINY_SQ
-    return v * torch.rsqrt(sq + delta_sq)
+    typical = global_batch_mean(sq.detach().mean(0, keepdim=True))
+    return v * torch.rsqrt(sq + (FLOOR**2 * typical + TINY_SQ))
+
+
+def global_batch_mean(t: Tensor) -> Tensor:
+    """``t`` (a per-shard batch mean) averaged over the data-parallel processes, if any.
+
+    Under torchrun each process holds an equal shard of the shared batch; the floor must be the
+    whole batch's, or the loss (and the trajectory) would depend on the number of processes.
+    A no-op on one process. Detached input: the collective adds nothing to autograd.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
 
 
 def mean_pairwise_dot(v: Tensor) -> Tensor:
