@@ -1,28 +1,33 @@
 """The paper's MNIST protocol: train on all 60,000 training digits, test on the official 10,000.
 
-DE and SDDE (and NCL, ADP, DICE when asked: ``--methods``) ensembles of 5 LeNets are trained on
-``../shared/data/mnist-train`` (the trainer holds out 10 % for validation: best checkpoint by
-validation accuracy, temperature and OOD threshold fitted there), exported to ONNX and evaluated
-with ``sdde_serve.evaluation`` on the official test set ``../shared/data/mnist`` and the OOD sets
-of ``benchmarks/mnist_ood.py`` (near: rendered letters A-J, scanned page text; far: textures,
-photos, faces). Nothing here is chosen on the reported sets: λ and the protocol come from
-``benchmarks/sdde_protocol.py`` (validation OOD only).
+DE, SDDE, NCL, ADP and DICE ensembles of 5 LeNets (``--methods``) are trained on
+``--train`` (the trainer holds out 10 % for validation: best checkpoint by validation accuracy,
+temperature and OOD threshold fitted there), exported to ONNX through the real export path
+(``export.export_run``: the deployed score chosen on the *validation* OOD sets, the KNN bank and
+its k as the exported graph holds them) and evaluated with ``sdde_serve.evaluation`` on the
+official test set ``--test`` and the OOD sets of ``benchmarks/mnist_ood.py`` (near: rendered
+letters A-J, scanned page text; far: textures, photos, faces). Nothing is chosen on the reported
+sets: λ and the protocol come from ``benchmarks/sdde_protocol.py`` (validation OOD only).
 
-Scores (higher = more in-distribution): ``mal`` (max over classes of the member-mean logit, the
-paper's), ``msp`` (calibrated ensemble softmax), ``minmax`` (the official code's min over members
-of each member's max logit). ``knn`` is read from the evaluation when the KNN score (issue 10)
-is there; ``SCORES`` below is the one place to add it.
+Resumable per (method, seed): each run trains in ``--work/runs/NAME`` (a killed training resumes
+from its last checkpoint, ``--resume``, to the same weights) and its evaluated record is written
+atomically to ``--work/results/NAME.json``; a rerun reuses a record whose settings match and
+redoes only what is missing. The aggregate JSON (``--out``) is rewritten after every run.
 
-Prints accuracy, NLL, ECE and near/far AUROC and FPR@95 as mean ± std over seeds next to the
-paper's numbers, and writes ``benchmarks/results/mnist_full.json`` after every run (a rerun
-reuses trained runs in ``--work``).
+Per method and seed: accuracy, NLL, ECE before and after T; AUROC / FPR@95 near and far (and on
+the validation and shift groups) of every score in the graph (``mal``, ``msp``, ``minmax``,
+``knn``) and which of them is deployed; member diversity (disagreement etc. from the
+evaluation) and the CAM similarity (GradCAM on the checkpoint, ``--cam-images``); any member the
+trainer found stuck near chance; wall time of training, export and evaluation.
 
-    python benchmarks/mnist_full.py --epochs 1 --seeds 0 1 2 --methods de sdde
+    python benchmarks/mnist_full.py --epochs 20 --seeds 0 1 2 --methods de sdde \
+        --train ../shared/data/mnist-train --test ../shared/data/mnist
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -33,15 +38,24 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.mnist_ood import FAR, NEAR, SHIFT, VAL, _fmt, build_ood_sets  # noqa: E402
-from sdde_serve.data import load_dataset  # noqa: E402
+from benchmarks.mnist_ood import (  # noqa: E402
+    FAR,
+    NEAR,
+    SHIFT,
+    VAL,
+    _fmt,
+    build_ood_sets,
+    write_results,
+)
+from sdde_serve.atomic import write_text_atomic  # noqa: E402
+from sdde_serve.data import ArrayDataset, load_dataset  # noqa: E402
 
 MNIST_TEST = ROOT.parent / "shared" / "data" / "mnist"
 MNIST_TRAIN = ROOT.parent / "shared" / "data" / "mnist-train"
 RESULTS = ROOT / "benchmarks" / "results" / "mnist_full.json"
 
-# our name -> the evaluation's score key; add "knn": "knn" when the KNN score is in the graph
-SCORES = {"mal": "mal", "msp": "msp", "minmax": "min_max_logit", "knn": "knn"}
+# our name -> the evaluation's score key (the graph's outputs)
+SCORES = {"mal": "mal", "msp": "msp", "minmax": "minmax", "knn": "knn"}
 METHODS = ("de", "sdde", "ncl", "adp", "dice")
 
 # The paper's MNIST numbers available here: near-OOD AUROC (%) on its letters set, as quoted in
@@ -72,58 +86,149 @@ def train_config(method: str, seed: int, args: argparse.Namespace, run_dir: Path
         augment=args.augment,
         seed=seed,
         max_steps=args.max_steps,
-        device="cpu",
+        device=args.device,
         progress=False,
         cam_samples=0,
         eval_train_samples=1024,
     )
 
 
-def run_one(method: str, seed: int, args: argparse.Namespace, test, ood, work: Path) -> dict:
+RESULT_KEYS = (
+    "epochs", "members", "lambda_div", "diversity_period", "shared_batch",
+    "lambda_warmup_epochs", "dice_rampup_epochs", "augment", "max_steps", "cam_images", "train",
+    "test",
+)  # fmt: skip
+
+
+def settings_key(args: argparse.Namespace) -> dict[str, Any]:
+    """What a per-run record depends on: a stored record with other settings is redone."""
+    return {k: getattr(args, k) for k in RESULT_KEYS}
+
+
+def train_resumable(cfg) -> None:
+    """Trains ``cfg.out`` to its end: resumes a killed run from its last checkpoint (the same
+    weights as an uninterrupted run), starts over one killed before its first checkpoint."""
+    import dataclasses
+    import shutil
+
+    from training.trainer import train
+
+    out = Path(cfg.out)
+    if (out / "last_state.pt").exists():
+        train(dataclasses.replace(cfg, resume=True))
+        return
+    if out.exists():
+        shutil.rmtree(out)
+    train(cfg)
+
+
+def stuck_members(records: list[dict]) -> list[dict]:
+    """Members the trainer's guard found stuck near chance (training/dead_members.py)."""
+    return [{"epoch": r["epoch"], **s} for r in records for s in r.get("stuck_members", [])]
+
+
+def run_one(
+    method: str,
+    seed: int,
+    args: argparse.Namespace,
+    test: ArrayDataset,
+    ood: dict[str, ArrayDataset],
+    specs: dict[str, str],
+    work: Path,
+) -> dict:
+    """The evaluated record of one (method, seed): read back when stored with these settings."""
+    name = f"{method}_s{seed}"
+    stored = work / "results" / f"{name}.json"
+    if stored.exists():
+        record = json.loads(stored.read_text())
+        if record.get("settings") == settings_key(args):
+            print(f"  {name}: stored record reused", flush=True)
+            return record
+    run_dir = work / "runs" / name
+    train_resumable(train_config(method, seed, args, run_dir))
+    record = {"method": method, "seed": seed, "settings": settings_key(args)}
+    record.update(export_and_evaluate(run_dir, name, args, test, ood, specs, work))
+    write_text_atomic(stored, json.dumps(record, indent=1, allow_nan=False) + "\n")
+    near = record["groups"]["near"]
+    dep = record["deployed"]
+    print(
+        f"  {name}: acc {100 * record['classification']['after']['accuracy']:.2f}  near AUROC "
+        + " ".join(f"{s} {100 * near[k]['auroc']:.2f}" for s, k in SCORES.items() if k in near)
+        + f"  deployed {dep}  [train {record['seconds']['train']:.0f}s, export "
+        f"{record['seconds']['export']:.0f}s, eval {record['seconds']['eval']:.0f}s]",
+        flush=True,
+    )
+    return record
+
+
+def export_and_evaluate(
+    run_dir: Path,
+    name: str,
+    args: argparse.Namespace,
+    test: ArrayDataset,
+    ood: dict[str, ArrayDataset],
+    specs: dict[str, str],
+    work: Path,
+) -> dict[str, Any]:
+    """Export the run as a user would (score chosen on the validation OOD sets, the KNN bank in
+    the graph) and evaluate the graph; CAMs by GradCAM on the checkpoint the graph came from."""
     from export import export_run
     from sdde_serve.engine import Engine
     from sdde_serve.evaluation.evaluate import evaluate
-    from training.trainer import train
+    from sdde_serve.evaluation.report import _jsonable
+    from training.cams import cam_fn_for_model
 
-    name = f"{method}_s{seed}"
-    run_dir = work / "runs" / name
-    if not (run_dir / "best.safetensors").exists():
-        if run_dir.exists():
-            import shutil
-
-            shutil.rmtree(run_dir)
-        train(train_config(method, seed, args, run_dir))
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     model = work / "models" / f"{name}.onnx"
     t0 = time.time()
-    export_run(run_dir, model, name=f"mnist60k-{name}", version="1")
+    manifest = export_run(
+        run_dir, model, name=f"mnist60k-{name}", version="1", ood_val={n: specs[n] for n in VAL}
+    )
+    t_export = time.time() - t0
+    t0 = time.time()
     engine = Engine(model, intra_op_threads=args.threads)
     groups = {"near": list(NEAR), "far": list(FAR), "val": list(VAL), "shift": list(SHIFT)}
-    ev = evaluate(engine, test, ood, groups=groups, id_spec="mnist-test", cam_images=0)
-    m = ev.metrics
-    out = {
-        "seed": seed,
-        "train_s": records[-1]["time_s"],
-        "steps": records[-1]["step"],
-        "step_s": records[-1]["time_s"] / max(1, records[-1]["step"]),
-        "eval_s": round(time.time() - t0, 1),
-        "val_member_acc": records[-1]["val"]["member_acc"],
-        "classification": m["classification"],
-        "groups": {g: m["ood"]["groups"][g] for g in ("near", "far", "val", "shift")},
-        "diversity": m.get("diversity"),
-    }
-    near = m["ood"]["groups"]["near"]
-    print(
-        f"  {name}: acc {100 * m['classification']['after']['accuracy']:.2f}  near AUROC "
-        + " ".join(f"{s} {100 * near[k]['auroc']:.2f}" for s, k in SCORES.items() if k in near)
-        + f"  [train {out['train_s']:.0f}s, export+eval {out['eval_s']:.0f}s]",
-        flush=True,
+    ev = evaluate(
+        engine,
+        test,
+        ood,
+        groups=groups,
+        id_spec=str(args.test),
+        cam_images=args.cam_images,
+        cam_fn=cam_fn_for_model(run_dir, engine) if args.cam_images else None,
     )
-    return out
+    m = ev.metrics
+    cams = m.get("cams")
+    return _jsonable(
+        {
+            "steps": records[-1]["step"],
+            "epochs_done": records[-1]["epoch"],
+            "step_s": records[-1]["time_s"] / max(1, records[-1]["step"]),
+            "seconds": {
+                "train": records[-1]["time_s"],
+                "export": t_export,
+                "eval": time.time() - t0,
+            },
+            "val_member_acc": records[-1]["val"]["member_acc"],
+            "stuck_members": stuck_members(records),
+            "temperature": float(manifest.temperature),
+            "classification": m["classification"],
+            "deployed": m["ood"]["deployed"],
+            "score_choice": manifest.ood.model_dump(),
+            "knn": m["ood"]["knn"],
+            "groups": {g: m["ood"]["groups"][g] for g in groups},
+            "diversity": m["diversity"]["id"],
+            "cam_similarity": None if cams is None else cams["id"],
+        }
+    )
 
 
 def table(results: dict[str, list[dict]]) -> str:
-    """Markdown: per method and score, mean ± std over seeds, beside the paper's numbers."""
+    """Markdown: per method and score, mean ± std over seeds, beside the paper's numbers.
+
+    NLL and ECE before -> after T. The ``deployed`` row is each seed's exported choice (named in
+    brackets), so it can mix scores across seeds.
+    """
     lines = [
         "| method | score | acc % | NLL | ECE % | near AUROC | near FPR@95 | far AUROC "
         "| far FPR@95 | paper near AUROC |",
@@ -132,15 +237,17 @@ def table(results: dict[str, list[dict]]) -> str:
     for method, runs in results.items():
         if not runs:
             continue
+        before = [r["classification"]["before"] for r in runs]
         cls = [r["classification"]["after"] for r in runs]
         acc = _fmt([c["accuracy"] for c in cls])
-        nll = _fmt([c["nll"] for c in cls], scale=1.0, digits=4)
-        ece = _fmt([c["ece"] for c in cls])
-        for score, key in SCORES.items():
-            if key not in runs[0]["groups"]["near"]:
-                continue  # knn before the KNN score exists
+        nll = " -> ".join(_fmt([c["nll"] for c in x], scale=1.0, digits=4) for x in (before, cls))
+        ece = " -> ".join(_fmt([c["ece"] for c in x]) for x in (before, cls))
+        rows = [(s, [k] * len(runs)) for s, k in SCORES.items() if k in runs[0]["groups"]["near"]]
+        deployed = [r["deployed"] for r in runs]
+        rows.append((f"deployed ({', '.join(sorted(set(deployed)))})", deployed))
+        for score, keys in rows:
             cell = {
-                (g, k): _fmt([r["groups"][g][key][k] for r in runs])
+                (g, k): _fmt([r["groups"][g][key][k] for r, key in zip(runs, keys, strict=True)])
                 for g in ("near", "far")
                 for k in ("auroc", "fpr95")
             }
@@ -172,16 +279,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dice-rampup-epochs", type=float, default=None, help="(None: epochs / 5)")
     p.add_argument("--augment", default="auto")
     p.add_argument("--max-steps", type=int, default=None, help="cap optimizer steps (smoke runs)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op and ORT threads")
+    p.add_argument("--interop-threads", type=int, default=1, help="torch inter-op threads")
+    p.add_argument("--device", default="cpu", help="training device (cpu, cuda)")
+    p.add_argument("--cam-images", type=int, default=256, help="images per set for CAM similarity")
     args = p.parse_args(argv)
 
     import torch
 
-    from sdde_serve.evaluation.report import _jsonable
-
     torch.set_num_threads(args.threads)
+    if torch.get_num_interop_threads() != args.interop_threads:
+        # fixed once any inter-op work ran in this process (a test calling main twice)
+        with contextlib.suppress(RuntimeError):
+            torch.set_num_interop_threads(args.interop_threads)
     work = Path(args.work)
-    for sub in ("runs", "models"):
+    for sub in ("runs", "models", "results"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     test = load_dataset(args.test, split="test")
@@ -191,10 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     payload: dict[str, Any] = {
         "benchmark": "mnist_full",
         "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-        "machine": {"platform": platform.platform(), "torch_threads": args.threads},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu": platform.processor() or platform.machine(),
+            "torch_threads": args.threads,
+            "interop_threads": args.interop_threads,
+            "device": args.device,
+        },
         "settings": {
-            "train": "MNIST training set, 60,000 digits (10 % held out for validation)",
-            "test": f"official MNIST test set, {len(test)} digits",
+            "train": f"{args.train} (10 % held out for validation)",
+            "test": f"{args.test}, {len(test)} images",
             "epochs": args.epochs,
             "seeds": args.seeds,
             "members": args.members,
@@ -216,11 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     for seed in args.seeds:  # seed-major: a partial run still compares methods seed by seed
         for method in args.methods:
-            results[method].append(run_one(method, seed, args, test, ood, work))
+            results[method].append(run_one(method, seed, args, test, ood, specs, work))
             payload["runs"] = results
             payload["table_markdown"] = table(results)
             payload["wall_seconds"] = round(time.time() - t_start)
-            Path(args.out).write_text(json.dumps(_jsonable(payload), indent=1) + "\n")
+            write_results(Path(args.out), payload)
     print(table(results))
     print(f"\nwrote {args.out} ({time.time() - t_start:.0f}s)")
     return 0

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from sdde_serve.errors import UserError
 from training import registry
 from training.ensemble import Ensemble, batchnorm_mode
-from training.saliency import diversity_similarity, saliency_maps
+from training.saliency import diversity_loss, diversity_similarity, saliency_maps
 
 
 @dataclass
@@ -185,6 +185,14 @@ def adp_terms(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return entropy, log_det
 
 
+def cam_log(maps: Tensor, kind: str) -> dict[str, float]:
+    """The official CAM similarity of the step's GradCAM maps (the logged metric; the loss is the
+    bounded ``diversity_loss``, which differs from it only on near-constant maps)."""
+    if kind != "gradcam":
+        return {}
+    return {"cam_similarity": float(diversity_similarity(maps.detach(), kind))}
+
+
 def _shared(batch: StepBatch, name: str) -> tuple[Tensor, Tensor]:
     if batch.shared is None:
         raise ValueError(f"--method {name} trains on the shared batch, but the step has none")
@@ -240,12 +248,10 @@ class SDDE:
         lam = diversity_weight(cfg, x) * batch.diversity_scale
         with batchnorm_mode(ensemble, _bn_mode(cfg)):
             maps, _ = saliency_maps(ensemble, x, y, kind=kind, create_graph=True)
-        div = diversity_similarity(maps, kind)
+        div = diversity_loss(maps, kind)
         loss = ce + lam * div
         logs = _logs(loss=loss, ce=ce, div=div, lambda_div=lam, diversity_step=1.0)
-        if kind == "gradcam":
-            logs["cam_similarity"] = logs["div"]
-        return loss, logs
+        return loss, {**logs, **cam_log(maps, kind)}
 
 
 @dataclass(frozen=True)
@@ -288,14 +294,12 @@ class SDDEOutlierExposure:
         lam = diversity_weight(cfg, xo)
         with batchnorm_mode(ensemble, _bn_mode(cfg)):
             maps, logits = saliency_maps(ensemble, xo, None, kind=kind, create_graph=True)
-        div = diversity_similarity(maps, kind)
+        div = diversity_loss(maps, kind)
         oe = oe_loss(logits)
         beta = float(cfg.beta_oe)
         loss = ce + lam * div + beta * oe
         logs = _logs(loss=loss, ce=ce, div=div, oe=oe, lambda_div=lam)
-        if kind == "gradcam":
-            logs["cam_similarity"] = logs["div"]
-        return loss, logs
+        return loss, {**logs, **cam_log(maps, kind)}
 
 
 @dataclass(frozen=True)

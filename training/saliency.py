@@ -13,7 +13,19 @@ both sides of the saliency layer.
 The similarity follows the official SDDE code: ``normalize_maps`` crops a 1-pixel border,
 standardises each map (zero mean, unit population std, eps 1e-6 on the std) and L2-normalises the
 flattened map; ``mean_pairwise_cosine`` averages the cosine similarity over each unordered pair of
-members (i < j) and over the batch.
+members (i < j) and over the batch. That is the *metric* (``cam_similarity``, the paper's Figure 5).
+
+The *training loss* ``diversity_loss`` is the same cosine of centred maps with one change that
+keeps its gradient bounded. ``z / (||z|| + eps)`` of a centred map ``z`` has a gradient of size
+``1 / ||z||``; GradCAM maps of an untrained LeNet on colour images have standard deviations near
+1e-4 and many near 1e-6, so one near-constant map gave one member a diversity gradient 1e5 times
+its usual size: the step wrecked its weights, its ReLUs died and it answered one class ever after
+(or the loss went NaN). ``diversity_loss`` divides by ``sqrt(||z||^2 + delta_i^2)`` instead, with
+``delta_i = FLOOR * rms_b ||z_{b,i}||`` taken per member over the batch (detached): the map
+gradient is at most ``1 / delta_i``, a fixed multiple of that member's typical one; maps far
+above the floor keep the official cosine; a map far below it (no saliency to speak of) counts
+as ~0 instead of a random +-1. ``delta_i`` scales with member ``i``'s maps, so the loss keeps
+the official invariance to the scale of a member's maps.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -28,6 +41,13 @@ from training.config import SALIENCY_CHOICES
 from training.ensemble import Ensemble, batchnorm_mode
 
 EPS = 1e-6  # the official code's eps, on the std and on the L2 norm
+# The loss's norm floor as a fraction of the member's typical map norm (see the module doc):
+# 0.1 bounds a map's gradient at 10x the typical one and leaves maps above ~0.3x typical within
+# 5% of the official cosine.
+FLOOR = 0.1
+# An absolute floor under delta^2 (delta >= 1e-10, far below any real map norm): an all-zero
+# member gives 0, and rsqrt's derivative (-x^-1.5 / 2) stays finite in float32 at x = TINY_SQ.
+TINY_SQ = 1e-20
 CROP = 1  # border pixels dropped before standardising (official ``padding=1``)
 KINDS = SALIENCY_CHOICES
 
@@ -114,20 +134,25 @@ def input_gradient(ensemble: Ensemble, x: Tensor, y: Tensor, *, create_graph: bo
     return saliency_maps(ensemble, x, y, kind="inputgrad", create_graph=create_graph)[0]
 
 
-def normalize_maps(maps: Tensor) -> Tensor:
-    """The official normalisation, ``[..., h, w] -> [..., D]``: crop, standardise, L2-normalise.
-
-    ``D = (h - 2) * (w - 2)``. A constant map standardises to zeros and stays zero (its cosine
-    with anything is 0), exactly as in the official code.
-    """
+def crop(maps: Tensor) -> Tensor:
+    """``maps [..., h, w]`` without a ``CROP``-pixel border (the official ``padding=1``)."""
     h, w = maps.shape[-2:]
     if h <= 2 * CROP or w <= 2 * CROP:
         raise ValueError(
             f"saliency maps of {h}x{w} leave nothing after cropping a {CROP}-pixel border; "
             "choose an earlier saliency layer or a larger input size"
         )
+    return maps[..., CROP:-CROP, CROP:-CROP]
+
+
+def normalize_maps(maps: Tensor) -> Tensor:
+    """The official normalisation, ``[..., h, w] -> [..., D]``: crop, standardise, L2-normalise.
+
+    ``D = (h - 2) * (w - 2)``. A constant map standardises to zeros and stays zero (its cosine
+    with anything is 0), exactly as in the official code.
+    """
     # float32 even under bf16 autocast: the standardisation and its 1e-6 eps need the precision.
-    m = maps[..., CROP:-CROP, CROP:-CROP].float()
+    m = crop(maps).float()
     mean = m.mean(dim=(-2, -1), keepdim=True)
     std = m.std(dim=(-2, -1), keepdim=True, correction=0)  # population std, as in the official code
     z = ((m - mean) / (std + EPS)).flatten(-2)
@@ -153,7 +178,7 @@ def mean_pairwise_cosine(maps: Tensor) -> Tensor:
 
 
 def diversity_similarity(maps: Tensor, kind: str) -> Tensor:
-    """The SDDE diversity loss L_div of a batch of maps.
+    """The official similarity of a batch of maps (the metric; training uses ``diversity_loss``).
 
     GradCAM maps get the official normalisation first. Input gradients are compared raw (the
     official input-gradient loss takes the cosine of the flattened gradients directly).
@@ -161,6 +186,60 @@ def diversity_similarity(maps: Tensor, kind: str) -> Tensor:
     if kind == "gradcam":
         return mean_pairwise_cosine(normalize_maps(maps))
     return mean_pairwise_cosine(maps)
+
+
+def soft_unit(v: Tensor) -> Tensor:
+    """``v [B, N, D] / sqrt(||v||^2 + delta_n^2)``: unit vectors with a per-member norm floor.
+
+    ``delta_n = FLOOR * sqrt(mean_b ||v_{b,n}||^2)`` over the whole batch (all processes),
+    detached (a constant of the step, so it adds no gradient of its own). Bounded: every output
+    norm is < 1 and its Jacobian is at most
+    ``1 / delta_n``.
+    """
+    sq = v.pow(2).sum(-1, keepdim=True)  # [B, N, 1]
+    typical = global_batch_mean(sq.detach().mean(0, keepdim=True))
+    return v * torch.rsqrt(sq + (FLOOR**2 * typical + TINY_SQ))
+
+
+def global_batch_mean(t: Tensor) -> Tensor:
+    """``t`` (a per-shard batch mean) averaged over the data-parallel processes, if any.
+
+    Under torchrun each process holds an equal shard of the shared batch; the floor must be the
+    whole batch's, or the loss (and the trajectory) would depend on the number of processes.
+    A no-op on one process. Detached input: the collective adds nothing to autograd.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
+def mean_pairwise_dot(v: Tensor) -> Tensor:
+    """Mean over unordered member pairs (i < j) and the batch of ``<v_bi, v_bj>``; v [B, N, D]."""
+    n = v.shape[1]
+    if n < 2:
+        raise ValueError("pairwise similarity needs at least 2 members")
+    gram = v @ v.transpose(1, 2)
+    i, j = torch.triu_indices(n, n, offset=1, device=v.device)
+    return gram[:, i, j].mean()
+
+
+def diversity_loss(maps: Tensor, kind: str) -> Tensor:
+    """The SDDE diversity loss L_div that training minimises (bounded gradient; module doc).
+
+    GradCAM maps ``[B, N, h, w]``: border cropped, centred per map, ``soft_unit``, mean pairwise
+    dot product. Input gradients ``[B, N, ...]``: ``soft_unit`` of the raw flattened gradients (the
+    official input-gradient loss is their plain cosine). Float32 even under bf16 autocast.
+    """
+    if maps.ndim < 3:
+        raise ValueError(f"expected maps [B, N, ...], got {tuple(maps.shape)}")
+    if kind == "gradcam":
+        m = crop(maps).float().flatten(2)
+        v = m - m.mean(-1, keepdim=True)
+    else:
+        v = maps.float().flatten(2)
+    return mean_pairwise_dot(soft_unit(v))
 
 
 def cam_similarity(ensemble: Ensemble, x: Tensor, y: Tensor, *, batch_size: int = 256) -> float:

@@ -46,6 +46,7 @@ from sdde_serve.errors import UserError
 from training import data as D
 from training import registry, saliency
 from training.config import ResolvedConfig, TrainConfig
+from training.dead_members import reinitialize_member, stuck_members
 from training.ensemble import Ensemble, build_ensemble
 from training.methods import METHODS, StepBatch
 from training.run import (
@@ -104,6 +105,7 @@ class Run:
     # schedule and progress
     total_steps: int  # the cosine schedule spans all epochs
     end_step: int  # --max-steps may stop earlier
+    num_classes: int
     step: int = 0
     best: dict[str, Any] | None = None
     running: Running = field(default_factory=lambda: Running())
@@ -217,6 +219,7 @@ def setup(given: TrainConfig, ctx: DistContext) -> Run:
         autocast=autocast_for(device, cfg),
         total_steps=total_steps,
         end_step=end_step,
+        num_classes=n_classes,
     )
 
     # --- resume: weights, optimizer, RNG, step and running sums; or write the fresh run ------
@@ -413,6 +416,7 @@ def end_of_epoch(run: Run, lr: float, bar: tqdm) -> None:
     if run.ctx.world > 1:
         record["replicas_in_sync"] = run.ctx.replicas_in_sync(run.ensemble)
     if not run.main:
+        revive_stuck(run, [], epoch_end)  # rank 0 judges; the others follow its verdict
         return
     cfg, device, ensemble = run.cfg, run.ctx.device, run.ensemble
     ensemble.eval()
@@ -422,9 +426,37 @@ def end_of_epoch(run: Run, lr: float, bar: tqdm) -> None:
     run.best, record["best"] = update_best(run.best, record["val"], cfg.best_metric)
     if record["best"]:
         save_weights(ensemble, run.out / BEST, run.step)
+    stuck = stuck_members(record["val"].get("member_acc", []), run.num_classes)
+    if revive_stuck(run, stuck, epoch_end):
+        record["stuck_members"] = stuck
     checkpoint(run)
     append_metrics(run.out / METRICS, record)
     log_epoch(record, cfg.epochs, bar)
+
+
+def revive_stuck(run: Run, stuck: list[dict[str, Any]], epoch_end: bool) -> bool:
+    """Re-initialises the members rank 0 found stuck near chance (training/dead_members.py)
+    at a full epoch end before the last step (a member revived then would be exported untrained);
+    says so in the log and returns whether any was stuck. Every process takes part."""
+    if not epoch_end:
+        return False
+    n = run.ensemble.num_members
+    ids = {s["member"] for s in stuck}
+    _, flags = run.ctx.reduce_step({}, *[i in ids for i in range(n)])
+    members = [i for i, flag in enumerate(flags) if flag]
+    act = run.step < run.end_step
+    for s in stuck:
+        s["action"] = "reinitialized" if act else "none (last step)"
+    for i in members if act else []:
+        reinitialize_member(run.ensemble, i, run.optimizer, run.cfg, run.num_classes, run.step)
+    for s in stuck:
+        log(
+            run.main,
+            f"member {s['member']} is stuck near chance (val acc {s['val_acc']:.3f}, chance "
+            f"{s['chance']:.3f}) while its peers reach {s['peer_acc']:.3f}: {s['action']} "
+            f"at step {run.step}",
+        )
+    return bool(members)
 
 
 def checkpoint(run: Run) -> None:

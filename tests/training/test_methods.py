@@ -28,7 +28,7 @@ from training.methods import (
     shared_ce,
 )
 from training.models import SplitModel
-from training.saliency import diversity_similarity, gradcam
+from training.saliency import diversity_loss, diversity_similarity, gradcam
 
 
 class TinyBNNet(SplitModel):
@@ -147,7 +147,7 @@ def test_shared_ce_is_mean_of_member_ce() -> None:
     torch.testing.assert_close(shared_ce(z, y), ref)
 
 
-def test_sdde_loss_is_mean_ce_plus_lambda_times_cam_similarity() -> None:
+def test_sdde_loss_is_mean_ce_plus_lambda_times_diversity_loss() -> None:
     torch.manual_seed(0)
     ens = build_ensemble("lenet", members=3, num_classes=4, in_chans=1, mean=[0.5], std=[0.25])
     batch = step_batch(3, (1, 28, 28))
@@ -162,9 +162,12 @@ def test_sdde_loss_is_mean_ce_plus_lambda_times_cam_similarity() -> None:
             / 3
         )
     ens.eval()
-    div = diversity_similarity(gradcam(ens, *batch.shared, create_graph=False), "gradcam")
+    maps = gradcam(ens, *batch.shared, create_graph=False)
+    sim = diversity_similarity(maps, "gradcam")  # the official cosine: the logged metric
+    div = diversity_loss(maps, "gradcam")  # the bounded loss (test_diversity_loss.py)
     assert logs["ce"] == pytest.approx(float(ce), abs=1e-5)
-    assert logs["cam_similarity"] == pytest.approx(float(div.detach()), abs=1e-5)
+    assert logs["cam_similarity"] == pytest.approx(float(sim.detach()), abs=1e-5)
+    assert logs["div"] == pytest.approx(float(div.detach()), abs=1e-5)
     assert float(loss.detach()) == pytest.approx(float(ce) + 0.1 * float(div.detach()), abs=1e-5)
     _, logs = METHODS["sdde"].loss(ens, batch, cfg(lambda_div=0.3))
     assert logs["lambda_div"] == 0.3
