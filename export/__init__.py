@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdde_serve.errors import UserError
 from sdde_serve.manifest import Manifest
+from sdde_serve.transform import Resize
 from training import registry
 
 if TYPE_CHECKING:
@@ -167,6 +168,8 @@ def export_run(
             mean=[float(v) for v in data["mean"]],
             std=[float(v) for v in data["std"]],
             color="L" if shape[0] == 1 else "RGB",
+            # what as_model_input applied above (training and export have no manifest yet)
+            resize=Resize.default_for(shape[0]).mode,
         ),
         arch=arch,
         members=int(model_cfg["members"]),

@@ -238,7 +238,7 @@ def calibrate_file(
     manifest = read_manifest(proto, source=str(model_path))
     if weights_sha256(proto) != manifest.weights_sha256:
         raise UserError(f"{model_path}: weights do not match the manifest's SHA-256; not touched")
-    dataset = load_dataset(data, split="test")
+    dataset = load_dataset(data, split="test", model=manifest.input)
     if dataset.labels is None:
         raise UserError(f"calibration data {data!r} has no labels")
     if dataset.classes and len(dataset.classes) != manifest.num_classes:
@@ -247,7 +247,7 @@ def calibrate_file(
             f"the model {manifest.num_classes}"
         )
     spec = manifest.input
-    images = dataset.as_model_input(spec.channels, spec.height, spec.width)
+    images = dataset.as_model_input(spec.channels, spec.height, spec.width, spec.transform)
     info, ood = calibrate_model(
         proto,
         images,

@@ -23,12 +23,17 @@ from PIL import Image
 
 from sdde_serve.errors import UserError
 from sdde_serve.extras import require_extra
+from sdde_serve.manifest import InputSpec
+from sdde_serve.preprocess import ImageError, ImageLimits, decode_image
+from sdde_serve.transform import Resize, to_model_array
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # digits is split once, with this seed, into a train part (which training splits again into
 # train/validation) and a test part that only evaluation reads.
 DIGITS_SPLIT_SEED = 20240607
 DIGITS_TEST_FRACTION = 0.2
+# Local files (sdde eval) are the user's own: Pillow's decompression-bomb limit (89 MP) only
+LOCAL_FILE_LIMITS = ImageLimits(max_bytes=2**31, max_pixels=Image.MAX_IMAGE_PIXELS)
 
 
 @dataclass
@@ -39,6 +44,9 @@ class ArrayDataset:
     images: np.ndarray
     labels: np.ndarray | None = None
     classes: list[str] = field(default_factory=list)
+    # images were decoded for one model by the server's decode path (load_dataset's ``model``):
+    # already its input, never resized again
+    model_ready: bool = False
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.shape[1] not in (1, 3):
@@ -64,7 +72,9 @@ class ArrayDataset:
 
     def subset(self, indices: np.ndarray, name: str | None = None) -> ArrayDataset:
         labels = None if self.labels is None else self.labels[indices]
-        return ArrayDataset(name or self.name, self.images[indices], labels, list(self.classes))
+        return ArrayDataset(
+            name or self.name, self.images[indices], labels, list(self.classes), self.model_ready
+        )
 
     def fingerprint(self) -> str:
         """SHA-256 of pixels and labels: detects a data spec that now means other data."""
@@ -74,13 +84,26 @@ class ArrayDataset:
             h.update(np.ascontiguousarray(self.labels.astype(np.int64)).tobytes())
         return h.hexdigest()
 
-    def as_model_input(self, channels: int, height: int, width: int) -> np.ndarray:
-        """float32 ``[N, channels, height, width]`` in [0, 1], converted as the server does."""
-        if self.channels == channels and self.size == (height, width):
+    def as_model_input(
+        self, channels: int, height: int, width: int, resize: Resize | None = None
+    ) -> np.ndarray:
+        """float32 ``[N, channels, height, width]`` in [0, 1], converted as the server does.
+
+        ``resize``: the model's (``manifest.input.transform``); None: the default a model
+        exported from this data records (:meth:`Resize.default_for`), which is what training
+        and export, which have no manifest yet, apply. Images already at the model's channels
+        and size are used as they are when the resize leaves them unchanged, or when the
+        loader decoded them for this model (``model_ready``).
+        """
+        resize = resize or Resize.default_for(channels)
+        at_size = self.channels == channels and self.size == (height, width)
+        if at_size and (self.model_ready or resize.keeps(height, width)):
             return self.images.astype(np.float32) / 255.0
+        if self.model_ready:
+            raise UserError(f"{self.name}: decoded for a {self.size} model, not {height}x{width}")
         out = np.empty((len(self), channels, height, width), dtype=np.float32)
         for i, img in enumerate(self.images):
-            out[i] = to_model_array(chw_to_pil(img), channels, height, width)
+            out[i] = to_model_array(chw_to_pil(img), channels, height, width, resize)
         return out
 
 
@@ -90,21 +113,6 @@ class ArrayDataset:
 def chw_to_pil(img: np.ndarray) -> Image.Image:
     """A uint8 ``[C, H, W]`` array as a PIL image (mode L or RGB)."""
     return Image.fromarray(img[0]) if img.shape[0] == 1 else Image.fromarray(img.transpose(1, 2, 0))
-
-
-def to_model_array(img: Image.Image, channels: int, height: int, width: int) -> np.ndarray:
-    """A PIL image (mode L or RGB) as float32 ``[C, H, W]`` in [0, 1].
-
-    Channels: RGB -> gray uses PIL's ITU-R 601-2 luma; gray -> RGB repeats the channel.
-    Size: bilinear resize straight to (height, width) (aspect ratio is not kept: the training
-    data of small models is already at the model's size, and stretching is what torchvision's
-    ``Resize((h, w))`` does).
-    """
-    img = img.convert("L" if channels == 1 else "RGB")
-    if img.size != (width, height):
-        img = img.resize((width, height), Image.Resampling.BILINEAR)
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    return arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()
 
 
 def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -158,10 +166,18 @@ def parse_spec(text: str) -> DataSpec:
     return DataSpec(text, "folder", str(path), split)
 
 
-def load_dataset(spec: str, *, split: str = "train") -> ArrayDataset:
-    """Load a data spec; ``split`` is the command's default, overridden by ``SPEC@SPLIT``."""
+def load_dataset(
+    spec: str, *, split: str = "train", model: InputSpec | None = None
+) -> ArrayDataset:
+    """Load a data spec; ``split`` is the command's default, overridden by ``SPEC@SPLIT``.
+
+    ``model``: the input of the model the images are for; a folder of image files is then
+    decoded file by file exactly as the server decodes them (other specs are arrays already).
+    """
     parsed = parse_spec(spec)
     split = parsed.split or split
+    if model is not None and parsed.kind == "folder":
+        return _load_folder_for(parsed, model)
     return LOADERS[parsed.kind](parsed, split)
 
 
@@ -260,8 +276,8 @@ def _read_image(path: Path) -> Image.Image:
         raise UserError(f"{path}: cannot read image ({exc})") from None
 
 
-def _load_folder(spec: DataSpec, split: str) -> ArrayDataset:
-    root = Path(spec.location)
+def _folder_files(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names (sub-directories) and ``(file, label)`` pairs (-1: no label) of a folder."""
     subdirs = sorted(p for p in root.iterdir() if p.is_dir())
     if subdirs:
         classes = [p.name for p in subdirs]
@@ -276,6 +292,12 @@ def _load_folder(spec: DataSpec, split: str) -> ArrayDataset:
         files = [(f, -1) for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise UserError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return classes, files
+
+
+def _load_folder(spec: DataSpec, split: str) -> ArrayDataset:
+    root = Path(spec.location)
+    classes, files = _folder_files(root)
     pil = [_read_image(f) for f, _ in files]
     # A folder mixes sizes and modes: bring all to the first image's size, gray only if all are.
     channels = 1 if all(im.mode == "L" for im in pil) else 3
@@ -286,8 +308,27 @@ def _load_folder(spec: DataSpec, split: str) -> ArrayDataset:
             for im in pil
         ]
     )
-    labels = np.array([lab for _, lab in files], dtype=np.int64) if subdirs else None
+    labels = np.array([lab for _, lab in files], dtype=np.int64) if classes else None
     return ArrayDataset(root.name, images, labels, classes)
+
+
+def _decode_file(path: Path, model: InputSpec) -> np.ndarray:
+    try:
+        x = decode_image(path.read_bytes(), model, LOCAL_FILE_LIMITS)
+    except (OSError, ImageError) as exc:
+        raise UserError(f"{path}: cannot read image ({exc})") from None
+    # the decoded pixels are k / 255 exactly: stored as k, as_model_input gives them back
+    return np.round(x * 255.0).astype(np.uint8)
+
+
+def _load_folder_for(spec: DataSpec, model: InputSpec) -> ArrayDataset:
+    """A folder decoded file by file as the server and ``sdde score`` decode uploads (EXIF,
+    alpha, the JPEG scaling, the model's resize), so the same file gives the same pixels."""
+    root = Path(spec.location)
+    classes, files = _folder_files(root)
+    images = np.stack([_decode_file(f, model) for f, _ in files])
+    labels = np.array([lab for _, lab in files], dtype=np.int64) if classes else None
+    return ArrayDataset(root.name, images, labels, classes, model_ready=True)
 
 
 def _load_torchvision(spec: DataSpec, split: str) -> ArrayDataset:

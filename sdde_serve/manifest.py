@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sdde_serve.errors import UserError
+from sdde_serve.transform import Resize, ResizeMode
 
 if TYPE_CHECKING:  # onnx is a base dependency, but importing it costs ~0.3 s: only when needed
     import onnx
@@ -44,9 +45,30 @@ class InputSpec(_Model):
     # applied inside the graph; recorded so that other runtimes (Triton clients) know
     mean: list[float]
     std: list[float]
-    # how any image is brought to (height, width): bilinear resize, aspect ratio not kept
-    resize: Literal["bilinear-stretch"] = "bilinear-stretch"
+    # how any image is brought to (height, width) (sdde_serve/transform.py): "bilinear-stretch"
+    # (aspect ratio not kept; what files exported before the choice existed do) or
+    # "shorter-crop" (torchvision's eval transform: shorter side to resize_size, centre crop)
+    resize: ResizeMode = "bilinear-stretch"
     color: Literal["L", "RGB"] = "L"
+    # shorter-crop only; None: max(height, width), a crop of the longer side alone
+    resize_size: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _resize_size_fits(self) -> InputSpec:
+        if self.resize_size is not None:
+            if self.resize != "shorter-crop":
+                raise ValueError("resize_size applies to resize 'shorter-crop' only")
+            if self.resize_size < max(self.height, self.width):
+                raise ValueError(
+                    f"resize_size {self.resize_size} is smaller than the crop "
+                    f"{self.height}x{self.width}"
+                )
+        return self
+
+    @property
+    def transform(self) -> Resize:
+        """The resize every path applies (:func:`sdde_serve.transform.to_model_array`)."""
+        return Resize(self.resize, self.resize_size)
 
 
 class ScoreSelection(_Model):

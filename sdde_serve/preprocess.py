@@ -10,7 +10,13 @@ Conversions (documented in docs/conventions.md):
 * 16-bit (``I;16*``) and 32-bit integer (``I``) images are scaled to 8 bits by dividing by 257
   (65535 -> 255); float (``F``) images are taken as [0, 1] intensities.
 * Then the model's channels and size: RGB -> gray by ITU-R 601-2 luma, gray -> RGB by repetition,
-  bilinear resize to the model's height and width (:func:`sdde_serve.data.to_model_array`).
+  and the manifest's resize (stretch, or shorter side then centre crop) by the one transform of
+  every path, :func:`sdde_serve.transform.to_model_array`.
+
+Decode cost is counted in pixels decoded: a JPEG's pixels after libjpeg's DCT scaling (``draft``,
+1/2 to 1/8, chosen from the header), so a 12 MP photo costs what its 1/8-scale image costs for a
+small model; every other format (and a progressive JPEG, whose coefficient buffer holds the full
+image) costs its full width x height.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from sdde_serve.data import to_model_array
 from sdde_serve.manifest import InputSpec
+from sdde_serve.transform import Reduced, needed_side, to_model_array
 
 
 class ImageError(ValueError):
@@ -72,7 +79,8 @@ class ImageLimits:
 
     # encoded size; None: 4 bytes per allowed pixel (an RGBA bitmap's size), at least 8 MiB
     max_bytes: int | None = None
-    # decompression-bomb guard, checked from the header before any pixel is decoded
+    # decompression-bomb guard: pixels decoded per image (a baseline JPEG's after libjpeg's
+    # scaling, module docstring), checked from the header before any pixel is decoded
     max_pixels: int | None = None
     # the sum over the images of one request (server), checked from the headers as well
     max_request_pixels: int | None = None
@@ -127,8 +135,19 @@ class PixelBudget:
                 self._cond.notify_all()
 
 
-def _open(data: bytes, spec: InputSpec, limits: ImageLimits) -> Image.Image:
-    """Read the header only: format, size and the pixel limit; nothing is decoded yet."""
+class _Opened(NamedTuple):
+    img: Image.Image
+    full: tuple[int, int]  # width, height in the file
+    scale: int  # libjpeg's DCT scaling set by ``draft`` (1, 2, 4 or 8; 1 for other formats)
+    cost: int  # pixels the decode holds (module docstring)
+
+
+def _open(data: bytes, spec: InputSpec, limits: ImageLimits) -> _Opened:
+    """Read the header only: format, size and the pixel limit; nothing is decoded yet.
+
+    A JPEG is set to decode at a reduced scale (``draft``); its cost is checked against the
+    per-image limit.
+    """
     if not data:
         raise ImageError("empty image")
     max_bytes = limits.bytes_limit(spec)
@@ -138,10 +157,18 @@ def _open(data: bytes, spec: InputSpec, limits: ImageLimits) -> Image.Image:
     width, height = img.size
     if width == 0 or height == 0:
         raise ImageError(f"image has zero size ({width}x{height})")
+    cost, scale = width * height, 1
+    if img.format in ("JPEG", "MPO"):  # MPO: a phone's JPEG with extra frames (depth, preview)
+        side = needed_side(spec.transform, spec.height, spec.width)
+        img.draft(img.mode, (side, side))  # keeps both sides at least `side`
+        scale = img.decoderconfig[0] if img.decoderconfig else 1
+        if not img.info.get("progressive"):
+            cost = img.size[0] * img.size[1]
     limit = limits.pixels(spec)
-    if width * height > limit:
-        raise ImageError(f"image of {width}x{height} pixels exceeds the limit of {limit}")
-    return img
+    if cost > limit:
+        scaled = "" if cost == width * height else f" ({img.size[0]}x{img.size[1]} decoded)"
+        raise ImageError(f"image of {width}x{height} pixels{scaled} exceeds the limit of {limit}")
+    return _Opened(img, (width, height), scale, cost)
 
 
 @contextmanager
@@ -171,10 +198,10 @@ def _client_errors() -> Iterator[None]:
 
 
 def image_pixels(data: bytes, spec: InputSpec, limits: ImageLimits) -> int:
-    """Width x height from the header (format and per-image limit checked), without decoding."""
+    """The decode cost from the header (format and per-image limit checked), without decoding:
+    width x height, after libjpeg's scaling for a baseline JPEG."""
     with _client_errors():
-        width, height = _open(data, spec, limits).size
-    return width * height
+        return _open(data, spec, limits).cost
 
 
 def check_request_pixels(
@@ -199,9 +226,9 @@ def check_request_pixels(
 
 
 def _reduce_factor(size: tuple[int, int], spec: InputSpec) -> int:
-    """The integer factor that keeps an image at least twice the model's size on both axes, in
-    either orientation (EXIF may swap them)."""
-    return max(1, min(size) // (2 * max(spec.width, spec.height)))
+    """The integer factor that keeps the image's shorter side at least twice the side the
+    resize brings it to (the same in either orientation: EXIF may swap the axes)."""
+    return max(1, min(size) // needed_side(spec.transform, spec.height, spec.width))
 
 
 def _sixteen_to_l(img: Image.Image) -> Image.Image:
@@ -249,19 +276,18 @@ def _to_l_or_rgb(img: Image.Image, spec: InputSpec) -> tuple[Image.Image, int]:
     return img.convert("RGB"), factor  # 1, CMYK, YCbCr, LAB, HSV
 
 
-def _finish_reduced(
-    img: Image.Image, full: tuple[int, int], factor: int, spec: InputSpec, swap: bool
-) -> Image.Image:
-    """The bilinear resize to the model's size of an image reduced by ``factor``.
-
-    ``reduce`` rounds the size up, so its last row and column average a partial block; resizing
-    from the box the full image covers (``w / factor``), as Pillow's own ``reducing_gap`` does,
-    keeps the result equal to a direct resize of the full image up to rounding.
-    """
-    img = img.convert("L" if spec.channels == 1 else "RGB")
-    size = (spec.height, spec.width) if swap else (spec.width, spec.height)
-    box = (0.0, 0.0, full[0] / factor, full[1] / factor)
-    return img.resize(size, Image.Resampling.BILINEAR, box=box)
+def _upright(
+    img: Image.Image, orientation: int | None, reduced: Reduced
+) -> tuple[Image.Image, Reduced]:
+    """The EXIF transpose of a reduced image (cheap, before the resize: a crop is the upright
+    image's), and where the full image now lies in it (the partial block moves with the flip)."""
+    if orientation not in _TRANSPOSE:
+        return img, reduced
+    (w, h), f = reduced.full, reduced.factor
+    px, py = img.size[0] - w / f, img.size[1] - h / f  # the partial block, right and bottom
+    offsets = {2: (px, 0), 3: (px, py), 4: (0, py), 5: (0, 0), 6: (py, 0), 7: (py, px), 8: (0, px)}
+    full = (h, w) if orientation in _SWAPS_AXES else (w, h)
+    return img.transpose(_TRANSPOSE[orientation]), Reduced(full, f, offsets[orientation])
 
 
 def decode_image(
@@ -276,23 +302,19 @@ def decode_image(
     Decode cost is bounded before any pixel is decoded: accepted formats only, the byte limit and
     the pixel limit read from the header, and (with ``budget``) the pixels decoded at once by the
     process; ``deadline`` (``time.monotonic()``) stops a decode still waiting for the budget. A
-    JPEG is decoded straight at a reduced scale (``draft``: libjpeg's 1/2, 1/4, 1/8 DCT scaling)
-    when it is much larger than the model's input. Raises :class:`ImageError` with a
-    client-facing reason for anything unusable (``TimeoutError`` past the deadline).
+    JPEG is decoded straight at a reduced scale (``draft``: libjpeg's 1/2, 1/4, 1/8 DCT scaling),
+    other images are box-reduced in their own mode, to no less than twice the size the model's
+    resize reads. Raises :class:`ImageError` with a client-facing reason for anything unusable
+    (``TimeoutError`` past the deadline).
     """
     limits = limits or ImageLimits()
     with _client_errors():
-        img = _open(data, spec, limits)
-        with budget.hold(img.size[0] * img.size[1], deadline) if budget else nullcontext():
-            if img.format == "JPEG":
-                # keeps at least twice the model's size, like the reduction below
-                img.draft(img.mode, (2 * spec.width, 2 * spec.height))
+        img, full, scale, cost = _open(data, spec, limits)
+        with budget.hold(cost, deadline) if budget else nullcontext():
             img.load()  # decodes now: truncated or corrupt data fails here
             orientation = img.getexif().get(_ORIENTATION)
-            full = img.size
             img, factor = _to_l_or_rgb(img, spec)
-            if factor > 1:
-                img = _finish_reduced(img, full, factor, spec, swap=orientation in _SWAPS_AXES)
-        if orientation in _TRANSPOSE:
-            img = img.transpose(_TRANSPOSE[orientation])
-    return to_model_array(img, spec.channels, spec.height, spec.width)
+        img, reduced = _upright(img, orientation, Reduced(full, scale * factor))
+    return to_model_array(
+        img, spec.channels, spec.height, spec.width, spec.transform, reduced=reduced
+    )

@@ -108,9 +108,12 @@ def main(args: argparse.Namespace, *, cam_provider: Callable[[], CamProvider] | 
     cam_fn_for_model = cam_provider() if args.cams_from_run and cam_provider else None
     engine = Engine(args.model, intra_op_threads=args.threads)
     cam_fn = cam_fn_for_model(args.cams_from_run, engine) if cam_fn_for_model else None
-    id_data = load_dataset(args.data, split="test")
-    ood_data = {name: load_dataset(spec, split="test") for name, spec in ood_specs.items()}
-    val_data = load_dataset(args.val_data, split="test") if args.val_data else None
+    model = engine.manifest.input  # folders of files are decoded as the server decodes them
+    id_data = load_dataset(args.data, split="test", model=model)
+    ood_data = {
+        name: load_dataset(spec, split="test", model=model) for name, spec in ood_specs.items()
+    }
+    val_data = load_dataset(args.val_data, split="test", model=model) if args.val_data else None
     evaluation = evaluate(
         engine,
         id_data,

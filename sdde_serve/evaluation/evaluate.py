@@ -135,7 +135,7 @@ def parse_groups(items: list[str] | None, ood_names: list[str]) -> dict[str, lis
 def _run(engine: Engine, data: ArrayDataset, batch_size: int) -> tuple[np.ndarray, EngineOutput]:
     if len(data) == 0:
         raise UserError(f"{data.name}: the data set is empty")
-    x = data.as_model_input(*engine.input_shape)
+    x = data.as_model_input(*engine.input_shape, engine.manifest.input.transform)
     return x, engine.run_batches(x, batch_size)
 
 

@@ -350,7 +350,9 @@ def sweep_on_engine(
             f"--val-data {val_data.name}: labels run from {labels.min()} to {labels.max()} "
             f"but the model has {len(evaluation.classes)} classes"
         )
-    out = engine.run_batches(val_data.as_model_input(*engine.input_shape), batch_size)
+    out = engine.run_batches(
+        val_data.as_model_input(*engine.input_shape, engine.manifest.input.transform), batch_size
+    )
     return members_sweep(
         evaluation,
         val_logits=out.logits,

@@ -148,8 +148,10 @@ def evaluate_shift(
         return corr.corrupt(data.images, name, severity, seed=config.seed)
 
     def cell(images: np.ndarray) -> dict[str, float | None]:
-        shifted = ArrayDataset(data.name, images, labels, list(data.classes))
-        out = engine.run_batches(shifted.as_model_input(*engine.input_shape), batch_size)
+        shifted = ArrayDataset(data.name, images, labels, list(data.classes), data.model_ready)
+        out = engine.run_batches(
+            shifted.as_model_input(*engine.input_shape, manifest.input.transform), batch_size
+        )
         return shift_metrics(out.probs, labels, scoring.deployed_score(out, manifest), threshold)
 
     clean = cell(data.images)

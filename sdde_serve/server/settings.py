@@ -61,8 +61,9 @@ class Settings(BaseSettings):
     max_image_pixels: int | None = Field(
         None,
         ge=1,
-        description="decode-cost guard: width x height per image, read from the header before "
-        "decoding (default: 2,097,152, a Full-HD frame, or 256 x the model's input if larger)",
+        description="decode-cost guard: width x height per image (a baseline JPEG's after "
+        "libjpeg's 1/2-1/8 scaling), read from the header before decoding "
+        "(default: 2,097,152, a Full-HD frame, or 256 x the model's input if larger)",
     )
     max_image_bytes: int | None = Field(
         None,
