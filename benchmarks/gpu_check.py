@@ -18,8 +18,9 @@ others still run):
    and training images/s per method.
 
 On a machine without a GPU it prints one "no GPU" line and exits 0 (a test runs it that way).
-``--dry-run`` runs step 6 alone on the CPU on 64 fabricated 32x32 colour images (2 members, one
-step per method): a check that the step and its report work, no measurement (a test runs it).
+``--dry-run`` runs step 6 alone on the CPU on 20 fabricated colour images (2 members, one
+step per method, 16x16 inputs): a check that the step and its report work, no measurement (a
+test runs it).
 
     .venv/bin/python benchmarks/gpu_check.py [--data digits] [--arch resnet18_32] [--steps 60]
         [--cifar DIR [--cifar-epochs 3]]
@@ -108,11 +109,11 @@ def train(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def fabricated_cifar(work: Path, n: int = 64) -> str:
-    """``n`` random 32x32 RGB images in 10 classes as an ``.npz`` spec (the dry run's data)."""
+def fabricated_cifar(work: Path, n: int, size: int) -> str:
+    """``n`` random RGB images in 10 classes as an ``.npz`` spec (the dry run's data)."""
     rng = np.random.default_rng(0)
     path = work / "fabricated_cifar.npz"
-    images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    images = rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8)
     np.savez(path, images=images, labels=np.arange(n) % 10)
     return str(path)
 
@@ -137,6 +138,7 @@ def cifar_method(
         max_steps=args.cifar_max_steps,
         batch_size=args.cifar_batch_size,
         out=str(work / f"cifar-{method}"),
+        input_size=args.cifar_input_size,
         device=device,
         amp=True,
         channels_last=True,
@@ -184,11 +186,11 @@ def cifar(spec: str, work: Path, args: argparse.Namespace, device: str) -> dict[
 def dry_run(args: argparse.Namespace) -> int:
     """Step 6 on the CPU with fabricated data: the code path, not a measurement."""
     args.cifar_members, args.cifar_epochs, args.cifar_max_steps = 2, 1, 1
-    args.cifar_batch_size = 16
+    args.cifar_batch_size, args.cifar_input_size = 8, 16  # the CPU is small and shared
     report: dict[str, Any] = {"dry_run": True, "machine": {"gpu": None}}
     with tempfile.TemporaryDirectory(prefix="sdde-gpu-check-dry-") as tmp:
         work = Path(tmp)
-        spec = fabricated_cifar(work)
+        spec = fabricated_cifar(work, n=20, size=args.cifar_input_size)
         step(report, "cifar", lambda: cifar(spec, work, args, "cpu"))
     report["ok"] = report["cifar"]["ok"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -353,6 +355,7 @@ def main() -> int:
     parser.add_argument("--cifar-members", type=int, default=5)
     parser.add_argument("--cifar-batch-size", type=int, default=128)
     parser.add_argument("--cifar-max-steps", type=int, default=None)
+    parser.add_argument("--cifar-input-size", type=int, default=None, help="default: 32")
     parser.add_argument("--dry-run", action="store_true", help="step 6 on the CPU, tiny")
     args = parser.parse_args()
     if args.dry_run:
