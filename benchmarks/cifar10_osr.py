@@ -386,6 +386,52 @@ def goals(table: dict[str, Any], paired: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _cell(row: dict[str, Any], key: str, scale: float = 100.0) -> str:
+    if key not in row:
+        return "-"
+    mean, std = row[key]
+    return f"{scale * mean:.2f} ± {scale * std:.2f}"
+
+
+def markdown(table: dict[str, Any]) -> str:
+    """The docs' tables: mean ± std over seeds, percent except NLL and seconds."""
+    cols = [
+        ("known acc", "accuracy", 100.0),
+        ("NLL before→after T", None, 1.0),
+        ("ECE before→after T", None, 100.0),
+        ("near AUROC / FPR@95 (deployed)", "near_deployed", 100.0),
+        ("far AUROC / FPR@95 (deployed)", "far_deployed", 100.0),
+        ("s/epoch", "epoch_s", 1.0),
+        ("disagreement", "disagreement", 100.0),
+        ("CAM sim.", "cam_similarity", 1.0),
+    ]
+    lines = ["| method | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for method, row in table.items():
+        cells = []
+        for _, key, scale in cols:
+            if key is None:
+                kind = "nll" if scale == 1.0 else "ece"
+                before = _cell(row, f"{kind}_before_T", scale)
+                cells.append(f"{before} → {_cell(row, f'{kind}_after_T', scale)}")
+            elif key.endswith("_deployed"):
+                auroc, fpr = _cell(row, f"{key}_auroc"), _cell(row, f"{key}_fpr95")
+                cells.append(f"{auroc} / {fpr}")
+            else:
+                cells.append(_cell(row, key, scale))
+        lines.append(f"| {method} ({', '.join(row['deployed'])}) | " + " | ".join(cells) + " |")
+    lines += ["", "| method | score | near AUROC | near FPR@95 | far AUROC | far FPR@95 |"]
+    lines.append("|---|---|---|---|---|---|")
+    for method, row in table.items():
+        for score in SCORES:
+            keys = [f"{g}_{score}_{m}" for g in ("near", "far") for m in ("auroc", "fpr95")]
+            cells = " | ".join(_cell(row, k) for k in keys)
+            lines.append(f"| {method} | {score} | {cells} |")
+        single = ["single_accuracy", "single_near_mal_auroc", "single_far_mal_auroc"]
+        cells = " / ".join(_cell(row, k) for k in single)
+        lines.append(f"| {method} member 0 alone | acc / near / far AUROC (mal) | {cells} | | | |")
+    return "\n".join(lines)
+
+
 def write_results(
     args: argparse.Namespace,
     split: dict[str, Any],
@@ -463,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
             runs[method].append(run_one(method, seed, args, split, far))
             write_results(args, split, far, runs)
     summary = write_results(args, split, far, runs)
-    print(json.dumps({k: summary[k] for k in ("table", "sdde_vs_de", "goals")}, indent=1))
+    print(json.dumps({k: summary[k] for k in ("sdde_vs_de", "goals")}, indent=1))
+    print(markdown(summary["table"]))
     return 0
 
 
