@@ -41,7 +41,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -51,6 +51,9 @@ sys.path.insert(0, str(ROOT))
 
 from sdde_serve.data import load_dataset  # noqa: E402
 from sdde_serve.errors import UserError  # noqa: E402
+
+if TYPE_CHECKING:
+    from training.config import TrainConfig
 
 CIFAR10 = (
     "airplane",
@@ -110,7 +113,8 @@ def link_classes(src: Path, classes: list[str], dest: Path) -> str:
 def subset_npz(spec: str, per_class: int | None, seed: int, path: Path) -> tuple[str, int]:
     """A seeded per-class subset of a folder spec, written as ``.npz`` (decoded once)."""
     data = load_dataset(spec)
-    assert data.labels is not None
+    if data.labels is None:
+        raise UserError(f"{spec}: expected class folders")
     rng = np.random.default_rng(seed)
     keep = []
     for c in range(len(data.classes)):
@@ -216,7 +220,9 @@ def sdde(*args: str) -> None:
     subprocess.run(cmd, check=True, env=env, cwd=ROOT)
 
 
-def train_config(method: str, seed: int, args: argparse.Namespace, train: str, out: Path):
+def train_config(
+    method: str, seed: int, args: argparse.Namespace, train: str, out: Path
+) -> TrainConfig:
     from training.config import TrainConfig
 
     return TrainConfig(
@@ -290,11 +296,10 @@ def run_one(
         "eval", str(model), *eval_args(split, far), "--out-dir", str(report), "--no-plots",
         "--cams-from-run", str(run_dir), "--cam-images", str(args.cam_images), "--members-sweep",
     )  # fmt: skip
-    manifest = json.loads((run_dir / "config.json").read_text())
     result = {
         "method": method,
         "seed": seed,
-        "config": manifest.get("config", manifest),
+        "config": json.loads((run_dir / "config.json").read_text()),  # the run's header
         "epoch_seconds": epoch_seconds(run_dir),
         "seconds": {"export": t_export, "eval": time.time() - t0},
         "metrics": json.loads((report / "metrics.json").read_text()),
@@ -461,7 +466,7 @@ def write_results(
         "split": {k: split[k] for k in ("known", "unknown")}
         | {"val_ood": sorted(split["val_ood"]), "near": sorted(split["near"]), "far": sorted(far)},
         **summary,
-        "runs": {m: [{k: v for k, v in r.items()} for r in rs] for m, rs in runs.items()},
+        "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1, default=str))
