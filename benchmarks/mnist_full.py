@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from sdde_serve.evaluation.report import _jsonable
+    from sdde_serve.evaluation.report import jsonable
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             payload["runs"] = results
             payload["table_markdown"] = table(results)
             payload["wall_seconds"] = round(time.time() - t_start)
-            Path(args.out).write_text(json.dumps(_jsonable(payload), indent=1) + "\n")
+            Path(args.out).write_text(json.dumps(jsonable(payload), indent=1) + "\n")
     print(table(results))
     print(f"\nwrote {args.out} ({time.time() - t_start:.0f}s)")
     return 0
