@@ -175,7 +175,7 @@ def export_and_evaluate(
     from export import export_run
     from sdde_serve.engine import Engine
     from sdde_serve.evaluation.evaluate import evaluate
-    from sdde_serve.evaluation.report import _jsonable
+    from sdde_serve.evaluation.report import jsonable
     from training.cams import cam_fn_for_model
 
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -199,7 +199,7 @@ def export_and_evaluate(
     )
     m = ev.metrics
     cams = m.get("cams")
-    return _jsonable(
+    return jsonable(
         {
             "steps": records[-1]["step"],
             "epochs_done": records[-1]["epoch"],

@@ -643,10 +643,10 @@ def print_tables(results: dict[str, list[dict]], chosen: dict[str, dict]) -> str
 
 def write_results(out: Path, payload: dict[str, Any]) -> None:
     """The benchmark's JSON (numpy values made plain; NaN refused), parent folders created."""
-    from sdde_serve.evaluation.report import _jsonable
+    from sdde_serve.evaluation.report import jsonable
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_jsonable(payload), indent=1, allow_nan=False) + "\n")
+    out.write_text(json.dumps(jsonable(payload), indent=1, allow_nan=False) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,15 @@
 """Evaluation of exported models: OOD metrics, diversity, CAM similarity, reports (numpy only).
 
+* :mod:`.evaluate` — run an ONNX model on ID and OOD data, score every set, run the sections.
+* :mod:`.section` — the one interface of a report section (compute, markdown, plots, summary);
+  :mod:`.sections` registers the built-in ones, in report order:
+  :mod:`.classification`, :mod:`.ood_table`, :mod:`.conformal_eval`, :mod:`.diversity`,
+  :mod:`.cams`, :mod:`.consistency`, :mod:`.shift` (``--shift``), :mod:`.members`
+  (``--members-sweep``).
 * :mod:`.metrics` — AUROC, AUPR-In/Out, FPR@95 (ID positive), scikit-learn-compatible ties.
-* :mod:`.diversity` — the SDDE paper's Table 1 diversity metrics.
-* :mod:`.cams` — mean pairwise cosine similarity of member CAMs (official normalisation).
-* :mod:`.evaluate` — run an ONNX model on ID and OOD data and compute everything.
 * :mod:`.corruptions` — the common corruptions (CIFAR-10-C parameters), seeded, any image size.
-* :mod:`.shift` — accuracy, calibration and the OOD flag under corruption shift (``--shift``).
-* :mod:`.members` — quality against the number of members (``--members-sweep``).
-* :mod:`.report` — metrics.json, report.md and PNG plots (matplotlib, the ``[eval]`` extra);
-  :mod:`.sections` registers the optional analyses' report sections.
+* :mod:`.results` — what an evaluation holds (scored sets, metrics).
+* :mod:`.report` — metrics.json and report.md; :mod:`.plotting` — matplotlib (the ``[eval]``
+  extra) and PNG writes.
 * :mod:`.cli` — ``sdde eval``.
 """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sdde_serve.deprecation import add_deprecated_alias
 from sdde_serve.probe import add_probe_argument
@@ -77,10 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="write metrics.json and report.md only (no matplotlib needed)",
     )
-    from sdde_serve.evaluation import members, shift
+    from sdde_serve.evaluation.sections import SECTIONS
 
-    shift.add_arguments(parser)
-    members.add_arguments(parser)
+    for section in SECTIONS:  # the optional analyses' flags (--shift, --members-sweep, ...)
+        if section.add_arguments is not None:
+            section.add_arguments(parser)
 
 
 def main(args: argparse.Namespace, *, cam_provider: Callable[[], CamProvider] | None = None) -> int:
@@ -89,33 +90,32 @@ def main(args: argparse.Namespace, *, cam_provider: Callable[[], CamProvider] | 
     from sdde_serve.engine import Engine
     from sdde_serve.errors import UserError
     from sdde_serve.evaluation.evaluate import evaluate, parse_groups, parse_named_specs
-    from sdde_serve.evaluation.report import write_report
+    from sdde_serve.evaluation.plotting import pyplot
+    from sdde_serve.evaluation.report import summary_lines, write_report
+    from sdde_serve.evaluation.sections import SECTIONS
 
     if args.out is None:
         raise UserError("the report directory is required: --out-dir DIR")
     if args.batch_size < 1 or args.cam_images < 0 or args.threads < 0:
         raise UserError("--batch-size must be >= 1, --cam-images and --threads >= 0")
-    from sdde_serve.evaluation import members, shift
-
-    shift_config, sweep_config = shift.config_from_args(args), members.config_from_args(args)
     ood_specs = parse_named_specs(args.ood, "--ood")
     groups = parse_groups(args.group, list(ood_specs))
     if not args.no_plots:
-        from sdde_serve.evaluation.report import _pyplot
-
-        _pyplot()  # a missing matplotlib fails now, not after minutes of inference
+        pyplot()  # a missing matplotlib fails now, not after minutes of inference
     if args.cams_from_run and cam_provider is None:
         raise UserError("--cams-from-run needs a CAM provider (run it as `sdde eval`)")
     # before the slow part, so that a missing torch fails at once
     cam_fn_for_model = cam_provider() if args.cams_from_run and cam_provider else None
     engine = Engine(args.model, intra_op_threads=args.threads, probe_check=args.probe_check)
     cam_fn = cam_fn_for_model(args.cams_from_run, engine) if cam_fn_for_model else None
-    model = engine.manifest.input  # folders of files are decoded as the server decodes them
-    id_data = load_dataset(args.data, split="test", model=model)
-    ood_data = {
-        name: load_dataset(spec, split="test", model=model) for name, spec in ood_specs.items()
-    }
-    val_data = load_dataset(args.val_data, split="test", model=model) if args.val_data else None
+
+    def load(spec: str) -> Any:  # folders of files are decoded as the server decodes them
+        return load_dataset(spec, split="test", model=engine.manifest.input)
+
+    id_data = load(args.data)
+    ood_data = {name: load(spec) for name, spec in ood_specs.items()}
+    # every optional analysis's flags checked and its data loaded before the slow part
+    configs = {s.name: s.configure(args, load) for s in SECTIONS if s.configure is not None}
     evaluation = evaluate(
         engine,
         id_data,
@@ -126,49 +126,11 @@ def main(args: argparse.Namespace, *, cam_provider: Callable[[], CamProvider] | 
         batch_size=args.batch_size,
         cam_images=args.cam_images,
         cam_fn=cam_fn,
+        configs=configs,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    if shift_config is not None:
-        evaluation.metrics[shift.SCHEMA_KEY] = shift.evaluate_shift(
-            engine,
-            id_data,
-            shift_config,
-            batch_size=args.batch_size,
-            progress=lambda name: print(f"shift: {name}", file=sys.stderr, flush=True),
-        )
-    if sweep_config is not None:
-        evaluation.metrics[members.SCHEMA_KEY] = members.sweep_on_engine(
-            evaluation, engine, sweep_config, val_data=val_data, batch_size=args.batch_size
-        )
     written = write_report(evaluation, args.out, plots=not args.no_plots)
-    m = evaluation.metrics
-    after = m["classification"]["after"]
-    print(
-        f"accuracy {100 * after['accuracy']:.2f}%  NLL {after['nll']:.4f}  "
-        f"ECE {100 * after['ece']:.2f}%  (T = {m['model']['temperature']:.3g})"
-    )
-    scores = [s for s in m["ood"]["scores"] if s != "msp_avg_logits"]
-    if m["ood"]["sets"]:
-        print(f"OOD (deployed: {m['ood']['deployed']}), AUROC / FPR@95 %:")
-        print(f"{'':>16}  " + "  ".join(f"{s:>13}" for s in scores))
-    for name, by_score in {**m["ood"]["sets"], **m["ood"]["groups"]}.items():
-        cells = [
-            f"{100 * by_score[s]['auroc']:6.2f}/{100 * by_score[s]['fpr95']:6.2f}" for s in scores
-        ]
-        print(f"{name:>16}: " + "  ".join(cells))
-    c = m["conformal"]
-    if c is None:
-        print("p-values: none (the model stores no calibration scores)")
-    else:
-        a = c["at_alpha"]
-        print(
-            f"ID false-flag rate at alpha = {c['alpha']:g}: {100 * a['id_false_flag_rate']:.2f}% "
-            f"(nominal {100 * c['alpha']:.2f}%, exact {100 * a['expected']:.2f}% "
-            f"+- {100 * a['noise_sd']:.2f}% noise; n = {c['n_calibration']} calibration scores)"
-        )
-    for line in (
-        *shift.summary(m.get(shift.SCHEMA_KEY)),
-        *members.summary(m.get(members.SCHEMA_KEY)),
-    ):
+    for line in summary_lines(evaluation.metrics):
         print(line)
     print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     return 0

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from sdde_serve import conformal
+from sdde_serve.evaluation.plotting import pyplot, save
+from sdde_serve.evaluation.results import Evaluation
+from sdde_serve.evaluation.section import Context, Section
 from sdde_serve.manifest import Manifest
-
-if TYPE_CHECKING:
-    from sdde_serve.evaluation.evaluate import Evaluation
 
 # alphas reported besides the manifest's own
 ALPHAS = (0.01, 0.05, 0.1)
@@ -90,11 +90,8 @@ def p_values_of(evaluation: Evaluation, manifest_cal: list[float], kind: str) ->
 
 def plot_p_value_qq(evaluation: Evaluation, p_values: dict[str, np.ndarray], path: Path) -> Path:
     """Sorted p-values against uniform quantiles: ID on the diagonal, OOD near zero."""
-    from sdde_serve.evaluation.report import _pyplot, _save
-
-    plt = _pyplot()
     c = evaluation.metrics["conformal"]
-    fig, ax = plt.subplots(figsize=(4.8, 4.5))
+    fig, ax = pyplot().subplots(figsize=(4.8, 4.5))
     for name, p in p_values.items():
         s = np.sort(p)
         q = (np.arange(1, len(s) + 1) - 0.5) / len(s)
@@ -106,7 +103,7 @@ def plot_p_value_qq(evaluation: Evaluation, p_values: dict[str, np.ndarray], pat
     rate = c["at_alpha"]["id_false_flag_rate"]
     ax.set_title(f"OOD p-values ({c['score']}); ID flagged {100 * rate:.2f}% at alpha")
     ax.legend(fontsize=8, loc="upper left")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def markdown(metrics: dict[str, Any] | None) -> list[str]:
@@ -140,3 +137,37 @@ def markdown(metrics: dict[str, Any] | None) -> list[str]:
         "",
     ]
     return lines
+
+
+# --- the report section -------------------------------------------------------------------------
+
+
+def compute(ctx: Context, config: None) -> dict[str, Any]:
+    """p-values of the deployed score (``None`` for models without calibration scores)."""
+    ev, manifest = ctx.evaluation, ctx.engine.manifest
+    kind = manifest.ood.score
+    ood = {s.name: s.scores[kind] for s in ev.ood_sets}
+    return {"conformal": conformal_metrics(manifest, ev.id_set.scores[kind], ood)}
+
+
+def plots(evaluation: Evaluation, out: Path) -> list[Path]:
+    cal_scores = evaluation.calibration_scores
+    if not evaluation.metrics.get("conformal") or cal_scores is None:
+        return []
+    p_values = p_values_of(evaluation, cal_scores, evaluation.metrics["conformal"]["score"])
+    return [plot_p_value_qq(evaluation, p_values, out / "p_values_qq.png")]
+
+
+def summary(m: dict[str, Any]) -> list[str]:
+    c = m["conformal"]
+    if c is None:
+        return ["p-values: none (the model stores no calibration scores)"]
+    a = c["at_alpha"]
+    return [
+        f"ID false-flag rate at alpha = {c['alpha']:g}: {100 * a['id_false_flag_rate']:.2f}% "
+        f"(nominal {100 * c['alpha']:.2f}%, exact {100 * a['expected']:.2f}% "
+        f"+- {100 * a['noise_sd']:.2f}% noise; n = {c['n_calibration']} calibration scores)"
+    ]
+
+
+SECTION = Section("conformal", compute, lambda m: markdown(m.get("conformal")), plots, summary)

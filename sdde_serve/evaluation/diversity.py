@@ -19,10 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from itertools import combinations
+from typing import Any
 
 import numpy as np
 
 from sdde_serve.calibration import softmax
+from sdde_serve.evaluation.section import Context, Section, num
 
 _EPS = 1e-12
 
@@ -171,3 +173,51 @@ def diversity_metrics(
             }
         )
     return out
+
+
+# --- the report section -------------------------------------------------------------------------
+
+LABELS = {
+    "disagreement": "pairwise disagreement ↑",
+    "correlation": "correlation coefficient ↓",
+    "q_statistic": "Q-statistic ↓",
+    "double_fault": "double-fault (D/S) error rate ↓",
+    "mutual_information": "mutual information (nats) ↑",
+    "oracle_disagreement": "oracle disagreement (N01+N10)/N ↑",
+    "disagreement_error_ratio": "disagreement / member error ↑",
+}
+
+
+def compute(ctx: Context, config: None) -> dict[str, Any]:
+    ev = ctx.evaluation
+    return {
+        "diversity": {
+            "id": diversity_metrics(ev.id_set.logits, ev.labels),
+            "ood": {s.name: diversity_metrics(s.logits) for s in ev.ood_sets},
+        }
+    }
+
+
+def markdown(m: dict[str, Any]) -> list[str]:
+    div = m["diversity"]
+    lines = [
+        "## Diversity (ID test data; Kuncheva & Whitaker 2003, pair-averaged)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {LABELS[k]} | {num(v)} |" for k, v in div["id"].items()],
+    ]
+    if div["ood"]:
+        lines += [
+            "",
+            "On OOD data (label-free metrics): "
+            + "; ".join(
+                f"{name}: disagreement {num(d['disagreement'])}, MI {num(d['mutual_information'])}"
+                for name, d in div["ood"].items()
+            )
+            + ".",
+        ]
+    return [*lines, ""]
+
+
+SECTION = Section("diversity", compute, markdown)

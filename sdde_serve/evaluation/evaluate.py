@@ -2,26 +2,24 @@
 
 :func:`evaluate` returns an :class:`Evaluation`: ``metrics`` (the JSON-ready dict written to
 ``metrics.json``) and the arrays the plots need. It runs the *deployed artifact* through
-onnxruntime (:class:`sdde_serve.engine.Engine`), never the PyTorch checkpoint.
+onnxruntime (:class:`sdde_serve.engine.Engine`), never the PyTorch checkpoint, scores every set
+once, then lets each registered report section (:mod:`.sections`) compute its entries.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
 from sdde_serve import calibration as cal
-from sdde_serve import scores
 from sdde_serve.data import ArrayDataset
 from sdde_serve.engine import Engine, EngineOutput
 from sdde_serve.errors import UserError
-from sdde_serve.evaluation import cams as cam_metrics
-from sdde_serve.evaluation.conformal_eval import conformal_metrics
-from sdde_serve.evaluation.diversity import diversity_metrics
-from sdde_serve.evaluation.metrics import OOD_METRICS, mean_metrics, ood_metrics
-from sdde_serve.scoring import score_of
+from sdde_serve.evaluation.ood_table import score_descriptions, score_table
+from sdde_serve.evaluation.results import CamFn, Evaluation, ScoredSet
+from sdde_serve.evaluation.sections import SECTIONS, Context
 
 SCHEMA = "sdde-eval/1"
 CAM_SEED = 0
@@ -32,73 +30,7 @@ POSITIVE_CLASS = (
     "as positive with the negated score; scores are higher = more in-distribution"
 )
 
-
-def _msp_avg_logits(out: EngineOutput, temperature: float) -> np.ndarray:
-    return cal.softmax(np.asarray(out.logits, np.float64).mean(axis=1)).max(axis=1)
-
-
-def _graph_score(name: str) -> Callable[[EngineOutput, float], np.ndarray | None]:
-    def score(out: EngineOutput, temperature: float) -> np.ndarray | None:
-        if out.score(name) is None and not scores.get(name).recompute_from_logits:
-            return None  # not in this graph (a KNN bank, fitted statistics: chosen at export)
-        return score_of(out, name)
-
-    return score
-
-
-def score_table() -> dict[str, Callable[[EngineOutput, float], np.ndarray | None]]:
-    """OOD scores, all "higher = more in-distribution": every registered score the graph has
-    (sdde_serve/scores/; ``msp`` at the manifest's temperature; ``minmax`` recomputed from the
-    logits of graphs exported before it was an output; ``knn`` only in graphs with a KNN bank),
-    then ``msp_avg_logits``, the official code's other aggregation (MSP of the member-averaged
-    logits at T = 1), computed here from the graph's member logits."""
-    return {
-        **{n: _graph_score(n) for n in scores.names()},
-        "msp_avg_logits": _msp_avg_logits,
-    }
-
-
-def score_descriptions() -> dict[str, str]:
-    return {
-        **{n: f"{s.summary} (graph output)" for n, s in scores.SCORES.items()},
-        "msp": "max of mean over members of softmax(logits / T) (graph output)",
-        "minmax": "min over members of the member's max logit (official code; graph output)",
-        "msp_avg_logits": "max of softmax(member-averaged logits), T = 1 (official code)",
-    }
-
-
-# the built-in scores' table (what a report of an older metrics file falls back to)
-SCORES = score_table()
-PRIMARY_SCORES = ("mal", "msp")
-SCORE_DESCRIPTIONS = score_descriptions()
-
-
-@dataclass
-class ScoredSet:
-    """One dataset's model outputs: OOD scores, member logits and (optionally) CAMs."""
-
-    name: str
-    spec: str
-    logits: np.ndarray  # [n, N, L]
-    scores: dict[str, np.ndarray]
-    cam_images: np.ndarray | None = None  # [k, C, H, W] in [0, 1]
-    cams: np.ndarray | None = None  # [k, N, h, w]
-
-    def __len__(self) -> int:
-        return len(self.logits)
-
-
-@dataclass
-class Evaluation:
-    metrics: dict
-    id_set: ScoredSet
-    ood_sets: list[ScoredSet]
-    labels: np.ndarray
-    probs_before: np.ndarray  # T = 1
-    probs_after: np.ndarray  # the manifest's T
-    groups: dict[str, list[str]] = field(default_factory=dict)
-    classes: list[str] = field(default_factory=list)
-    calibration_scores: list[float] | None = None  # the manifest's (conformal p-values)
+__all__ = ["CAM_SEED", "SCHEMA", "CamFn", "Evaluation", "ScoredSet", "evaluate"]
 
 
 def parse_named_specs(items: list[str] | None, flag: str) -> dict[str, str]:
@@ -143,10 +75,6 @@ def _run(engine: Engine, data: ArrayDataset, batch_size: int) -> tuple[np.ndarra
     return x, engine.run_batches(x, batch_size)
 
 
-# images float32 [k, C, H, W] in [0, 1] -> CAMs [k, N, h, w] of the ensemble's predicted class
-CamFn = Callable[[np.ndarray], np.ndarray]
-
-
 def _cam_subset(
     engine: Engine, x: np.ndarray, k: int, batch_size: int, cam_fn: CamFn | None
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -172,112 +100,34 @@ def _score(name: str, spec: str, out: EngineOutput, temperature: float) -> Score
     return ScoredSet(name, spec, np.asarray(out.logits, np.float64), present)
 
 
-def _classification(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    return {
-        "accuracy": cal.accuracy(probs, labels),
-        "nll": cal.nll(probs, labels),
-        "ece": cal.ece(probs, labels, n_bins=15),
-        "brier": cal.brier(probs, labels),
-    }
-
-
-def evaluate(
-    engine: Engine,
-    id_data: ArrayDataset,
-    ood_data: dict[str, ArrayDataset],
-    *,
-    groups: dict[str, list[str]] | None = None,
-    id_spec: str = "",
-    ood_specs: dict[str, str] | None = None,
-    batch_size: int = 256,
-    cam_images: int = 256,
-    cam_fn: CamFn | None = None,
-) -> Evaluation:
-    """Every metric of docs/evaluation.md for one exported model.
-
-    CAMs come from ``cam_fn`` when given (e.g. GradCAM on the PyTorch checkpoint, which only
-    torch-side callers can provide: this package never imports torch), else from the graph's
-    ``cams`` output when it has one; with neither, the CAM similarity is skipped.
-    """
-    manifest = engine.manifest
-    temperature = float(manifest.temperature)
-    groups = dict(groups or {})
-    ood_specs = ood_specs or {}
+def _checked_labels(
+    engine: Engine, id_data: ArrayDataset, ood_names: list[str], groups: dict, id_spec: str
+) -> np.ndarray:
+    """The ID labels, after checking the data and groups (UserErrors before any inference)."""
+    what = f"--data {id_spec or id_data.name}"
     if len(id_data) == 0:
-        raise UserError(f"--data {id_spec or id_data.name}: the data set is empty")
+        raise UserError(f"{what}: the data set is empty")
     if id_data.labels is None:
-        raise UserError(f"--data {id_spec or id_data.name}: in-distribution test data needs labels")
+        raise UserError(f"{what}: in-distribution test data needs labels")
     for g, names in groups.items():
-        unknown = [n for n in names if n not in ood_data]
+        unknown = [n for n in names if n not in ood_names]
         if unknown:
             raise UserError(f"group {g}: unknown OOD set(s) {', '.join(unknown)}")
     labels = np.asarray(id_data.labels, np.int64)
-    if labels.min() < 0 or labels.max() >= manifest.num_classes:
+    n_classes = engine.manifest.num_classes
+    if labels.min() < 0 or labels.max() >= n_classes:
         raise UserError(
-            f"--data {id_spec or id_data.name}: labels run from {labels.min()} to "
-            f"{labels.max()} but the model has {manifest.num_classes} classes"
+            f"{what}: labels run from {labels.min()} to "
+            f"{labels.max()} but the model has {n_classes} classes"
         )
+    return labels
 
-    x_id, out_id = _run(engine, id_data, batch_size)
-    id_set = _score("id", id_spec, out_id, temperature)
-    id_set.cam_images, id_set.cams = _cam_subset(engine, x_id, cam_images, batch_size, cam_fn)
-    logits = id_set.logits
-    probs_before = cal.ensemble_probs(logits, 1.0)
-    probs_after = cal.ensemble_probs(logits, temperature)
 
-    ood_sets = []
-    for name, data in ood_data.items():
-        x, out = _run(engine, data, batch_size)
-        scored = _score(name, ood_specs.get(name, ""), out, temperature)
-        scored.cam_images, scored.cams = _cam_subset(engine, x, cam_images, batch_size, cam_fn)
-        ood_sets.append(scored)
-    if ood_sets and "all" not in groups and len(ood_sets) > 1:
-        groups["all"] = [s.name for s in ood_sets]
-
-    member_acc = (logits.argmax(axis=2) == labels[:, None]).mean(axis=0)
-    # the graph computes probs/mal/msp itself: they must match numpy on its own logits
-    graph_check = {
-        "probs_max_abs_diff": float(np.abs(out_id.probs - probs_after).max()),
-        "mal_max_abs_diff": float(np.abs(out_id.mal - cal.mal(logits)).max()),
-        "msp_max_abs_diff": float(np.abs(out_id.msp - cal.msp(probs_after)).max()),
-    }
-    if out_id.minmax is not None:
-        graph_check["minmax_max_abs_diff"] = float(np.abs(out_id.minmax - cal.minmax(logits)).max())
-
-    score_names = [k for k in score_table() if k in id_set.scores]  # knn only with a bank
-    per_set = {
-        s.name: {k: ood_metrics(id_set.scores[k], s.scores[k]) for k in score_names}
-        for s in ood_sets
-    }
-    per_group = {
-        g: {k: mean_metrics([per_set[n][k] for n in names]) for k in score_names}
-        for g, names in groups.items()
-    }
-    thr, kind = float(manifest.ood.threshold), manifest.ood.score
-    operating_point = {
-        "score": kind,
-        "threshold": thr,
-        "id_acceptance": float(np.mean(id_set.scores[kind] >= thr)),
-        "ood_rejection": {s.name: float(np.mean(s.scores[kind] < thr)) for s in ood_sets},
-    }
-
-    diversity = {"id": diversity_metrics(logits, labels)}
-    diversity["ood"] = {s.name: diversity_metrics(s.logits) for s in ood_sets}
-    cam_result = None
-    if id_set.cams is not None:
-        cam_result = {
-            "id": cam_metrics.mean_pairwise_cosine(id_set.cams),
-            "ood": {
-                s.name: cam_metrics.mean_pairwise_cosine(s.cams)
-                for s in ood_sets
-                if s.cams is not None
-            },
-            "source": "checkpoint" if cam_fn is not None else "graph",
-            "images_per_set": len(id_set.cams),
-            "map_size": list(id_set.cams.shape[2:]),
-        }
-
-    metrics = {
+def _header(engine: Engine, id_data: ArrayDataset, ev: Evaluation, id_spec: str) -> dict:
+    """metrics.json's entries before the sections': what was evaluated, on what, how to read it."""
+    manifest, temperature = engine.manifest, float(engine.manifest.temperature)
+    score_names = [k for k in score_table() if k in ev.id_set.scores]  # knn only with a bank
+    return {
         "schema": SCHEMA,
         "model": {
             "path": str(engine.path),
@@ -300,41 +150,64 @@ def evaluate(
         },
         "data": {
             "id": {"spec": id_spec, "name": id_data.name, "n": len(id_data)},
-            "ood": {s.name: {"spec": s.spec, "n": len(s)} for s in ood_sets},
+            "ood": {s.name: {"spec": s.spec, "n": len(s)} for s in ev.ood_sets},
         },
-        "groups": groups,
-        "classification": {
-            "before": _classification(probs_before, labels),
-            "after": _classification(probs_after, labels),
-            "members": {"accuracy": [float(a) for a in member_acc]},
-        },
-        "ood": {
-            "metrics": list(OOD_METRICS),
-            "scores": score_names,
-            "deployed": kind,
-            "knn": None
-            if manifest.knn is None
-            else {"k": manifest.knn.k, "rows": manifest.knn.rows},
-            "sets": per_set,
-            "groups": per_group,
-        },
-        "operating_point": operating_point,
-        # p-values of the deployed score (None for models without calibration scores)
-        "conformal": conformal_metrics(
-            manifest, id_set.scores[kind], {s.name: s.scores[kind] for s in ood_sets}
-        ),
-        "diversity": diversity,
-        "cams": cam_result,
-        "graph_check": graph_check,
+        "groups": ev.groups,
     }
-    return Evaluation(
-        metrics,
+
+
+def evaluate(
+    engine: Engine,
+    id_data: ArrayDataset,
+    ood_data: dict[str, ArrayDataset],
+    *,
+    groups: dict[str, list[str]] | None = None,
+    id_spec: str = "",
+    ood_specs: dict[str, str] | None = None,
+    batch_size: int = 256,
+    cam_images: int = 256,
+    cam_fn: CamFn | None = None,
+    configs: Mapping[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Evaluation:
+    """Every metric of docs/evaluation.md for one exported model: each registered section's.
+
+    CAMs come from ``cam_fn`` when given (e.g. GradCAM on the PyTorch checkpoint, which only
+    torch-side callers can provide: this package never imports torch), else from the graph's
+    ``cams`` output when it has one; with neither, the CAM similarity is skipped. ``configs``:
+    section name -> config of the optional sections to run (``{"shift": ShiftConfig()}``).
+    """
+    groups, ood_specs, configs = dict(groups or {}), ood_specs or {}, configs or {}
+    labels = _checked_labels(engine, id_data, list(ood_data), groups, id_spec)
+    t = float(engine.manifest.temperature)
+
+    def scored(name: str, data: ArrayDataset, spec: str) -> tuple[ScoredSet, EngineOutput]:
+        x, out = _run(engine, data, batch_size)
+        s = _score(name, spec, out, t)
+        s.cam_images, s.cams = _cam_subset(engine, x, cam_images, batch_size, cam_fn)
+        return s, out
+
+    id_set, out_id = scored("id", id_data, id_spec)
+    ood_sets = [scored(n, d, ood_specs.get(n, ""))[0] for n, d in ood_data.items()]
+    if "all" not in groups and len(ood_sets) > 1:
+        groups["all"] = [s.name for s in ood_sets]
+    ev = Evaluation(
+        {},
         id_set,
         ood_sets,
         labels,
-        probs_before,
-        probs_after,
+        cal.ensemble_probs(id_set.logits, 1.0),
+        cal.ensemble_probs(id_set.logits, t),
         groups,
-        list(manifest.classes),
-        calibration_scores=manifest.ood.calibration_scores,
+        list(engine.manifest.classes),
+        calibration_scores=engine.manifest.ood.calibration_scores,
     )
+    ev.metrics.update(_header(engine, id_data, ev, id_spec))
+    source = None if id_set.cams is None else "checkpoint" if cam_fn is not None else "graph"
+    ctx = Context(engine, ev, id_data, out_id, source, batch_size, progress)
+    for section in SECTIONS:
+        config = configs.get(section.name)
+        if section.optional and config is None:
+            continue  # an analysis not asked for (--shift, --members-sweep)
+        ev.metrics.update(section.compute(ctx, config))
+    return ev

@@ -33,9 +33,12 @@ import numpy as np
 
 from sdde_serve import calibration as cal
 from sdde_serve import scores
+from sdde_serve.data import ArrayDataset
 from sdde_serve.errors import UserError
-from sdde_serve.evaluation.evaluate import Evaluation
 from sdde_serve.evaluation.metrics import mean_metrics, ood_metrics
+from sdde_serve.evaluation.plotting import pyplot, save
+from sdde_serve.evaluation.results import Evaluation
+from sdde_serve.evaluation.section import Context, Loader, Section
 from sdde_serve.temperature import choose_temperature
 
 SCHEMA_KEY = "members_sweep"
@@ -140,6 +143,29 @@ def _tree_stat(trees: list[Any], fn: Callable[[list[float]], float]) -> Any:
     return fn([float(t) for t in trees])
 
 
+def _sweep_rows(
+    evaluation: Evaluation, config: SweepConfig, temperature: Callable[[tuple[int, ...]], float]
+) -> tuple[list[dict], list[dict]]:
+    """For k = 1..N: the first k members' metrics, and the mean and std over random k-subsets."""
+    n_members = evaluation.id_set.logits.shape[1]
+    first, random = [], []
+    for k in range(1, n_members + 1):
+        head = tuple(range(k))
+        first.append(subset_metrics(evaluation, head, temperature(head)))
+        subsets = member_subsets(n_members, k, config.subsets, config.seed)
+        results = [subset_metrics(evaluation, s, temperature(s)) for s in subsets]
+        numbers = [{k2: v for k2, v in r.items() if k2 != "members"} for r in results]
+        random.append(
+            {
+                "k": k,
+                "subsets": [list(s) for s in subsets],
+                "mean": _tree_stat(numbers, lambda v: float(np.mean(v))),
+                "std": _tree_stat(numbers, lambda v: float(np.std(v))),
+            }
+        )
+    return first, random
+
+
 def members_sweep(
     evaluation: Evaluation,
     *,
@@ -174,21 +200,7 @@ def members_sweep(
             temperatures[members] = decision.temperature  # 1.0 where the rule keeps T = 1
         return temperatures[members]
 
-    first, random = [], []
-    for k in range(1, n_members + 1):
-        head = tuple(range(k))
-        first.append(subset_metrics(evaluation, head, temperature(head)))
-        subsets = member_subsets(n_members, k, config.subsets, config.seed)
-        results = [subset_metrics(evaluation, s, temperature(s)) for s in subsets]
-        numbers = [{k2: v for k2, v in r.items() if k2 != "members"} for r in results]
-        random.append(
-            {
-                "k": k,
-                "subsets": [list(s) for s in subsets],
-                "mean": _tree_stat(numbers, lambda v: float(np.mean(v))),
-                "std": _tree_stat(numbers, lambda v: float(np.std(v))),
-            }
-        )
+    first, random = _sweep_rows(evaluation, config, temperature)
     return {
         "members": n_members,
         "k": list(range(1, n_members + 1)),
@@ -309,9 +321,7 @@ def render_markdown(sweep: dict[str, Any]) -> list[str]:
 
 def plot_sweep(sweep: dict[str, Any], path: Path) -> Path:
     """Accuracy, NLL, ECE and OOD AUROC per group against k (first k solid, random dashed)."""
-    from sdde_serve.evaluation.report import _pyplot, _save
-
-    plt = _pyplot()
+    plt = pyplot()
     kind, names = _ood_names(sweep)
     ks = sweep["k"]
     panels = [("accuracy", "accuracy (%)"), ("nll", "NLL"), ("ece", "ECE (%)")]
@@ -351,7 +361,7 @@ def plot_sweep(sweep: dict[str, Any], path: Path) -> Path:
         ax.set_xticks(ks)
         ax.set_xlabel("members k")
     fig.suptitle("first k members (solid) and random subsets of k (dashed, ± std)", fontsize=9)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def write_plots(sweep: dict[str, Any], out: Path) -> list[Path]:
@@ -400,3 +410,52 @@ def summary(sweep: dict[str, Any] | None) -> list[str]:
             for f in sweep["first"]
         )
     ]
+
+
+# --- the report section -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepRequest:
+    """What ``--members-sweep`` asked for: the config and the ``--val-data`` set (loaded)."""
+
+    config: SweepConfig
+    val_data: ArrayDataset | None = None
+
+
+def _configure(args: argparse.Namespace, load: Loader) -> SweepRequest | None:
+    config = config_from_args(args)
+    if config is None:
+        return None
+    return SweepRequest(config, load(args.val_data) if args.val_data else None)
+
+
+def _compute(ctx: Context, request: SweepRequest) -> dict[str, Any]:
+    block = sweep_on_engine(
+        ctx.evaluation,
+        ctx.engine,
+        request.config,
+        val_data=request.val_data,
+        batch_size=ctx.batch_size,
+    )
+    return {SCHEMA_KEY: block}
+
+
+def _markdown(m: dict[str, Any]) -> list[str]:
+    return render_markdown(m[SCHEMA_KEY]) if m.get(SCHEMA_KEY) else []
+
+
+def _plots(evaluation: Evaluation, out: Path) -> list[Path]:
+    block = evaluation.metrics.get(SCHEMA_KEY)
+    return write_plots(block, out) if block else []
+
+
+SECTION = Section(
+    SCHEMA_KEY,
+    _compute,
+    _markdown,
+    _plots,
+    lambda m: summary(m.get(SCHEMA_KEY)),
+    add_arguments=add_arguments,
+    configure=_configure,
+)

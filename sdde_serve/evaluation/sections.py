@@ -1,36 +1,31 @@
-"""Optional report sections: analyses that ``sdde eval`` adds to metrics.json on request.
+"""The built-in report sections, one registration line each, in report order.
 
-Each entry names its key in ``metrics.json`` and how to render it (markdown lines, PNG plots);
-:mod:`.report` draws every section whose key is present, so a new analysis registers here
-instead of growing the report module.
+The order is metrics.json's key order, report.md's section order and the console's: a new
+analysis is one module with a ``SECTION`` (sdde_serve/evaluation/section.py) and one line here (or
+a ``register`` call of its own, as tests/evaluation/test_toy_section.py does).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
-from sdde_serve.evaluation import members, shift
-
-
-@dataclass(frozen=True)
-class Section:
-    key: str
-    markdown: Callable[[dict[str, Any]], list[str]]
-    plots: Callable[[dict[str, Any], Path], list[Path]]
-
-
-SECTIONS = (
-    Section(shift.SCHEMA_KEY, shift.render_markdown, shift.write_plots),
-    Section(members.SCHEMA_KEY, members.render_markdown, members.write_plots),
+from sdde_serve.evaluation import (
+    cams,
+    classification,
+    conformal_eval,
+    consistency,
+    diversity,
+    members,
+    ood_table,
+    shift,
 )
+from sdde_serve.evaluation.section import SECTIONS, Context, Section, register, unregister
 
+register(classification.SECTION)
+register(ood_table.SECTION)
+register(conformal_eval.SECTION)
+register(diversity.SECTION)
+register(cams.SECTION)
+register(consistency.SECTION)
+register(shift.SECTION)  # --shift
+register(members.SECTION)  # --members-sweep
 
-def section_markdown(metrics: dict[str, Any]) -> list[str]:
-    return [line for s in SECTIONS if metrics.get(s.key) for line in s.markdown(metrics[s.key])]
-
-
-def section_plots(metrics: dict[str, Any], out: Path) -> list[Path]:
-    return [p for s in SECTIONS if metrics.get(s.key) for p in s.plots(metrics[s.key], out)]
+__all__ = ["SECTIONS", "Context", "Section", "register", "unregister"]

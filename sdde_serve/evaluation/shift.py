@@ -27,6 +27,9 @@ from sdde_serve.engine import Engine
 from sdde_serve.errors import UserError
 from sdde_serve.evaluation import corruptions as corr
 from sdde_serve.evaluation.metrics import auroc
+from sdde_serve.evaluation.plotting import pyplot, save
+from sdde_serve.evaluation.results import Evaluation
+from sdde_serve.evaluation.section import Context, Loader, Section
 
 SCHEMA_KEY = "shift"
 METRICS = ("accuracy", "confidence", "nll", "ece", "brier", "flag_rate", "auroc_correct")
@@ -123,23 +126,7 @@ def evaluate_shift(
     ``config.seed``), e.g. to reuse corrupted sets across models in a benchmark.
     """
     manifest = engine.manifest
-    if id_data.labels is None or len(id_data) == 0:
-        raise UserError(f"--shift needs labelled ID test data ({id_data.name} has none)")
-    unknown = [c for c in config.corruptions if c not in corr.CORRUPTIONS]
-    if unknown or not config.corruptions:
-        raise UserError(f"--corruptions: none given, or unknown: {', '.join(unknown)}")
-    if not config.severities or not set(config.severities) <= set(corr.SEVERITIES):
-        raise UserError(f"--severities {config.severities}: severities run from 1 to 5")
-    data = id_data
-    if 0 < config.max_images < len(id_data):
-        rng = np.random.default_rng(config.seed)
-        data = id_data.subset(np.sort(rng.permutation(len(id_data))[: config.max_images]))
-    labels = np.asarray(data.labels, np.int64)
-    if labels.min() < 0 or labels.max() >= manifest.num_classes:
-        raise UserError(
-            f"{id_data.name}: labels run from {labels.min()} to {labels.max()} "
-            f"but the model has {manifest.num_classes} classes"
-        )
+    data, labels = _shift_data(id_data, config, manifest.num_classes)
     threshold = float(manifest.ood.threshold)
 
     def make(name: str, severity: int) -> np.ndarray:
@@ -160,11 +147,9 @@ def evaluate_shift(
         if progress:
             progress(name)
         per_corruption[name] = {str(s): cell(make(name, s)) for s in config.severities}
-    fams = corr.families(config.corruptions)
-    sev = [str(s) for s in config.severities]
     return {
         "corruptions": list(config.corruptions),
-        "families": fams,
+        "families": corr.families(config.corruptions),
         "severities": list(config.severities),
         "seed": config.seed,
         "n": len(data),
@@ -175,10 +160,42 @@ def evaluate_shift(
         "implementation": "sdde_serve.evaluation.corruptions (CIFAR-10-C parameters)",
         "metrics": list(METRICS),
         "clean": clean,
+        **_aggregates(per_corruption, config),
+    }
+
+
+def _shift_data(
+    id_data: ArrayDataset, config: ShiftConfig, num_classes: int
+) -> tuple[ArrayDataset, np.ndarray]:
+    """The (subsampled) ID data to corrupt and its labels, after checking data and config."""
+    if id_data.labels is None or len(id_data) == 0:
+        raise UserError(f"--shift needs labelled ID test data ({id_data.name} has none)")
+    unknown = [c for c in config.corruptions if c not in corr.CORRUPTIONS]
+    if unknown or not config.corruptions:
+        raise UserError(f"--corruptions: none given, or unknown: {', '.join(unknown)}")
+    if not config.severities or not set(config.severities) <= set(corr.SEVERITIES):
+        raise UserError(f"--severities {config.severities}: severities run from 1 to 5")
+    data = id_data
+    if 0 < config.max_images < len(id_data):
+        rng = np.random.default_rng(config.seed)
+        data = id_data.subset(np.sort(rng.permutation(len(id_data))[: config.max_images]))
+    labels = np.asarray(data.labels, np.int64)
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise UserError(
+            f"{id_data.name}: labels run from {labels.min()} to {labels.max()} "
+            f"but the model has {num_classes} classes"
+        )
+    return data, labels
+
+
+def _aggregates(per_corruption: dict[str, dict[str, dict]], config: ShiftConfig) -> dict:
+    """Unweighted means of the cells: per family, per severity and over everything."""
+    sev = [str(s) for s in config.severities]
+    return {
         "per_corruption": per_corruption,
         "per_family": {
             f: {s: _mean([per_corruption[n][s] for n in names]) for s in sev}
-            for f, names in fams.items()
+            for f, names in corr.families(config.corruptions).items()
         },
         "per_severity": {s: _mean([per_corruption[n][s] for n in config.corruptions]) for s in sev},
         "mean": _mean([c for by_sev in per_corruption.values() for c in by_sev.values()]),
@@ -305,9 +322,7 @@ def _series(shift: dict[str, Any], by_sev: dict[str, dict], metric: str) -> tupl
 
 def plot_metrics(shift: dict[str, Any], path: Path) -> Path:
     """Rows: accuracy, NLL, ECE, Brier; columns: families; lines per corruption, family mean."""
-    from sdde_serve.evaluation.report import _pyplot, _save
-
-    plt = _pyplot()
+    plt = pyplot()
     fams = shift["families"]
     rows = ("accuracy", "nll", "ece", "brier")
     fig, axes = plt.subplots(
@@ -338,14 +353,12 @@ def plot_metrics(shift: dict[str, Any], path: Path) -> Path:
             if r == len(rows) - 1:
                 ax.set_xlabel("severity (0 = clean)")
     fig.suptitle(f"corruption shift: {shift['n']} ID test images, T = {shift['temperature']:.3g}")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_flag_rate(shift: dict[str, Any], path: Path) -> Path:
     """OOD-flag rate and AUROC(correct vs wrong) of the deployed score against severity."""
-    from sdde_serve.evaluation.report import _pyplot, _save
-
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, metric in zip(axes, ("flag_rate", "auroc_correct"), strict=True):
         for fam in shift["families"]:
@@ -369,7 +382,7 @@ def plot_flag_rate(shift: dict[str, Any], path: Path) -> Path:
     axes[0].set_title(f"flagged as OOD ({shift['score']} < {shift['threshold']:.3g})")
     axes[1].set_title(f"{shift['score']}: correct vs wrong predictions")
     axes[0].legend(fontsize=8, loc="upper left")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def write_plots(shift: dict[str, Any], out: Path) -> list[Path]:
@@ -397,3 +410,38 @@ def summary(shift: dict[str, Any] | None) -> list[str]:
         )
         for label, cell in cells
     ]
+
+
+# --- the report section -------------------------------------------------------------------------
+
+
+def _compute(ctx: Context, config: ShiftConfig) -> dict[str, Any]:
+    progress = lambda name: ctx.report(f"shift: {name}")  # noqa: E731
+    block = evaluate_shift(
+        ctx.engine, ctx.id_data, config, batch_size=ctx.batch_size, progress=progress
+    )
+    return {SCHEMA_KEY: block}
+
+
+def _configure(args: argparse.Namespace, load: Loader) -> ShiftConfig | None:
+    return config_from_args(args)
+
+
+def _markdown(m: dict[str, Any]) -> list[str]:
+    return render_markdown(m[SCHEMA_KEY]) if m.get(SCHEMA_KEY) else []
+
+
+def _plots(evaluation: Evaluation, out: Path) -> list[Path]:
+    block = evaluation.metrics.get(SCHEMA_KEY)
+    return write_plots(block, out) if block else []
+
+
+SECTION = Section(
+    SCHEMA_KEY,
+    _compute,
+    _markdown,
+    _plots,
+    lambda m: summary(m.get(SCHEMA_KEY)),
+    add_arguments=add_arguments,
+    configure=_configure,
+)
