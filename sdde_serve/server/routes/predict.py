@@ -22,10 +22,10 @@ from starlette.datastructures import UploadFile
 from sdde_serve.manifest import InputSpec
 from sdde_serve.preprocess import ImageError, ImageLimits, check_request_pixels, decode_image
 from sdde_serve.scoring import OOD_POLICIES, OODPolicy, Prediction, make_predictions
+from sdde_serve.server.after_predict import after_predict
 from sdde_serve.server.batcher import RequestTimeoutError
 from sdde_serve.server.deps import AuthDep, ModelRuntime, RuntimeDep, ServerState, StateDep
 from sdde_serve.server.errors import ApiError
-from sdde_serve.server.lifecycle import after_predict
 from sdde_serve.server.limits import check_json_values, deadline_after, offload, read_body
 
 router = APIRouter(prefix="/v1", tags=["predict"], dependencies=[AuthDep])

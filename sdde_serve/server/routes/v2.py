@@ -29,6 +29,7 @@ from sdde_serve.calibration import member_agreement
 from sdde_serve.engine import EngineOutput
 from sdde_serve.manifest import Manifest
 from sdde_serve.scoring import OOD_POLICIES, Prediction, make_predictions, score_of
+from sdde_serve.server.after_predict import after_predict
 from sdde_serve.server.deps import (
     AuthDep,
     ModelRuntime,
@@ -38,10 +39,11 @@ from sdde_serve.server.deps import (
     StateDep,
 )
 from sdde_serve.server.errors import ApiError
-from sdde_serve.server.lifecycle import after_predict
 from sdde_serve.server.limits import check_json_values, deadline_after, offload
 
-router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
+# every v2 route but the health probes is behind the API key when keys are configured (one
+# declaration here, not one per route); the probes carry no key (the orchestrator calls them)
+router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"], dependencies=[AuthDep])
 open_router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -230,12 +232,10 @@ async def ready(state: StateDep) -> JSONResponse:
     return JSONResponse({"ready": answers}, status_code=200 if answers else 503)
 
 
-# Model readiness names a model: behind the API key like the metadata (the health probes above
-# stay open for the orchestrator).
-@router.get("/models/{name}/ready", summary="Model readiness", dependencies=[AuthDep])
-@router.get(
-    "/models/{name}/versions/{version}/ready", include_in_schema=False, dependencies=[AuthDep]
-)
+# Model readiness names a model: behind the API key (the router's) like the metadata; the health
+# probes above stay open for the orchestrator.
+@router.get("/models/{name}/ready", summary="Model readiness")
+@router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
 async def model_ready(name: ModelName, state: StateDep, version: str | None = None) -> JSONResponse:
     if state.repository is None:
         return JSONResponse({"name": name, "ready": False}, status_code=503)
@@ -251,7 +251,7 @@ async def model_ready(name: ModelName, state: StateDep, version: str | None = No
 # --- metadata and inference (API key when configured) -----------------------------------------
 
 
-@router.get("", response_model=ServerMetadata, dependencies=[AuthDep], summary="Server metadata")
+@router.get("", response_model=ServerMetadata, summary="Server metadata")
 async def server_metadata(state: StateDep) -> ServerMetadata:
     extensions = ["binary_tensor_data"]
     if state.repository is not None and state.repository.root is not None:
@@ -259,13 +259,10 @@ async def server_metadata(state: StateDep) -> ServerMetadata:
     return ServerMetadata(name="sdde-serve", version=__version__, extensions=extensions)
 
 
-@router.get(
-    "/models/{name}", response_model=ModelMetadata, dependencies=[AuthDep], summary="Model metadata"
-)
+@router.get("/models/{name}", response_model=ModelMetadata, summary="Model metadata")
 @router.get(
     "/models/{name}/versions/{version}",
     response_model=ModelMetadata,
-    dependencies=[AuthDep],
     include_in_schema=False,
 )
 async def model_metadata(
@@ -443,7 +440,6 @@ def _alpha(req: InferenceRequest, runtime: ModelRuntime) -> float | None:
     "/models/{name}/infer",
     response_model=InferenceResponse,
     response_model_exclude_none=True,
-    dependencies=[AuthDep],
     summary="Inference (JSON or binary tensors)",
     openapi_extra={
         "requestBody": {
@@ -458,9 +454,7 @@ def _alpha(req: InferenceRequest, runtime: ModelRuntime) -> float | None:
         503: {"description": "not ready, queue full, timed out"},
     },
 )
-@router.post(
-    "/models/{name}/versions/{version}/infer", dependencies=[AuthDep], include_in_schema=False
-)
+@router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
 async def infer(
     name: ModelName,
     request: Request,
