@@ -28,18 +28,18 @@ from sdde_serve import __version__, scores
 from sdde_serve.calibration import member_agreement
 from sdde_serve.engine import EngineOutput
 from sdde_serve.manifest import Manifest
-from sdde_serve.scoring import OOD_POLICIES, Prediction, make_predictions, score_of
+from sdde_serve.scoring import Prediction, make_predictions, score_of
 from sdde_serve.server.after_predict import after_predict
 from sdde_serve.server.deps import (
     AuthDep,
     ModelRuntime,
     NotReady,
     RuntimeDep,
-    ServerState,
     StateDep,
 )
 from sdde_serve.server.errors import ApiError
 from sdde_serve.server.limits import check_json_values, deadline_after, offload
+from sdde_serve.server.overrides import parse_overrides
 
 # every v2 route but the health probes is behind the API key when keys are configured (one
 # declaration here, not one per route); the probes carry no key (the orchestrator calls them)
@@ -413,29 +413,6 @@ def _requested(req: InferenceRequest, available: list[str]) -> list[tuple[str, b
     return wanted
 
 
-def _policy(req: InferenceRequest, state: ServerState) -> str:
-    policy = (req.parameters or {}).get("ood_policy", state.settings.ood_policy)
-    if policy not in OOD_POLICIES:
-        raise ApiError(400, f"parameter ood_policy must be 'flag' or 'reject', got {policy!r}")
-    return policy
-
-
-def _alpha(req: InferenceRequest, runtime: ModelRuntime) -> float | None:
-    """The request parameter ``alpha`` (is_ood = ood_p_value < alpha), checked."""
-    alpha = (req.parameters or {}).get("alpha")
-    if alpha is None:
-        return None
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0.0 <= alpha < 1.0:
-        raise ApiError(400, f"parameter alpha must be a number in [0, 1), got {alpha!r}")
-    if runtime.manifest.ood.calibration_scores is None:
-        raise ApiError(
-            400,
-            f"model {runtime.name!r} stores no calibration scores (exported before "
-            "p-values): it cannot apply an alpha; refit it with `sdde calibrate`",
-        )
-    return float(alpha)
-
-
 @router.post(
     "/models/{name}/infer",
     response_model=InferenceResponse,
@@ -485,12 +462,18 @@ async def infer(
             req, wanted, images = await offload(state.decode_pool, deadline, parse)
         else:
             req, wanted, images = parse()
-        policy = _policy(req, state)
-        alpha = _alpha(req, runtime)
+        params = req.parameters or {}
+        policy, alpha = parse_overrides(
+            params.get("ood_policy"),
+            params.get("alpha"),
+            settings.ood_policy,
+            runtime.manifest,
+            runtime.name,
+        )
     remaining = max(deadline - time.monotonic(), 0.001)
     out = await runtime.batcher.submit(images, timeout=remaining)
     manifest = runtime.manifest
-    preds = make_predictions(out, manifest, top_k=1, policy=policy, alpha=alpha)  # type: ignore[arg-type]
+    preds = make_predictions(out, manifest, top_k=1, policy=policy, alpha=alpha)
     state.metrics.observe_predictions(runtime.name, preds)
     ids, background = after_predict(state, runtime, images, out, preds)
     meta: dict[str, Any] = {
