@@ -303,7 +303,7 @@ class ModelRepository:
         return scan(self.repository_root())
 
     def versions(self, name: str) -> dict[str, Path]:
-        """``name``'s versions on disk (404 when it has none)."""
+        """``name``'s versions on disk (:class:`UnknownModel` when it has none)."""
         versions = self.scan().get(name)
         if not versions:
             raise UnknownModel(f"model {name!r} is not in the repository {self.root}")
@@ -312,6 +312,8 @@ class ModelRepository:
     async def load_version(
         self, entry: ModelEntry, version: str, path: Path, shadow: bool = False
     ) -> ModelRuntime:
+        """Load, verify and warm up one version behind its own batcher; a failure is counted,
+        logged and raised as :class:`LoadFailed` (the serving version is not touched here)."""
         try:
             engine = await asyncio.to_thread(self._load, path)
             return await self._activate(entry, engine, version, stamp(path), shadow)
