@@ -428,6 +428,7 @@ def _requested(req: InferenceRequest, available: list[str]) -> list[tuple[str, b
         400: {"description": "malformed request, wrong tensor name/shape/datatype/size, NaN"},
         404: {"description": "unknown model or version"},
         413: {"description": "body too large"},
+        422: {"description": "parameter ood_policy or alpha out of range (as in /v1)"},
         503: {"description": "not ready, queue full, timed out"},
     },
 )
