@@ -152,7 +152,14 @@ def make_predictions(
 
 
 class NoCalibrationScores(ValueError):
-    """An alpha was asked of a model exported without calibration scores."""
+    """An alpha was asked of a model exported without calibration scores (the one wording of
+    it: scoring and the server raise this, named by the model as it is served)."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"model {model!r} stores no calibration scores (exported before p-values): it "
+            "cannot apply an alpha; refit it with `sdde calibrate`"
+        )
 
 
 def ood_rule(manifest: Manifest, alpha: float | None = None) -> tuple[str, float, float | None]:
@@ -164,10 +171,7 @@ def ood_rule(manifest: Manifest, alpha: float | None = None) -> tuple[str, float
     ood = manifest.ood
     if ood.calibration_scores is None:
         if alpha is not None:
-            raise NoCalibrationScores(
-                f"model {manifest.name!r} stores no calibration scores (exported before "
-                "p-values): it cannot apply an alpha; refit it with `sdde calibrate`"
-            )
+            raise NoCalibrationScores(manifest.name)
         return ood.score, ood.threshold, None
     if alpha is None or alpha == ood.alpha:
         return ood.score, ood.threshold, ood.alpha

@@ -41,8 +41,9 @@ TRITON_DTYPES: dict[int, str] = {
     16: "TYPE_BF16",
 }
 
-# Triton model names become directory names and URL path segments.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Triton model names become directory names and URL path segments (the server scans a repository
+# by the same rule: public).
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def write_triton_repo(
@@ -64,7 +65,7 @@ def write_triton_repo(
     model = load_onnx(onnx_path)
     manifest = read_manifest(model, source=str(onnx_path))
     name = name or manifest.name
-    if not _NAME_RE.match(name):
+    if not MODEL_NAME_RE.match(name):
         raise UserError(f"Triton model name {name!r}: use letters, digits, '_', '-', '.'")
     if max_batch_size < 1:
         raise UserError(f"max_batch_size must be >= 1, got {max_batch_size}")

@@ -28,6 +28,8 @@ from sdde_serve.server.feedback import FeedbackStore
 from sdde_serve.server.lifecycle_metrics import LifecycleMetrics
 from sdde_serve.server.metrics import Metrics
 from sdde_serve.server.multiprocess import worker_exiting
+from sdde_serve.server.repo_poll import poll_forever
+from sdde_serve.server.repo_shadow import start_shadows
 from sdde_serve.server.repo_sync import RepositorySync
 from sdde_serve.server.repository import ModelRepository, Preloaded, open_engine
 from sdde_serve.server.routes import feedback as feedback_routes
@@ -85,12 +87,8 @@ async def start_repository_sync(
     )
 
 
-def create_app(
-    settings: Settings, engine: Engine | None = None, preloaded: Preloaded | None = None
-) -> FastAPI:
-    """The app. ``engine``: serve this loaded model file; ``preloaded``: the repository's
-    starting versions, loaded before the server binds (``ModelRepository.preload``); neither:
-    the lifespan loads what ``settings.model`` names."""
+def build_state(settings: Settings) -> ServerState:
+    """Metrics, the feedback store and the limits of one app (the repository fills in at start)."""
     metrics = Metrics()
     lifecycle = LifecycleMetrics(metrics.registry)
     feedback = FeedbackStore(
@@ -102,8 +100,7 @@ def create_app(
         shared=metrics.multiprocess_dir is not None,
     )
     metrics.registry.register(feedback)
-    repository = ModelRepository(settings, metrics, lifecycle)
-    state = ServerState(
+    return ServerState(
         settings=settings,
         metrics=metrics,
         limits=ImageLimits(
@@ -116,100 +113,144 @@ def create_app(
         feedback=feedback,
     )
 
+
+async def start_serving(
+    state: ServerState,
+    repository: ModelRepository,
+    engine: Engine | None,
+    preloaded: Preloaded | None,
+) -> list[asyncio.Task[None]]:
+    """Load (unless preloaded), warm up and wire everything, turn readiness on; the background
+    tasks it started (polling, worker sync, the live window) are returned for the stop."""
+    settings, lifecycle = state.settings, state.lifecycle
+    assert lifecycle is not None and state.feedback is not None
+    # per lifespan (not per app): a pool shut down at one shutdown can't serve the next start
+    state.decode_pool = ThreadPoolExecutor(
+        settings.decode_threads, thread_name_prefix="sdde-decode"
+    )
+    # requests are served from here on; readiness (the probe) may go off again on SIGTERM
+    # while accepted and late-arriving requests are still answered until the batchers close
+    await repository.start(engine, preloaded)
+    await start_shadows(repository)
+    state.repository = repository
+    state.shadow = ShadowScorer(
+        repository,
+        lifecycle,
+        fraction=settings.shadow_fraction,
+        max_pending=settings.shadow_max_pending,
+        timeout_s=settings.request_timeout_s,
+    )
+    # large images decode one at a time (bounded memory), small ones in parallel: one budget
+    # for the process, sized by the largest per-image limit of the models served at start
+    state.decode_budget = PixelBudget(
+        max(
+            state.limits.pixels(entry.serving.manifest.input)
+            for entry in repository.entries.values()
+            if entry.serving is not None
+        )
+    )
+    warn_if_open(state)
+    # a restarted worker catches up with the API calls the others took before it is ready
+    tasks = [await start_repository_sync(state, repository)]
+    loop = asyncio.get_running_loop()
+    if state.metrics.multiprocess_dir is not None:  # labels leave each worker's window over time
+        tasks.append(loop.create_task(state.feedback.window.publish_forever()))
+    set_ready(state, True)
+    log_serving(repository)
+    if repository.root is not None and settings.poll_repo_s > 0:
+        poll = poll_forever(repository, settings.poll_repo_s)
+        tasks.append(loop.create_task(poll, name="repository-poll"))
+    return [t for t in tasks if t is not None]
+
+
+async def stop_serving(
+    state: ServerState, repository: ModelRepository, tasks: list[asyncio.Task[None]]
+) -> None:
+    """Readiness off first, then accepted requests drain, then the batchers stop."""
+    set_ready(state, False)
+    for task in tasks:
+        task.cancel()
+    if state.shadow is not None:
+        await state.shadow.close()
+    await repository.close(state.settings.drain_timeout_s)
+    if state.decode_pool is not None:
+        state.decode_pool.shutdown(wait=False, cancel_futures=True)
+    worker_exiting(state.metrics.multiprocess_dir)
+
+
+def warn_if_open(state: ServerState) -> None:
+    settings = state.settings
+    if not state.api_keys:
+        log.warning(
+            "NO API KEYS CONFIGURED: /v1 and /v2 inference and metadata are open to anyone "
+            "who can reach %s:%s (set --api-key or --api-keys-file)",
+            settings.host,
+            settings.port,
+        )
+    if settings.feedback_key() is None:
+        log.warning(
+            "no feedback secret: prediction ids are signed with a random key, so labels "
+            "(POST /v1/feedback) reach only this process until it restarts (set "
+            "SDDE_FEEDBACK_SECRET or --feedback-secret-file, the same on every replica)"
+        )
+
+
+def log_serving(repository: ModelRepository) -> None:
+    for entry in repository.entries.values():
+        runtime = entry.serving
+        if runtime is None:  # unloaded through the API (another worker's call)
+            continue
+        manifest = runtime.manifest
+        log.info(
+            "serving %s v%s (%d members, %s %s < %.4g is OOD) on %s",
+            runtime.name,
+            runtime.version,
+            manifest.members,
+            manifest.ood.score,
+            "score",
+            manifest.ood.threshold,
+            ", ".join(runtime.providers),
+        )
+
+
+ROUTERS = (
+    predict.router,
+    v2.open_router,
+    v2.router,
+    repository_routes.router,
+    feedback_routes.router,
+    metrics_routes.router,
+)
+
+
+def create_app(
+    settings: Settings, engine: Engine | None = None, preloaded: Preloaded | None = None
+) -> FastAPI:
+    """The app. ``engine``: serve this loaded model file; ``preloaded``: the repository's
+    starting versions, loaded before the server binds (``ModelRepository.preload``); neither:
+    the lifespan loads what ``settings.model`` names."""
+    state = build_state(settings)
+    assert state.lifecycle is not None
+    repository = ModelRepository(settings, state.metrics, state.lifecycle)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # per lifespan (not per app): a pool shut down at one shutdown can't serve the next start
-        state.decode_pool = ThreadPoolExecutor(
-            settings.decode_threads, thread_name_prefix="sdde-decode"
-        )
-        # requests are served from here on; readiness (the probe) may go off again on SIGTERM
-        # while accepted and late-arriving requests are still answered until the batchers close
-        await repository.start(engine, preloaded)
-        state.repository = repository
-        state.shadow = ShadowScorer(
-            repository,
-            lifecycle,
-            fraction=settings.shadow_fraction,
-            max_pending=settings.shadow_max_pending,
-            timeout_s=settings.request_timeout_s,
-        )
-        # large images decode one at a time (bounded memory), small ones in parallel: one budget
-        # for the process, sized by the largest per-image limit of the models served at start
-        state.decode_budget = PixelBudget(
-            max(
-                state.limits.pixels(entry.serving.manifest.input)
-                for entry in repository.entries.values()
-                if entry.serving is not None
-            )
-        )
-        if not state.api_keys:
-            log.warning(
-                "NO API KEYS CONFIGURED: /v1 and /v2 inference and metadata are open to anyone "
-                "who can reach %s:%s (set --api-key or --api-keys-file)",
-                settings.host,
-                settings.port,
-            )
-        # a restarted worker catches up with the API calls the others took before it is ready
-        follower = await start_repository_sync(state, repository)
-        window = None
-        if metrics.multiprocess_dir is not None:  # labels leave each worker's window over time
-            window = asyncio.get_running_loop().create_task(feedback.window.publish_forever())
-        if settings.feedback_key() is None:
-            log.warning(
-                "no feedback secret: prediction ids are signed with a random key, so labels "
-                "(POST /v1/feedback) reach only this process until it restarts (set "
-                "SDDE_FEEDBACK_SECRET or --feedback-secret-file, the same on every replica)"
-            )
-        set_ready(state, True)
-        for entry in repository.entries.values():
-            runtime = entry.serving
-            if runtime is None:  # unloaded through the API (another worker's call)
-                continue
-            manifest = runtime.manifest
-            log.info(
-                "serving %s v%s (%d members, %s %s < %.4g is OOD) on %s",
-                runtime.name,
-                runtime.version,
-                manifest.members,
-                manifest.ood.score,
-                "score",
-                manifest.ood.threshold,
-                ", ".join(runtime.providers),
-            )
-        poller = None
-        if repository.root is not None and settings.poll_repo_s > 0:
-            poller = asyncio.get_running_loop().create_task(
-                repository.poll_forever(settings.poll_repo_s), name="repository-poll"
-            )
+        tasks = await start_serving(state, repository, engine, preloaded)
         try:
             yield
         finally:
-            set_ready(state, False)
-            for task in (poller, follower, window):
-                if task is not None:
-                    task.cancel()
-            await state.shadow.close()
-            await repository.close(settings.drain_timeout_s)
-            state.decode_pool.shutdown(wait=False, cancel_futures=True)
-            worker_exiting(metrics.multiprocess_dir)
+            await stop_serving(state, repository, tasks)
 
     app = FastAPI(
-        title="sdde-serve",
-        version=__version__,
-        description=DESCRIPTION,
-        lifespan=lifespan,
+        title="sdde-serve", version=__version__, description=DESCRIPTION, lifespan=lifespan
     )
     app.state.sdde = state
     install_error_handlers(app)
-    app.include_router(predict.router)
-    app.include_router(v2.open_router)
-    app.include_router(v2.router)
-    app.include_router(repository_routes.router)
-    app.include_router(feedback_routes.router)
-    app.include_router(metrics_routes.router)
+    for router in ROUTERS:
+        app.include_router(router)
     # added last = outermost: the metrics see every status, including the body limit's 413
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics, app_ref=app)
+    app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics, app_ref=app)
     return app
 
 

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import Depends, Request
 
 from sdde_serve.preprocess import ImageLimits, PixelBudget
+from sdde_serve.server.domain_errors import NotReady
 from sdde_serve.server.errors import ApiError
 from sdde_serve.server.feedback import FeedbackStore
 from sdde_serve.server.lifecycle_metrics import LifecycleMetrics
 from sdde_serve.server.metrics import Metrics
-from sdde_serve.server.repository import ModelRepository, ModelRuntime, NotReady
+from sdde_serve.server.repository import ModelRepository, ModelRuntime
 from sdde_serve.server.settings import Settings
 
 if TYPE_CHECKING:

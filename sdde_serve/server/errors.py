@@ -17,7 +17,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sdde_serve.scoring import NoCalibrationScores
 from sdde_serve.server.batcher import TooManyImagesError, Unavailable
+from sdde_serve.server.domain_errors import (
+    BadParameter,
+    LoadFailed,
+    Refused,
+    UnknownModel,
+)
 
 log = logging.getLogger("sdde.server")
 
@@ -38,6 +45,19 @@ class BodyTooLarge(StarletteHTTPException):
 
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"request body exceeds the limit of {limit} bytes")
+
+
+# Domain errors -> HTTP status: the one place a service failure gets its status code. 422 for a
+# parameter outside its declared range, as FastAPI answers for every declared parameter (query,
+# JSON body schema) of /v1 and the repository API; /v2 body parameters follow it.
+STATUS: dict[type[Exception], int] = {
+    UnknownModel: 404,
+    Refused: 400,
+    LoadFailed: 400,  # the serving version stays; the reason says which failed and why
+    BadParameter: 422,
+    NoCalibrationScores: 422,
+    TooManyImagesError: 413,
+}
 
 
 def error_response(status: int, reason: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -71,9 +91,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unavailable(request: Request, exc: Unavailable) -> JSONResponse:
         return error_response(503, str(exc), {"Retry-After": str(exc.retry_after)})
 
-    @app.exception_handler(TooManyImagesError)
-    async def _too_many(request: Request, exc: TooManyImagesError) -> JSONResponse:
-        return error_response(413, str(exc))
+    async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+        status = next(code for cls, code in STATUS.items() if isinstance(exc, cls))
+        return error_response(status, str(exc))
+
+    for cls in STATUS:
+        app.add_exception_handler(cls, _domain_error)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

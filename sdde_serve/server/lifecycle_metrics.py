@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from sdde_serve.server.metrics import GAUGE_MODES, LATENCY_BUCKETS
+from sdde_serve.server.metrics import LATENCY_BUCKETS, Family, create_families
 from sdde_serve.server.multiprocess import remove_series
 
 ECE_BINS = 15  # equal-width confidence bins, as sdde_serve.calibration.ece's default
@@ -22,127 +22,88 @@ def bin_label(index: int) -> str:
     return f"{(index + 1) / ECE_BINS:.4f}"
 
 
+V = ("model", "version")
+SHADOW = ("model", "version", "live_version")  # candidate `version` against the live one
+BINS = ("model", "version", "bin")
+FAMILIES = (
+    # --- repository
+    Family("version_info", Gauge, "sdde_model_version_info",
+           "Loaded model versions (always 1); role = serving | shadow", (*V, "role")),
+    Family("loads", Counter, "sdde_model_loads_total",
+           "Model versions loaded, verified and warmed up", V),
+    Family("load_failures", Counter, "sdde_model_load_failures_total",
+           "Model versions refused (corrupt, unverifiable, failing warm-up); the serving "
+           "version stays", V),
+    Family("version_predictions", Counter, "sdde_version_predictions_total",
+           "Images answered, by model version and OOD outcome", (*V, "outcome")),
+    # --- shadow scoring: the candidate against the live version on the same images
+    Family("shadow_images", Counter, "sdde_shadow_images_total",
+           "Live images also scored by the shadow version", SHADOW),
+    Family("shadow_label_agreement", Counter, "sdde_shadow_label_agreement_total",
+           "Shadow-scored images whose predicted class equals the live one", SHADOW),
+    Family("shadow_ood_agreement", Counter, "sdde_shadow_ood_agreement_total",
+           "Shadow-scored images whose OOD flag equals the live one", SHADOW),
+    Family("shadow_ood", Counter, "sdde_shadow_ood_flagged_total",
+           "Shadow-scored images flagged OOD, by who scored them (side = candidate | live)",
+           (*SHADOW, "side")),
+    Family("shadow_duration", Histogram, "sdde_shadow_duration_seconds",
+           "Time the shadow version took for one request (queue wait and engine)", V,
+           LATENCY_BUCKETS),
+    Family("shadow_skipped", Counter, "sdde_shadow_skipped_total",
+           "Live requests not shadow-scored: reason = busy | unavailable | error",
+           (*V, "reason")),
+    # --- delayed labels
+    Family("feedback", Counter, "sdde_feedback_total",
+           "Feedback items by result (accepted, duplicate, conflict, unknown, expired, invalid)",
+           ("result",)),
+    Family("store_size", Gauge, "sdde_feedback_store_size",
+           "Predictions kept, waiting for a label"),
+    Family("labels_total", Counter, "sdde_feedback_labels_total",
+           "Labelled predictions; truth = in_distribution (a class) | ood (none of the classes)",
+           (*V, "truth")),
+    Family("correct", Counter, "sdde_feedback_correct_total",
+           "Labelled in-distribution images whose predicted class was right", V),
+    Family("nll", Counter, "sdde_feedback_nll_total",
+           "Sum of -log p(true class) over labelled in-distribution images", V),
+    Family("flagged", Counter, "sdde_feedback_flagged_total",
+           "Labelled images the model had flagged OOD, by truth", (*V, "truth")),
+    Family("bin_images", Counter, "sdde_feedback_bin_images_total",
+           "Labelled in-distribution images by confidence bin (bin = upper edge)", BINS),
+    Family("bin_correct", Counter, "sdde_feedback_bin_correct_total",
+           "Correct ones per confidence bin", BINS),
+    Family("bin_confidence", Counter, "sdde_feedback_bin_confidence_total",
+           "Sum of confidences per confidence bin", BINS),
+)  # fmt: skip
+
+
 class LifecycleMetrics:
+    """The families of :data:`FAMILIES` on one registry, and the series a loaded version starts
+    with."""
+
+    version_info: Gauge
+    loads: Counter
+    load_failures: Counter
+    version_predictions: Counter
+    shadow_images: Counter
+    shadow_label_agreement: Counter
+    shadow_ood_agreement: Counter
+    shadow_ood: Counter
+    shadow_duration: Histogram
+    shadow_skipped: Counter
+    feedback: Counter
+    store_size: Gauge
+    labels_total: Counter
+    correct: Counter
+    nll: Counter
+    flagged: Counter
+    bin_images: Counter
+    bin_correct: Counter
+    bin_confidence: Counter
+
     def __init__(self, registry: CollectorRegistry) -> None:
-        r = registry
-        labels = ["model", "version"]
-        # --- repository
-        self.version_info = Gauge(
-            "sdde_model_version_info",
-            "Loaded model versions (always 1); role = serving | shadow",
-            ["model", "version", "role"],
-            registry=r,
-            multiprocess_mode=GAUGE_MODES["sdde_model_version_info"],
-        )
-        self.loads = Counter(
-            "sdde_model_loads_total", "Model versions loaded, verified and warmed up", labels,
-            registry=r,
-        )  # fmt: skip
-        self.load_failures = Counter(
-            "sdde_model_load_failures_total",
-            "Model versions refused (corrupt, unverifiable, failing warm-up); the serving "
-            "version stays",
-            labels,
-            registry=r,
-        )
-        self.version_predictions = Counter(
-            "sdde_version_predictions_total",
-            "Images answered, by model version and OOD outcome",
-            ["model", "version", "outcome"],
-            registry=r,
-        )
-        # --- shadow scoring: candidate `version` against the live one on the same images
-        shadow = ["model", "version", "live_version"]
-        self.shadow_images = Counter(
-            "sdde_shadow_images_total", "Live images also scored by the shadow version", shadow,
-            registry=r,
-        )  # fmt: skip
-        self.shadow_label_agreement = Counter(
-            "sdde_shadow_label_agreement_total",
-            "Shadow-scored images whose predicted class equals the live one",
-            shadow,
-            registry=r,
-        )
-        self.shadow_ood_agreement = Counter(
-            "sdde_shadow_ood_agreement_total",
-            "Shadow-scored images whose OOD flag equals the live one",
-            shadow,
-            registry=r,
-        )
-        self.shadow_ood = Counter(
-            "sdde_shadow_ood_flagged_total",
-            "Shadow-scored images flagged OOD, by who scored them (side = candidate | live)",
-            [*shadow, "side"],
-            registry=r,
-        )
-        self.shadow_duration = Histogram(
-            "sdde_shadow_duration_seconds",
-            "Time the shadow version took for one request (queue wait and engine)",
-            labels,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.shadow_skipped = Counter(
-            "sdde_shadow_skipped_total",
-            "Live requests not shadow-scored: reason = busy | unavailable | error",
-            [*labels, "reason"],
-            registry=r,
-        )
-        # --- delayed labels
-        self.feedback = Counter(
-            "sdde_feedback_total",
-            "Feedback items by result (accepted, duplicate, conflict, unknown, expired, invalid)",
-            ["result"],
-            registry=r,
-        )
+        create_families(self, FAMILIES, registry)
         for result in FEEDBACK_RESULTS:
             self.feedback.labels(result=result)
-        self.store_size = Gauge(
-            "sdde_feedback_store_size",
-            "Predictions kept, waiting for a label",
-            registry=r,
-            multiprocess_mode=GAUGE_MODES["sdde_feedback_store_size"],
-        )
-        self.labels_total = Counter(
-            "sdde_feedback_labels_total",
-            "Labelled predictions; truth = in_distribution (a class) | ood (none of the classes)",
-            [*labels, "truth"],
-            registry=r,
-        )
-        self.correct = Counter(
-            "sdde_feedback_correct_total",
-            "Labelled in-distribution images whose predicted class was right",
-            labels,
-            registry=r,
-        )
-        self.nll = Counter(
-            "sdde_feedback_nll_total",
-            "Sum of -log p(true class) over labelled in-distribution images",
-            labels,
-            registry=r,
-        )
-        self.flagged = Counter(
-            "sdde_feedback_flagged_total",
-            "Labelled images the model had flagged OOD, by truth",
-            [*labels, "truth"],
-            registry=r,
-        )
-        bins = [*labels, "bin"]
-        self.bin_images = Counter(
-            "sdde_feedback_bin_images_total",
-            "Labelled in-distribution images by confidence bin (bin = upper edge)",
-            bins,
-            registry=r,
-        )
-        self.bin_correct = Counter(
-            "sdde_feedback_bin_correct_total", "Correct ones per confidence bin", bins, registry=r
-        )
-        self.bin_confidence = Counter(
-            "sdde_feedback_bin_confidence_total",
-            "Sum of confidences per confidence bin",
-            bins,
-            registry=r,
-        )
 
     def loaded(self, model: str, version: str) -> None:
         """A version now serves or shadows: its series exist (at 0) from here on."""

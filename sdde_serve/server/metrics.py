@@ -9,6 +9,8 @@ worker's (``multiprocess.py``): counters and histograms are summed, gauges by ``
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -72,92 +74,89 @@ def score_buckets(kind: str, threshold: float) -> list[float]:
     return sorted(b for b in bounds if b >= 0.0)
 
 
+@dataclass(frozen=True)
+class Family:
+    """One Prometheus family, declared as data (a row of a table) and created, on the owner's
+    registry, as the owner's attribute ``attr`` by :func:`create_families`."""
+
+    attr: str
+    kind: type[Counter] | type[Gauge] | type[Histogram]
+    name: str
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] | None = None  # histograms only
+
+
+def create_families(owner: object, families: Iterable[Family], registry: CollectorRegistry) -> None:
+    """Create each family as ``owner.<attr>``: gauges merge across workers by
+    :data:`GAUGE_MODES` (every gauge must have a mode there), histograms get their buckets."""
+    for f in families:
+        extra: dict[str, Any] = {}
+        if f.kind is Gauge:
+            extra["multiprocess_mode"] = GAUGE_MODES[f.name]
+        if f.buckets is not None:
+            extra["buckets"] = f.buckets
+        setattr(owner, f.attr, f.kind(f.name, f.help, list(f.labels), registry=registry, **extra))
+
+
+M = ("model",)
+# the server's series (names and labels are a contract: docs/architecture.md)
+FAMILIES = (
+    Family("predictions", Counter, "sdde_predictions_total", "Images answered, by OOD outcome",
+           ("model", "outcome")),
+    Family("predicted_class", Counter, "sdde_predicted_class_total",
+           "In-distribution predictions by predicted class", ("model", "class_name")),
+    Family("confidence", Histogram, "sdde_confidence",
+           "Calibrated probability of the predicted class", M, CONFIDENCE_BUCKETS),
+    Family("request_duration", Histogram, "sdde_request_duration_seconds", "HTTP request latency",
+           ("endpoint",), LATENCY_BUCKETS),
+    Family("requests", Counter, "sdde_requests_total", "HTTP requests by endpoint and status",
+           ("endpoint", "status")),
+    Family("queue_wait", Histogram, "sdde_queue_wait_seconds",
+           "Time an image waited in the batching queue", M, LATENCY_BUCKETS),
+    Family("engine_duration", Histogram, "sdde_engine_duration_seconds",
+           "Time of one engine call (one batch)", M, LATENCY_BUCKETS),
+    Family("batch_size", Histogram, "sdde_batch_size", "Images per engine call", M,
+           BATCH_BUCKETS),
+    Family("queue_depth", Gauge, "sdde_queue_depth", "Images waiting for the engine", M),
+    Family("model_ready", Gauge, "sdde_model_ready",
+           "1 when the model is loaded, warmed up and not draining", M),
+    Family("model_info", Gauge, "sdde_model_info", "The served model (always 1)",
+           ("model", "version", "members", "providers", "threshold", "score")),
+    Family("p_below_alpha", Counter, "sdde_ood_p_below_alpha_total",
+           "Images whose conformal p-value is below the model's alpha (whatever a request set)",
+           M),
+    Family("alpha", Gauge, "sdde_ood_alpha",
+           "The model's alpha = 1 - id_acceptance: the promised in-distribution false-flag rate",
+           M),
+)  # fmt: skip
+
+
 class Metrics:
-    """All server metrics, registered on one registry."""
+    """All server metrics, registered on one registry (the families of :data:`FAMILIES`, and
+    the OOD-score and p-value histograms, whose buckets come from the first model loaded)."""
+
+    predictions: Counter
+    predicted_class: Counter
+    confidence: Histogram
+    request_duration: Histogram
+    requests: Counter
+    queue_wait: Histogram
+    engine_duration: Histogram
+    batch_size: Histogram
+    queue_depth: Gauge
+    model_ready: Gauge
+    model_info: Gauge
+    p_below_alpha: Counter
+    alpha: Gauge
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         # set for `--workers N`: /metrics then merges every worker's files in this directory
         self.multiprocess_dir = multiprocess_dir()
-        r = self.registry
-        self.predictions = Counter(
-            "sdde_predictions_total",
-            "Images answered, by OOD outcome",
-            ["model", "outcome"],
-            registry=r,
-        )
-        self.predicted_class = Counter(
-            "sdde_predicted_class_total",
-            "In-distribution predictions by predicted class",
-            ["model", "class_name"],
-            registry=r,
-        )
-        self.confidence = Histogram(
-            "sdde_confidence",
-            "Calibrated probability of the predicted class",
-            ["model"],
-            buckets=CONFIDENCE_BUCKETS,
-            registry=r,
-        )
-        self.request_duration = Histogram(
-            "sdde_request_duration_seconds",
-            "HTTP request latency",
-            ["endpoint"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.requests = Counter(
-            "sdde_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"],
-            registry=r,
-        )  # fmt: skip
-        self.queue_wait = Histogram(
-            "sdde_queue_wait_seconds",
-            "Time an image waited in the batching queue",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.engine_duration = Histogram(
-            "sdde_engine_duration_seconds",
-            "Time of one engine call (one batch)",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.batch_size = Histogram(
-            "sdde_batch_size", "Images per engine call", ["model"], buckets=BATCH_BUCKETS,
-            registry=r,
-        )  # fmt: skip
-        self.queue_depth = Gauge(
-            "sdde_queue_depth", "Images waiting for the engine", ["model"], registry=r,
-            multiprocess_mode=GAUGE_MODES["sdde_queue_depth"],
-        )  # fmt: skip
-        self.model_ready = Gauge(
-            "sdde_model_ready", "1 when the model is loaded, warmed up and not draining",
-            ["model"], registry=r, multiprocess_mode=GAUGE_MODES["sdde_model_ready"],
-        )  # fmt: skip
-        self.model_info = Gauge(
-            "sdde_model_info",
-            "The served model (always 1)",
-            ["model", "version", "members", "providers", "threshold", "score"],
-            registry=r,
-            multiprocess_mode=GAUGE_MODES["sdde_model_info"],
-        )
+        create_families(self, FAMILIES, self.registry)
         self._ood_score: Histogram | None = None
         self._p_value: Histogram | None = None
-        self.p_below_alpha = Counter(
-            "sdde_ood_p_below_alpha_total",
-            "Images whose conformal p-value is below the model's alpha (whatever a request set)",
-            ["model"],
-            registry=r,
-        )
-        self.alpha = Gauge(
-            "sdde_ood_alpha",
-            "The model's alpha = 1 - id_acceptance: the promised in-distribution false-flag rate",
-            ["model"],
-            registry=r,
-            multiprocess_mode=GAUGE_MODES["sdde_ood_alpha"],
-        )
         # the model's own threshold (p-value < its alpha <=> score < it), per model
         self._alpha_threshold: dict[str, float] = {}
 

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from sdde_serve.atomic import write_text_atomic
-from sdde_serve.server.errors import ApiError
-from sdde_serve.server.repository import LoadFailed, ModelRepository
+from sdde_serve.server.domain_errors import LoadFailed, Refused, UnknownModel
+from sdde_serve.server.repo_shadow import set_shadow
+from sdde_serve.server.repository import ModelRepository
 
 log = logging.getLogger("sdde.server.repository")
 
@@ -146,11 +147,10 @@ class RepositorySync:
             ):
                 await repository.load(name, desired["pinned"] or "latest")
             if repository.entries[name].shadow_version != desired["shadow"]:
-                await repository.set_shadow(name, desired["shadow"])
-        except (ApiError, LoadFailed) as exc:  # logged; the other workers' answer stands
-            reason = exc.reason if isinstance(exc, ApiError) else str(exc)
+                await set_shadow(repository, name, desired["shadow"])
+        except (LoadFailed, Refused, UnknownModel) as exc:  # logged; the others' answer stands
             log.error("worker %d: model %s not brought to the shared state: %s", os.getpid(),
-                      name, reason)  # fmt: skip
+                      name, exc)  # fmt: skip
 
     async def follow_forever(self) -> None:
         while True:

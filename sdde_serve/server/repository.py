@@ -1,10 +1,11 @@
 """The models a server serves: one file, or every model of a Triton-layout repository.
 
-A repository is ``REPO/<name>/<version>/model.onnx`` (what ``sdde export --triton-repo`` writes);
-``<version>`` is a positive integer and other entries (``config.pbtxt``, ``labels.txt``, a
-``.tmp`` directory being copied) are ignored. Each model serves one version at a time: its latest
-(the default) or the one pinned with ``--pin NAME:VERSION`` or the load API; a shadow version
-(``--shadow``) may be loaded beside it, scored after the live answer (``shadow.py``).
+A service that speaks no HTTP: it raises the domain errors of :mod:`domain_errors` (``errors.py``
+gives them their status codes). A repository is ``REPO/<name>/<version>/model.onnx``
+(:mod:`repo_files`). Each model serves one version at a time: its latest (the default) or the
+one pinned with ``--pin NAME:VERSION`` or the load API; a shadow version (:mod:`repo_shadow`)
+may be loaded beside it, scored after the live answer (:mod:`shadow`). Following the directory
+(``--poll-repo``) is :mod:`repo_poll`; the extension's index is :mod:`repo_index`.
 
 Changing the serving version is a hot swap: the new version is loaded and verified (the
 :class:`~sdde_serve.engine.Engine` constructor's checks), warmed up and given its own batcher, and
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,27 +28,15 @@ from typing import Any
 
 from sdde_serve.engine import Engine, ModelLoadError
 from sdde_serve.manifest import Manifest
-from sdde_serve.server.batcher import Batcher, Unavailable
-from sdde_serve.server.errors import ApiError
+from sdde_serve.server.batcher import Batcher
+from sdde_serve.server.domain_errors import LoadFailed, NotReady, Refused, UnknownModel
 from sdde_serve.server.lifecycle_metrics import LifecycleMetrics
 from sdde_serve.server.metrics import Metrics
 from sdde_serve.server.multiprocess import remove_series
+from sdde_serve.server.repo_files import MODEL_FILE, Stamp, scan, stamp
 from sdde_serve.server.settings import Settings
-from sdde_serve.triton import _NAME_RE as MODEL_NAME_RE
 
 log = logging.getLogger("sdde.server.repository")
-
-MODEL_FILE = "model.onnx"
-VERSION_RE = re.compile(r"^[1-9][0-9]*$")
-Stamp = tuple[int, int]  # (mtime_ns, size) of a model file: a changed file is a new load
-
-
-class NotReady(Unavailable):
-    retry_after = 2
-
-
-class LoadFailed(Exception):
-    """A version could not be loaded, verified or warmed up (the message says why)."""
 
 
 @dataclass
@@ -110,26 +98,6 @@ class ModelEntry:
         return [r for r in (self.serving, self.shadow) if r is not None]
 
 
-def stamp(path: Path) -> Stamp:
-    st = path.stat()
-    return st.st_mtime_ns, st.st_size
-
-
-def scan(root: Path) -> dict[str, dict[str, Path]]:
-    """``{name: {version: model file}}`` for every model directory under ``root``."""
-    models: dict[str, dict[str, Path]] = {}
-    for model_dir in sorted(root.iterdir()):
-        if not model_dir.is_dir() or not MODEL_NAME_RE.match(model_dir.name):
-            continue
-        versions = {
-            v.name: v / MODEL_FILE
-            for v in model_dir.iterdir()
-            if VERSION_RE.match(v.name) and (v / MODEL_FILE).is_file()
-        }
-        models[model_dir.name] = dict(sorted(versions.items(), key=lambda kv: int(kv[0])))
-    return models
-
-
 def open_engine(settings: Settings, path: Path) -> Engine:
     """Load and verify one model file with the server's engine options."""
     return Engine(
@@ -161,8 +129,8 @@ class ModelRepository:
         self._load = load or (lambda path: open_engine(settings, path))
         self.entries: dict[str, ModelEntry] = {}
         self._retiring: set[asyncio.Task[int]] = set()
-        self._pins = settings.model_versions(settings.pin)
-        self._shadows = settings.model_versions(settings.shadow)
+        self.pins = settings.model_versions(settings.pin)
+        self.shadows = settings.model_versions(settings.shadow)
 
     # --- lookup --------------------------------------------------------------------------------
 
@@ -170,8 +138,7 @@ class ModelRepository:
         """The version a request for ``name`` (``None``: the only model) runs on."""
         if name is None:
             if len(self.entries) != 1:
-                raise ApiError(
-                    400,
+                raise Refused(
                     f"this server serves {len(self.entries)} models ({', '.join(self.entries)}): "
                     "name one, e.g. POST /v1/models/{name}:predict",
                 )
@@ -179,11 +146,11 @@ class ModelRepository:
         else:
             entry = self.entries.get(name)
             if entry is None:
-                raise ApiError(
-                    404, f"unknown model {name!r}; this server serves {', '.join(self.entries)}"
+                raise UnknownModel(
+                    f"unknown model {name!r}; this server serves {', '.join(self.entries)}"
                 )
         if entry.unloaded:
-            raise ApiError(404, f"model {entry.name!r} is unloaded")
+            raise UnknownModel(f"model {entry.name!r} is unloaded")
         if version is None:
             if entry.serving is None:
                 raise NotReady(
@@ -195,7 +162,7 @@ class ModelRepository:
             if runtime.version == version:
                 return runtime
         have = ", ".join(r.version for r in entry.loaded()) or "none"
-        raise ApiError(404, f"version {version!r} of {entry.name!r} is not loaded (loaded: {have})")
+        raise UnknownModel(f"version {version!r} of {entry.name!r} is not loaded (loaded: {have})")
 
     def loaded_versions(self, name: str) -> list[str]:
         entry = self.entries.get(name)
@@ -225,7 +192,7 @@ class ModelRepository:
             )
         loaded = Preloaded({})
         for name, versions in models.items():
-            pinned = self._pins.get(name)
+            pinned = self.pins.get(name)
             if pinned is not None and pinned not in versions:
                 raise ModelLoadError(f"{name}: pinned version {pinned} is not in the repository")
             order = [pinned] if pinned else list(reversed(versions))
@@ -240,10 +207,10 @@ class ModelRepository:
                     loaded.refused.append((name, version, versions[version]))
             else:
                 raise ModelLoadError(f"model {name}: no version loads ({'; '.join(errors)})")
-        unknown = set(self._pins) - set(models)
+        unknown = set(self.pins) - set(models)
         if unknown:
             raise ModelLoadError(f"--pin names unknown models: {', '.join(sorted(unknown))}")
-        for name, version in self._shadows.items():  # a typo stops start-up; a bad file doesn't
+        for name, version in self.shadows.items():  # a typo stops start-up; a bad file doesn't
             if version not in models.get(name, {}):
                 raise ModelLoadError(
                     f"--shadow {name}:{version}: no such model version in {self.root}"
@@ -251,33 +218,26 @@ class ModelRepository:
         return loaded
 
     async def start(self, engine: Engine | None = None, preloaded: Preloaded | None = None) -> None:
-        """Serve ``engine`` (one file) or the repository (``preloaded``, else loaded now)."""
+        """Serve ``engine`` (one file) or the repository (``preloaded``, else loaded now); the
+        shadow versions start after this (``repo_shadow.start_shadows``)."""
         if self.root is None:
             if engine is None:
                 assert self.settings.model is not None
                 engine = await asyncio.to_thread(self._load, self.settings.model)
             entry = self.entries.setdefault(engine.manifest.name, ModelEntry(engine.manifest.name))
             entry.serving = await self._activate(entry, engine, engine.manifest.version, None)
-            self._set_role(entry.serving, "serving")
+            self.set_role(entry.serving, "serving")
             return
         if preloaded is None:
             preloaded = await asyncio.to_thread(self.preload)
         for name, (version, eng) in preloaded.engines.items():
-            entry = self.entries.setdefault(name, ModelEntry(name, pinned=self._pins.get(name)))
+            entry = self.entries.setdefault(name, ModelEntry(name, pinned=self.pins.get(name)))
             path = self.root / name / version / MODEL_FILE
             entry.serving = await self._activate(entry, eng, version, stamp(path))
-            self._set_role(entry.serving, "serving")
+            self.set_role(entry.serving, "serving")
         for name, version, path in preloaded.refused:  # logged by preload; counted from here
             self.entries[name].refused[version] = stamp(path)
             self.lifecycle.load_failures.labels(model=name, version=version).inc()
-        for name, version in self._shadows.items():
-            if name not in self.entries:
-                log.error("--shadow %s:%s: no such model; no shadow scoring", name, version)
-                continue
-            try:
-                await self.set_shadow(name, version)
-            except (LoadFailed, ApiError) as exc:  # logged and counted; live serving goes on
-                log.error("shadow %s:%s not started: %s", name, version, exc)
 
     async def close(self, timeout: float) -> None:
         runtimes = [r for e in self.entries.values() for r in e.loaded()]
@@ -326,29 +286,34 @@ class ModelRepository:
         self.lifecycle.load_failures.labels(model=name, version=version).inc()
         log.error("model %s version %s refused: %s", name, version, reason)
 
-    def check_repository(self) -> None:
-        """The repository API (index, load, unload) needs a repository: refused alike on a
-        one-file server, which does not list the extension in ``GET /v2`` either."""
+    def repository_root(self) -> Path:
+        """The repository's directory. The repository API (index, load, unload) needs one:
+        refused alike on a one-file server, which does not list the extension in ``GET /v2``."""
         if self.root is None:
             # nothing to load back from: unloading the only model would end service for good
-            raise ApiError(
-                400,
+            raise Refused(
                 f"this server serves one model file ({self.settings.model}), not a model "
                 "repository: the repository API (index, load, unload) needs "
                 "`sdde serve REPO_DIR` (REPO/<name>/<version>/model.onnx)",
             )
+        return self.root
 
-    def _versions(self, name: str) -> dict[str, Path]:
-        self.check_repository()
-        assert self.root is not None
-        versions = scan(self.root).get(name)
+    def scan(self) -> dict[str, dict[str, Path]]:
+        """``{name: {version: model file}}`` on disk now (:func:`repo_files.scan`)."""
+        return scan(self.repository_root())
+
+    def versions(self, name: str) -> dict[str, Path]:
+        """``name``'s versions on disk (:class:`UnknownModel` when it has none)."""
+        versions = self.scan().get(name)
         if not versions:
-            raise ApiError(404, f"model {name!r} is not in the repository {self.root}")
+            raise UnknownModel(f"model {name!r} is not in the repository {self.root}")
         return versions
 
-    async def _load_version(
+    async def load_version(
         self, entry: ModelEntry, version: str, path: Path, shadow: bool = False
     ) -> ModelRuntime:
+        """Load, verify and warm up one version behind its own batcher; a failure is counted,
+        logged and raised as :class:`LoadFailed` (the serving version is not touched here)."""
         try:
             engine = await asyncio.to_thread(self._load, path)
             return await self._activate(entry, engine, version, stamp(path), shadow)
@@ -363,13 +328,13 @@ class ModelRepository:
     async def load(self, name: str, version: str | None = None) -> dict[str, Any]:
         """Serve ``name``'s target version: ``version`` (pin), ``"latest"``, or ``None`` (keep
         the policy). A no-op when that version (same file) already serves."""
-        versions = self._versions(name)
-        entry = self.entries.setdefault(name, ModelEntry(name, pinned=self._pins.get(name)))
+        versions = self.versions(name)
+        entry = self.entries.setdefault(name, ModelEntry(name, pinned=self.pins.get(name)))
         async with entry.lock:
             pinned = entry.pinned if version is None else (None if version == "latest" else version)
             target = pinned or next(reversed(versions))
             if target not in versions:
-                raise ApiError(404, f"version {target!r} of {name!r} is not in the repository")
+                raise UnknownModel(f"version {target!r} of {name!r} is not in the repository")
             path = versions[target]
             old = entry.serving
             if old is not None and old.version == target and old.stamp == stamp(path):
@@ -381,10 +346,10 @@ class ModelRepository:
             if shadow is not None and shadow.version == target:
                 # the candidate went live (loaded afresh, with the live metrics): shadowing ends
                 entry.shadow = entry.shadow_version = None
-                self._retire(shadow)
+                self.retire(shadow)
             entry.pinned, entry.unloaded = pinned, False
             entry.refused.pop(target, None)
-            self._set_role(new, "serving")
+            self.set_role(new, "serving")
             log.info(
                 "model %s: version %s serving%s",
                 name,
@@ -392,7 +357,7 @@ class ModelRepository:
                 f" (was {old.version})" if old else "",
             )
             if old is not None:
-                self._retire(old)
+                self.retire(old)
             self._set_ready(entry)
             return {
                 "name": name,
@@ -406,49 +371,24 @@ class ModelRepository:
         self, entry: ModelEntry, version: str, path: Path, old: ModelRuntime | None
     ) -> ModelRuntime:
         try:
-            return await self._load_version(entry, version, path)
+            return await self.load_version(entry, version, path)
         except LoadFailed as exc:
             keep = f"version {old.version} stays in service" if old else "nothing serves"
             reason = f"failed to load {entry.name} version {version}: {exc}; {keep}"
-            raise ApiError(400, reason) from None
-
-    async def set_shadow(self, name: str, version: str | None) -> dict[str, Any]:
-        """Score ``name``'s traffic also with ``version`` (``None``: stop shadow scoring)."""
-        versions = self._versions(name)
-        entry = self.entries.get(name)
-        if entry is None:
-            raise ApiError(404, f"model {name!r} is not loaded")
-        async with entry.lock:
-            old = entry.shadow
-            if version is None:
-                entry.shadow = entry.shadow_version = None
-            else:
-                if version not in versions:
-                    raise ApiError(404, f"version {version!r} of {name!r} is not in the repository")
-                if entry.serving is not None and entry.serving.version == version:
-                    raise ApiError(400, f"version {version} of {name} is the serving version")
-                if old is None or old.version != version:
-                    entry.shadow = await self._load_version(
-                        entry, version, versions[version], shadow=True
-                    )
-                    self._set_role(entry.shadow, "shadow")
-                entry.shadow_version = version
-            if old is not None and old is not entry.shadow:
-                self._retire(old)
-            return {"name": name, "shadow": entry.shadow_version}
+            raise LoadFailed(reason) from None
 
     async def unload(self, name: str) -> dict[str, Any]:
         """Stop serving ``name``: new requests get 404 at once; in-flight ones finish."""
-        self.check_repository()
+        self.repository_root()
         entry = self.entries.get(name)
         if entry is None or entry.unloaded:
-            raise ApiError(404, f"model {name!r} is not loaded")
+            raise UnknownModel(f"model {name!r} is not loaded")
         async with entry.lock:
             runtimes = entry.loaded()
             entry.serving = entry.shadow = None
             entry.unloaded = True
             self._set_ready(entry)
-            drained = await asyncio.gather(*(self._retire(r, background=False) for r in runtimes))
+            drained = await asyncio.gather(*(self.retire(r, background=False) for r in runtimes))
             log.info("model %s unloaded (%d in-flight requests drained)", name, sum(drained))
             return {
                 "name": name,
@@ -456,12 +396,12 @@ class ModelRepository:
                 "drained_requests": sum(drained),
             }
 
-    def _retire(self, runtime: ModelRuntime, background: bool = True) -> Any:
+    def retire(self, runtime: ModelRuntime, background: bool = True) -> Any:
         """Drain ``runtime`` and stop its batcher (as a task, or an awaitable of the count)."""
 
         async def retire() -> int:
             busy = await runtime.drain(self.settings.drain_timeout_s)
-            self._set_role(runtime, None)
+            self.set_role(runtime, None)
             return busy
 
         if not background:
@@ -471,7 +411,7 @@ class ModelRepository:
         task.add_done_callback(self._retiring.discard)
         return task
 
-    def _set_role(self, runtime: ModelRuntime, role: str | None) -> None:
+    def set_role(self, runtime: ModelRuntime, role: str | None) -> None:
         if role is None:
             entry = self.entries.get(runtime.name)
             if entry is not None and any(r.version == runtime.version for r in entry.loaded()):
@@ -486,66 +426,3 @@ class ModelRepository:
             remove_series(self.metrics.model_ready, entry.name)
             return
         self.metrics.model_ready.labels(model=entry.name).set(int(entry.serving is not None))
-
-    # --- polling -------------------------------------------------------------------------------
-
-    async def poll_once(self) -> None:
-        """Load new versions (and new models); unload models whose directory is gone."""
-        assert self.root is not None
-        models = await asyncio.to_thread(scan, self.root)
-        for name, versions in models.items():
-            entry = self.entries.get(name)
-            if entry is not None and entry.unloaded:
-                continue
-            pinned = entry.pinned if entry is not None else self._pins.get(name)
-            target = pinned or next(reversed(versions), None)
-            if target is None or target not in versions:
-                continue
-            if entry is not None and entry.refused.get(target) == stamp(versions[target]):
-                continue  # refused already; retried once the file changes
-            serving = entry.serving if entry is not None else None
-            if serving and serving.version == target and serving.stamp == stamp(versions[target]):
-                continue
-            try:
-                await self.load(name)
-            except ApiError as exc:
-                log.error("poll: %s", exc.reason)
-        for name, entry in list(self.entries.items()):
-            if name not in models and not entry.unloaded:
-                log.warning("poll: model %s left the repository; unloading", name)
-                await self.unload(name)
-
-    async def poll_forever(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.poll_once()
-            except Exception:  # a transient file system error must not stop polling
-                log.exception("repository poll failed")
-
-    # --- the repository extension's index ------------------------------------------------------
-
-    def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
-        self.check_repository()
-        assert self.root is not None
-        on_disk = scan(self.root)
-        rows: dict[tuple[str, str], dict[str, Any]] = {}
-        for name, versions in on_disk.items():
-            for version in versions:
-                rows[(name, version)] = {"name": name, "version": version, "state": "UNAVAILABLE"}
-        for name, entry in self.entries.items():
-            for version in entry.refused:
-                if (name, version) in rows:
-                    rows[(name, version)]["reason"] = "failed to load (see the log)"
-            for runtime, role in ((entry.serving, "serving"), (entry.shadow, "shadow")):
-                if runtime is not None:
-                    rows[(name, runtime.version)] = {
-                        "name": name,
-                        "version": runtime.version,
-                        "state": "READY",
-                        "reason": role,
-                        "in_flight": runtime.users,
-                    }
-        order = sorted(rows, key=lambda k: (k[0], int(k[1]) if k[1].isdigit() else 0))
-        out = [rows[k] for k in order]
-        return [r for r in out if r["state"] == "READY"] if ready_only else out

@@ -105,7 +105,7 @@ CASES = {
                             400, "'images'"),
     "v2 two inputs": (INFER, {"json": {"inputs": v2()["inputs"] * 2}}, 400, "exactly one"),
     "v2 unknown output": (INFER, {"json": v2(outputs=[{"name": "nope"}])}, 400, "unknown output"),
-    "v2 bad policy": (INFER, {"json": v2(parameters={"ood_policy": 3})}, 400, "ood_policy"),
+    "v2 bad policy": (INFER, {"json": v2(parameters={"ood_policy": 3})}, 422, "ood_policy"),
     "v2 bytes short": (INFER, v2_binary(GOOD_X.tobytes()[:-4]), 400, "binary_data_size"),
     "v2 bytes mismatch": (INFER, v2_binary(GOOD_X.tobytes()[:-4], size=256), 400, "252 bytes"),
     "v2 bytes NaN": (INFER, v2_binary(np.full(64, np.nan, np.float32).tobytes()), 400, "NaN"),

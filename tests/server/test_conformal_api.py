@@ -83,9 +83,35 @@ def test_v2_output_and_alpha_parameter(conformal_engine) -> None:
     np.testing.assert_allclose(out["ood_p_value"]["data"], p, rtol=1e-6)
     assert out["is_ood"]["data"] == list(p < 0.05)
     assert {o["name"]: o for o in half.json()["outputs"]}["is_ood"]["data"] == list(p < 0.5)
-    assert bad.status_code == 400 and "alpha" in bad.json()["error"]
+    assert bad.status_code == 422 and "alpha" in bad.json()["error"]
     assert meta["parameters"]["ood_alpha"] == 0.05
     assert {"name": "ood_p_value", "datatype": "FP32", "shape": [-1]} in meta["outputs"]
+
+
+def test_v1_and_v2_refuse_a_bad_override_alike(conformal_engine) -> None:
+    """One parser for both APIs: the same status (422, as every parameter out of its range) and
+    the same reason for the same bad alpha or OOD policy."""
+    name = conformal_engine.manifest.name
+    bad = {"alpha": "1.5", "ood_policy": "drop"}
+    with serve(conformal_engine) as client:
+        answers = {
+            key: (
+                client.post("/v1/predict", files=multipart(PNGS[:1]), data={key: value}),
+                client.post(
+                    f"/v2/models/{name}/infer",
+                    json=_v2_body(
+                        conformal_engine, {key: float(value) if key == "alpha" else value}
+                    ),
+                ),
+            )
+            for key, value in bad.items()
+        }
+    assert answers["alpha"][0].json() == {"error": "alpha must be a number in [0, 1), got 1.5"}
+    assert answers["ood_policy"][0].json() == {
+        "error": "ood_policy must be 'flag' or 'reject', got 'drop'"
+    }
+    for v1, v2 in answers.values():
+        assert (v1.status_code, v1.json()) == (v2.status_code, v2.json()) == (422, v1.json())
 
 
 def test_a_model_without_calibration_scores_serves_without_p_values(linear_engine) -> None:
@@ -104,7 +130,7 @@ def test_a_model_without_calibration_scores_serves_without_p_values(linear_engin
     assert v1_alpha.status_code == 422 and "no calibration scores" in v1_alpha.json()["error"]
     out = {o["name"]: o for o in v2.json()["outputs"]}
     assert out["ood_p_value"]["data"] == [-1.0] * len(PNGS)
-    assert v2_alpha.status_code == 400 and "no calibration scores" in v2_alpha.json()["error"]
+    assert v2_alpha.status_code == 422 and "no calibration scores" in v2_alpha.json()["error"]
     assert "ood_alpha" not in meta["parameters"]
 
 

@@ -16,6 +16,7 @@ from sdde_serve.engine import ModelLoadError
 from sdde_serve.errors import UserError
 from sdde_serve.server.app import create_app
 from sdde_serve.server.cli import _preload, build_settings
+from sdde_serve.server.repo_poll import poll_once
 from sdde_serve.server.settings import Settings
 from tests.server.conftest import gray_png, metric, scrape
 from tests.server.test_repository import MODEL, add_version, versions  # noqa: F401 (fixture)
@@ -191,7 +192,7 @@ def test_start_up_falls_back_below_a_corrupt_latest_version_and_checks_pins(
     assert "model digits version 2 refused" in caplog.text
     # the app that starts from it counts and lists the refusal, and does not retry the same file
     with TestClient(create_app(settings, preloaded=preloaded)) as client:
-        client.portal.call(client.app.state.sdde.repository.poll_once)  # type: ignore[union-attr]
+        client.portal.call(poll_once, client.app.state.sdde.repository)  # type: ignore[attr-defined]
         samples = scrape(client.get("/metrics").text)
         index = client.post("/v2/repository/index").json()
         assert version_of(client) == "1"

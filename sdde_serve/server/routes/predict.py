@@ -22,11 +22,13 @@ from starlette.datastructures import UploadFile
 from sdde_serve.manifest import InputSpec
 from sdde_serve.preprocess import ImageError, ImageLimits, check_request_pixels, decode_image
 from sdde_serve.scoring import OOD_POLICIES, OODPolicy, Prediction, make_predictions
+from sdde_serve.server.after_predict import after_predict
 from sdde_serve.server.batcher import RequestTimeoutError
 from sdde_serve.server.deps import AuthDep, ModelRuntime, RuntimeDep, ServerState, StateDep
+from sdde_serve.server.domain_errors import BadParameter
 from sdde_serve.server.errors import ApiError
-from sdde_serve.server.lifecycle import after_predict
 from sdde_serve.server.limits import check_json_values, deadline_after, offload, read_body
+from sdde_serve.server.overrides import number_or_text, parse_overrides
 
 router = APIRouter(prefix="/v1", tags=["predict"], dependencies=[AuthDep])
 
@@ -106,6 +108,8 @@ async def _read_multipart(request: Request, state: ServerState) -> _Parsed:
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 files.append((value.filename, await value.read()))
+            elif key == "alpha":  # text; checked with /v2's by parse_overrides
+                options[key] = number_or_text(value)
             elif key in _FORM_FIELDS:
                 options[key] = value
             else:
@@ -181,43 +185,19 @@ def _option(options: dict[str, Any], name: str, query: Any) -> Any:
 
 
 def _resolve(
-    options: dict[str, Any], state: ServerState, policy_q: str | None, top_k_q: int | None,
-    probs_q: bool,
-) -> tuple[OODPolicy, int, bool]:  # fmt: skip
-    policy = _option(options, "ood_policy", policy_q) or state.settings.ood_policy
-    if policy not in OOD_POLICIES:
-        raise ApiError(422, f"ood_policy must be 'flag' or 'reject', got {policy!r}")
+    options: dict[str, Any], state: ServerState, top_k_q: int | None, probs_q: bool
+) -> tuple[int, bool]:
     top_k = _option(options, "top_k", top_k_q) or state.settings.top_k
     try:
         top_k = int(top_k)
     except (TypeError, ValueError):
-        raise ApiError(422, f"top_k must be an integer, got {top_k!r}") from None
+        raise BadParameter(f"top_k must be an integer, got {top_k!r}") from None
     if not 1 <= top_k <= 1000:
-        raise ApiError(422, f"top_k must be between 1 and 1000, got {top_k}")
+        raise BadParameter(f"top_k must be between 1 and 1000, got {top_k}")
     probs = _option(options, "probabilities", probs_q)
     if isinstance(probs, str):
         probs = probs.lower() in ("1", "true", "yes", "on")
-    return policy, top_k, bool(probs)
-
-
-def _alpha(options: dict[str, Any], alpha_q: float | None, runtime: ModelRuntime) -> float | None:
-    """The request's alpha override (body/form, else query), checked against the model."""
-    alpha = _option(options, "alpha", alpha_q)
-    if alpha is None:
-        return None
-    try:
-        alpha = float(alpha)
-    except (TypeError, ValueError):
-        raise ApiError(422, f"alpha must be a number, got {alpha!r}") from None
-    if not 0.0 <= alpha < 1.0:
-        raise ApiError(422, f"alpha must be in [0, 1), got {alpha}")
-    if runtime.manifest.ood.calibration_scores is None:
-        raise ApiError(
-            422,
-            f"model {runtime.name!r} stores no calibration scores (exported before "
-            "p-values): it cannot apply an alpha; refit it with `sdde calibrate`",
-        )
-    return alpha
+    return top_k, bool(probs)
 
 
 def _label(i: int, name: str | None) -> str:
@@ -324,8 +304,14 @@ async def predict(
     with batcher.expect():  # a batch being formed now waits for these images
         parsed = await _read_request(request, state, runtime.manifest.input, deadline)
         _check_count(len(parsed.files), settings.max_images_per_request)
-        policy, k, include_probs = _resolve(parsed.options, state, ood_policy, top_k, probabilities)
-        alpha_used = _alpha(parsed.options, alpha, runtime)
+        k, include_probs = _resolve(parsed.options, state, top_k, probabilities)
+        policy, alpha_used = parse_overrides(
+            _option(parsed.options, "ood_policy", ood_policy),
+            _option(parsed.options, "alpha", alpha),
+            state.settings.ood_policy,
+            runtime.manifest,
+            runtime.name,
+        )
         images = await decode_all(parsed.files, runtime, state, deadline)
     remaining = settings.request_timeout_s - (time.perf_counter() - started)
     out = await batcher.submit(images, timeout=max(remaining, 0.001))

@@ -20,7 +20,9 @@ from fastapi import APIRouter, Body, Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdde_serve.server.deps import AuthDep, RepositoryDep, StateDep
-from sdde_serve.server.errors import ApiError
+from sdde_serve.server.domain_errors import Refused, UnknownModel
+from sdde_serve.server.repo_index import index as repository_index
+from sdde_serve.server.repo_shadow import set_shadow
 
 router = APIRouter(prefix="/v2/repository", tags=["v2 model repository"], dependencies=[AuthDep])
 
@@ -66,7 +68,7 @@ class LoadRequest(BaseModel):
 async def index(
     repository: RepositoryDep, request: Annotated[IndexRequest | None, Body()] = None
 ) -> list[dict[str, Any]]:
-    return repository.index(ready_only=bool(request and request.ready))
+    return repository_index(repository, ready_only=bool(request and request.ready))
 
 
 @router.post(
@@ -91,11 +93,11 @@ async def load(
     if params.shadow is not None:
         shadow = None if params.shadow in ("", "none") else params.shadow
         try:
-            answer.update(await repository.set_shadow(name, shadow))
-        except Exception as exc:
-            if isinstance(exc, ApiError):
-                raise
-            raise ApiError(400, f"shadow version {shadow} of {name} refused: {exc}") from None
+            answer.update(await set_shadow(repository, name, shadow))
+        except (Refused, UnknownModel):
+            raise
+        except Exception as exc:  # LoadFailed, or onnxruntime failing: the reason names which
+            raise Refused(f"shadow version {shadow} of {name} refused: {exc}") from None
     if state.repository_sync is not None:
         answer.update(await state.repository_sync.publish(name))
     return answer

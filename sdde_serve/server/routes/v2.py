@@ -28,20 +28,22 @@ from sdde_serve import __version__, scores
 from sdde_serve.calibration import member_agreement
 from sdde_serve.engine import EngineOutput
 from sdde_serve.manifest import Manifest
-from sdde_serve.scoring import OOD_POLICIES, Prediction, make_predictions, score_of
+from sdde_serve.scoring import Prediction, make_predictions, score_of
+from sdde_serve.server.after_predict import after_predict
 from sdde_serve.server.deps import (
     AuthDep,
     ModelRuntime,
     NotReady,
     RuntimeDep,
-    ServerState,
     StateDep,
 )
 from sdde_serve.server.errors import ApiError
-from sdde_serve.server.lifecycle import after_predict
 from sdde_serve.server.limits import check_json_values, deadline_after, offload
+from sdde_serve.server.overrides import parse_overrides
 
-router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
+# every v2 route but the health probes is behind the API key when keys are configured (one
+# declaration here, not one per route); the probes carry no key (the orchestrator calls them)
+router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"], dependencies=[AuthDep])
 open_router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -230,12 +232,10 @@ async def ready(state: StateDep) -> JSONResponse:
     return JSONResponse({"ready": answers}, status_code=200 if answers else 503)
 
 
-# Model readiness names a model: behind the API key like the metadata (the health probes above
-# stay open for the orchestrator).
-@router.get("/models/{name}/ready", summary="Model readiness", dependencies=[AuthDep])
-@router.get(
-    "/models/{name}/versions/{version}/ready", include_in_schema=False, dependencies=[AuthDep]
-)
+# Model readiness names a model: behind the API key (the router's) like the metadata; the health
+# probes above stay open for the orchestrator.
+@router.get("/models/{name}/ready", summary="Model readiness")
+@router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
 async def model_ready(name: ModelName, state: StateDep, version: str | None = None) -> JSONResponse:
     if state.repository is None:
         return JSONResponse({"name": name, "ready": False}, status_code=503)
@@ -251,7 +251,7 @@ async def model_ready(name: ModelName, state: StateDep, version: str | None = No
 # --- metadata and inference (API key when configured) -----------------------------------------
 
 
-@router.get("", response_model=ServerMetadata, dependencies=[AuthDep], summary="Server metadata")
+@router.get("", response_model=ServerMetadata, summary="Server metadata")
 async def server_metadata(state: StateDep) -> ServerMetadata:
     extensions = ["binary_tensor_data"]
     if state.repository is not None and state.repository.root is not None:
@@ -259,13 +259,10 @@ async def server_metadata(state: StateDep) -> ServerMetadata:
     return ServerMetadata(name="sdde-serve", version=__version__, extensions=extensions)
 
 
-@router.get(
-    "/models/{name}", response_model=ModelMetadata, dependencies=[AuthDep], summary="Model metadata"
-)
+@router.get("/models/{name}", response_model=ModelMetadata, summary="Model metadata")
 @router.get(
     "/models/{name}/versions/{version}",
     response_model=ModelMetadata,
-    dependencies=[AuthDep],
     include_in_schema=False,
 )
 async def model_metadata(
@@ -416,34 +413,10 @@ def _requested(req: InferenceRequest, available: list[str]) -> list[tuple[str, b
     return wanted
 
 
-def _policy(req: InferenceRequest, state: ServerState) -> str:
-    policy = (req.parameters or {}).get("ood_policy", state.settings.ood_policy)
-    if policy not in OOD_POLICIES:
-        raise ApiError(400, f"parameter ood_policy must be 'flag' or 'reject', got {policy!r}")
-    return policy
-
-
-def _alpha(req: InferenceRequest, runtime: ModelRuntime) -> float | None:
-    """The request parameter ``alpha`` (is_ood = ood_p_value < alpha), checked."""
-    alpha = (req.parameters or {}).get("alpha")
-    if alpha is None:
-        return None
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0.0 <= alpha < 1.0:
-        raise ApiError(400, f"parameter alpha must be a number in [0, 1), got {alpha!r}")
-    if runtime.manifest.ood.calibration_scores is None:
-        raise ApiError(
-            400,
-            f"model {runtime.name!r} stores no calibration scores (exported before "
-            "p-values): it cannot apply an alpha; refit it with `sdde calibrate`",
-        )
-    return float(alpha)
-
-
 @router.post(
     "/models/{name}/infer",
     response_model=InferenceResponse,
     response_model_exclude_none=True,
-    dependencies=[AuthDep],
     summary="Inference (JSON or binary tensors)",
     openapi_extra={
         "requestBody": {
@@ -455,12 +428,11 @@ def _alpha(req: InferenceRequest, runtime: ModelRuntime) -> float | None:
         400: {"description": "malformed request, wrong tensor name/shape/datatype/size, NaN"},
         404: {"description": "unknown model or version"},
         413: {"description": "body too large"},
+        422: {"description": "parameter ood_policy or alpha out of range (as in /v1)"},
         503: {"description": "not ready, queue full, timed out"},
     },
 )
-@router.post(
-    "/models/{name}/versions/{version}/infer", dependencies=[AuthDep], include_in_schema=False
-)
+@router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
 async def infer(
     name: ModelName,
     request: Request,
@@ -491,12 +463,18 @@ async def infer(
             req, wanted, images = await offload(state.decode_pool, deadline, parse)
         else:
             req, wanted, images = parse()
-        policy = _policy(req, state)
-        alpha = _alpha(req, runtime)
+        params = req.parameters or {}
+        policy, alpha = parse_overrides(
+            params.get("ood_policy"),
+            params.get("alpha"),
+            settings.ood_policy,
+            runtime.manifest,
+            runtime.name,
+        )
     remaining = max(deadline - time.monotonic(), 0.001)
     out = await runtime.batcher.submit(images, timeout=remaining)
     manifest = runtime.manifest
-    preds = make_predictions(out, manifest, top_k=1, policy=policy, alpha=alpha)  # type: ignore[arg-type]
+    preds = make_predictions(out, manifest, top_k=1, policy=policy, alpha=alpha)
     state.metrics.observe_predictions(runtime.name, preds)
     ids, background = after_predict(state, runtime, images, out, preds)
     meta: dict[str, Any] = {
