@@ -76,7 +76,7 @@ MethodOptions = dataclasses.make_dataclass(
 
 
 @dataclass
-class TrainConfig(MethodOptions):  # type: ignore[valid-type,misc]
+class TrainConfig(MethodOptions):
     """The training configuration: ``CommonConfig``'s fields and every registered method option.
 
     An option registered after this module loaded (a plug-in, a test's method) has no field: its
