@@ -1,31 +1,35 @@
 """The training configuration: one typed dataclass, saved resolved as ``RUN_DIR/config.json``.
 
 This module must not import torch: ``sdde train --help`` builds its flags from these fields.
-Every field is a CLI flag of the same name (``batch_size`` -> ``--batch-size``) whose help text
-is ``FIELD_HELP[field]``.
+Every field is a CLI flag of the same name (``batch_size`` -> ``--batch-size``). The common
+fields are declared in ``CommonConfig`` with their help in ``FIELD_HELP``; a method's
+hyper-parameters are declared once, as ``registry.Option``s in its ``MethodSpec``
+(training/registry.py), and become fields here (type, default) and checks in ``validate``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, Self
 
 from sdde_serve.errors import UserError
 from training import registry
 
 # Each choice list exists once: training.saliency and training.ensemble use these.
-SALIENCY_CHOICES = ("gradcam", "inputgrad")
-DIVERSITY_BN_CHOICES = ("eval", "train")
+SALIENCY_CHOICES = registry.SALIENCY.choices
+DIVERSITY_BN_CHOICES = registry.DIVERSITY_BN.choices
 AUGMENT_CHOICES = ("auto", "none", "crop", "crop-flip")
-SHARED_SOURCE_CHOICES = ("member", "stream")
+SHARED_SOURCE_CHOICES = registry.SHARED_SOURCE.choices
 BEST_METRIC_CHOICES = ("acc", "nll")
 BACKEND_CHOICES = ("loop", "fused")
 
 
 @dataclass
-class TrainConfig:
+class CommonConfig:
+    """The fields every method shares; ``TrainConfig`` adds the methods' options."""
+
     data: str = "digits"
     arch: str = "lenet"
     pretrained: str | None = None
@@ -39,18 +43,7 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    lambda_div: float | None = None
-    saliency: str = "gradcam"
-    saliency_layer: str | None = None
-    diversity_bn: str = "eval"
     outliers: str | None = None
-    outlier_batch_size: int | None = None
-    beta_oe: float = 0.5
-    ncl_weight: float = 0.1
-    adp_weight: float = 0.1
-    adp_alpha: float = 2.0
-    adp_beta: float = 0.5
-    adv_eps: float = 0.01
     val_fraction: float = 0.1
     seed: int = 0
     max_steps: int | None = None
@@ -69,17 +62,36 @@ class TrainConfig:
     eval_batch_size: int = 256
     progress: bool = True
     backend: str = "loop"
-    # The SDDE training protocol (docs/training-methods.md, "The official protocol"):
-    shared_source: str = "member"
-    shared_batch: float = 1.0
-    diversity_period: int = 1
-    lambda_warmup_epochs: float = 1.0
-    # DICE (Rame & Cord 2021), the official code's settings:
-    dice_weight: float = 0.2
-    dice_rampup_epochs: float = 20.0
-    dice_tau: float = 10.0
-    discriminator_lr: float = 1e-4
     grad_clip: float | None = None
+
+
+# One field per option of the methods registered when this module loads (the built-ins:
+# lambda_div, ncl_weight, dice_tau, ...), typed and defaulted by its declaration in
+# training/registry.py, the one place an option is written.
+MethodOptions = dataclasses.make_dataclass(
+    "MethodOptions",
+    [(o.name, o.annotation, field(default=o.default)) for o in registry.options().values()],
+    bases=(CommonConfig,),
+)
+
+
+@dataclass
+class TrainConfig(MethodOptions):
+    """The training configuration: ``CommonConfig``'s fields and every registered method option.
+
+    An option registered after this module loaded (a plug-in, a test's method) has no field: its
+    value lives in ``extra`` and reads as an attribute all the same (``cfg.toy_weight``, its
+    default when unset); ``from_dict``/``to_dict`` (config.json) keep it a top-level key.
+    """
+
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        # Python calls this only for a name that is not a field: a late-registered option.
+        option = None if name.startswith("__") else registry.options().get(name)
+        if option is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return self.__dict__.get("extra", {}).get(name, option.default)
 
     # --- resolution -------------------------------------------------------------------------
 
@@ -108,8 +120,8 @@ class TrainConfig:
         gradcam_loss = "lambda_div" in method.hparams and self.saliency == "gradcam"
         if self.cam_samples > 0 or gradcam_loss:  # the run compares GradCAMs
             models.check_saliency_map(self.arch, chans, size, layer)
-        return ResolvedConfig(
-            **{
+        return ResolvedConfig.from_dict(
+            {
                 **self.to_dict(),
                 "input_size": size,
                 "in_chans": chans,
@@ -129,33 +141,23 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{flag(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "input_size", "in_chans", "outlier_batch_size"):
+        for name in ("max_steps", "input_size", "in_chans"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{flag(name)} must be >= 1, got {value}")
-        nonnegative = ("lr", "min_lr", "weight_decay", "beta_oe", "adv_eps", "momentum")
-        for name in (*nonnegative, "ncl_weight", "adp_weight", "adp_alpha", "adp_beta"):
+        for name in ("lr", "min_lr", "weight_decay", "momentum"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{flag(name)} must be >= 0, got {getattr(self, name)}")
-        for name in ("lambda_warmup_epochs", "dice_weight", "dice_rampup_epochs"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{flag(name)} must be >= 0, got {getattr(self, name)}")
-        if self.dice_tau <= 0 or self.discriminator_lr <= 0:
-            raise UserError("--dice-tau and --discriminator-lr must be > 0")
         if self.grad_clip is not None and self.grad_clip < 0:
             raise UserError(f"--grad-clip must be >= 0 (0: off), got {self.grad_clip}")
-        if not 0.0 < self.shared_batch <= 1.0:
-            raise UserError(f"--shared-batch must be in (0, 1], got {self.shared_batch}")
-        if self.diversity_period < 1:
-            raise UserError(f"--diversity-period must be >= 1, got {self.diversity_period}")
+        for option in registry.options().values():  # each method option's declared range
+            option.check(getattr(self, option.name))
         if (self.diversity_period > 1 or self.shared_batch < 1.0) and not method.periodic:
             only = ", ".join(registry.names(periodic=True))
             raise UserError(
                 f"--diversity-period and --shared-batch apply to --method {only} only "
                 f"(for {self.method} the shared batch is the training batch)"
             )
-        if self.lambda_div is not None and self.lambda_div < 0:
-            raise UserError(f"--lambda-div must be >= 0, got {self.lambda_div}")
         if self.min_lr > self.lr:
             raise UserError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr})")
         if not 0.0 < self.val_fraction < 1.0:
@@ -163,12 +165,9 @@ class TrainConfig:
         if self.workers < 0 or self.cam_samples < 0 or self.eval_train_samples < 0:
             raise UserError("--workers, --cam-samples and --eval-train-samples must be >= 0")
         for name, choices in (
-            ("saliency", SALIENCY_CHOICES),
-            ("diversity_bn", DIVERSITY_BN_CHOICES),
             ("augment", AUGMENT_CHOICES),
             ("best_metric", BEST_METRIC_CHOICES),
             ("backend", BACKEND_CHOICES),
-            ("shared_source", SHARED_SOURCE_CHOICES),
         ):
             if getattr(self, name) not in choices:
                 got = getattr(self, name)
@@ -185,16 +184,22 @@ class TrainConfig:
     # --- serialisation ----------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field and every registered option, flat (``extra`` is not a key of its own)."""
+        d = dataclasses.asdict(self)
+        del d["extra"]
+        return {**d, **{name: getattr(self, name) for name in registry.options() if name not in d}}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Builds a config from a dict; unknown keys are an error (a typo must not be ignored)."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        """Builds a config from a flat dict; unknown keys are an error (a typo must not be
+        ignored). A registered option without a field goes to ``extra``."""
+        names = {f.name for f in fields(cls)} - {"extra"}
+        late = set(registry.options()) - names
+        unknown = sorted(set(d) - names - late)
         if unknown:
             raise UserError(f"unknown training config keys: {', '.join(unknown)}")
-        return cls(**d)
+        extra = {k: v for k, v in d.items() if k in late}
+        return cls(**{k: v for k, v in d.items() if k in names}, extra=extra)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -240,7 +245,8 @@ RESUME_OVERRIDABLE = frozenset(
     {"epochs", "max_steps", "device", "workers", "resume", "progress", "eval_batch_size"}
 )
 
-# Help text for every CLI flag; keys are TrainConfig field names (checked in tests).
+# Help text for each common field's flag (CommonConfig's fields: checked in tests); a method
+# option's help is in its declaration (training/registry.py).
 FIELD_HELP: dict[str, str] = {
     "data": "training data spec: digits, an IDX dir, an image folder, a .npz, torchvision:NAME",
     "arch": "model architecture: lenet, resnet20, resnet18_32x32, resnet18, resnet50 or "
@@ -258,19 +264,8 @@ FIELD_HELP: dict[str, str] = {
     "momentum": "SGD momentum",
     "nesterov": "use Nesterov momentum",
     "weight_decay": "SGD weight decay",
-    "lambda_div": "weight of the diversity term (None: 0.1 for 28x28 gray inputs, else 0.005)",
-    "saliency": "saliency map for the diversity loss: gradcam or inputgrad (paper's Appendix B)",
-    "saliency_layer": "layer whose feature map feeds GradCAM (None: the arch's default)",
-    "diversity_bn": "BatchNorm mode for the shared diversity batch: eval (running stats) or train",
     "outliers": "unlabeled OOD data spec, required by --method "
     + " and ".join(registry.names(needs_outliers=True)),
-    "outlier_batch_size": "outlier batch size (None: --batch-size)",
-    "beta_oe": "weight of the Outlier-Exposure loss",
-    "ncl_weight": "ncl: weight of the negative-correlation penalty",
-    "adp_weight": "adp: weight of the ADP regulariser",
-    "adp_alpha": "adp: weight of the ensemble entropy inside the regulariser",
-    "adp_beta": "adp: weight of the log-determinant inside the regulariser",
-    "adv_eps": "de-adv: adversarial step size as a fraction of the input range",
     "val_fraction": "fraction of the training split held out for validation",
     "seed": "random seed (initialisation, split, data order, augmentation)",
     "max_steps": "stop after this many steps (None: all; the schedule still spans --epochs)",
@@ -289,17 +284,6 @@ FIELD_HELP: dict[str, str] = {
     "eval_batch_size": "batch size for validation passes",
     "progress": "progress bar (only shown on a terminal)",
     "backend": "ensemble backend: loop over members, or fused (torch.func vmap over members)",
-    "shared_source": "diversity batch: member (one member's batch, chosen at random each step, "
-    "fed to all: the official trainer) or stream (a batch stream of its own)",
-    "shared_batch": "sdde: diversity batch size as a fraction of --batch-size (1: all of it; "
-    "0.5 with --diversity-period 4 costs 1.1-1.2x a DE step)",
-    "diversity_period": "sdde: compute the diversity term every k-th step only (official "
-    "diversity_loss_period)",
-    "lambda_warmup_epochs": "ramp the diversity weight linearly from 0 over this many epochs",
-    "dice_weight": "dice: weight of the conditional-redundancy term",
-    "dice_rampup_epochs": "dice: ramp the DICE weight linearly from 0 over this many epochs",
-    "dice_tau": "dice: tanh clipping of the discriminator's log density ratio",
-    "discriminator_lr": "dice: learning rate of the discriminator (RMSprop)",
     "grad_clip": "clip the gradient norm of the members' parameters (None: 1.0 for dice, else "
     "off; 0: off)",
 }

@@ -1,8 +1,10 @@
 """The method registry: a method registered in one place (here: this test only) trains through
-``train`` like a built-in one, and the checks, help text and manifest list derive from it."""
+``sdde train`` like a built-in one, with its own option; the flags, checks, defaults, help text
+and manifest list all derive from the registry."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from collections.abc import Iterator
@@ -10,22 +12,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 from torch import Tensor
 
 from export import hyperparameters
+from sdde_serve import cli as sdde_cli
 from sdde_serve.errors import UserError
-from tests.conftest import tiny_train_config
-from training import registry
-from training.config import FIELD_HELP, TrainConfig
+from training import cli, registry
+from training.config import FIELD_HELP, CommonConfig, TrainConfig
 from training.ensemble import Ensemble
 from training.methods import METHODS, StepBatch, member_ce, option
-from training.trainer import train
+from training.run import recorded_config
 
 
 @dataclass(frozen=True)
 class LogitDecay:
-    """A toy method: mean CE + w·mean squared logit on the shared batch."""
+    """A toy method: mean CE + toy_weight·mean squared logit on the shared batch."""
 
     name: str = "toy-decay"
 
@@ -41,47 +42,116 @@ class LogitDecay:
         }
 
 
+# The whole declaration: its option (flag, field, check, default, help) lives here only.
+TOY = registry.MethodSpec(
+    "toy-decay",
+    "mean CE + a logit penalty",
+    LogitDecay,
+    options=(
+        registry.Option("toy_weight", float, 0.01, "toy: weight of the logit penalty", low=0),
+    ),
+    compares_members=True,
+)
+
+
 @pytest.fixture
 def toy_method() -> Iterator[registry.MethodSpec]:
-    spec = registry.register(
-        registry.MethodSpec(
-            "toy-decay",
-            "mean CE + a logit penalty",
-            LogitDecay,
-            hparams=("toy_weight",),
-            defaults={"toy_weight": 0.01},
-            compares_members=True,
-        )
-    )
-    yield spec
-    registry.unregister(spec.name)
+    registry.register(TOY)
+    yield TOY
+    registry.unregister(TOY.name)
 
 
-def test_a_method_registered_in_one_place_trains(toy_method, tmp_path: Path) -> None:
+def train_args(run: Path, *more: str) -> list[str]:
+    return [
+        "train",
+        "--method",
+        "toy-decay",
+        "--members",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--max-steps",
+        "3",
+        "--cam-samples",
+        "0",
+        "--eval-train-samples",
+        "0",
+        "--no-progress",
+        "--out",
+        str(run),
+        *more,
+    ]
+
+
+def test_a_method_registered_in_one_place_trains_through_the_cli(
+    toy_method, tmp_path: Path, capsys
+) -> None:
     assert "toy-decay" in METHODS and isinstance(METHODS["toy-decay"], LogitDecay)
-    cfg = tiny_train_config(
-        tmp_path / "run",
-        method="toy-decay",
-        members=2,
-        epochs=1,
-        batch_size=32,
-        max_steps=3,
-        cam_samples=0,
-        eval_train_samples=0,
-        progress=False,
-    )
-    run = Path(train(cfg))
+    run = tmp_path / "run"
+    assert sdde_cli.main(train_args(run, "--toy-weight", "0.5")) == 0
     (record,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert record["step"] == 3 and set(record["train"]) == {"loss", "ce", "decay"}
-    assert 0 < record["train"]["decay"] < 1 and torch.isfinite(torch.tensor(record["train"]["ce"]))
-    # its traits are checked like a built-in's, and the manifest lists its hyper-parameter
-    with pytest.raises(UserError, match="compares members"):
-        dataclasses.replace(cfg, members=1).validate()
+    train = record["train"]
+    assert record["step"] == 3 and set(train) == {"loss", "ce", "decay"}
+    # the flag's value reached the loss: loss = ce + 0.5 * decay (step means, so also on average)
+    assert train["loss"] == pytest.approx(train["ce"] + 0.5 * train["decay"], rel=1e-5)
+    assert train["decay"] > 0
+    # recorded like a built-in option: config.json, the reloaded config, the manifest's list
     config = json.loads((run / "config.json").read_text())
-    assert "toy_weight" in hyperparameters({**config, "toy_weight": 0.01})
+    assert config["toy_weight"] == 0.5 and "extra" not in config
+    assert recorded_config(run).toy_weight == 0.5
+    assert hyperparameters(config)["toy_weight"] == 0.5
+    # --resume refuses a different value, as for a built-in option
+    assert sdde_cli.main(train_args(run, "--resume", "--toy-weight", "0.1")) == 2
+    assert "--toy-weight 0.1 (run: 0.5)" in capsys.readouterr().err
+    # its declared range is checked before torch trains anything, its traits like a built-in's
+    assert sdde_cli.main(train_args(tmp_path / "bad", "--toy-weight", "-1")) == 2
+    assert "--toy-weight must be >= 0, got -1.0" in capsys.readouterr().err
+    with pytest.raises(UserError, match="compares members"):
+        dataclasses.replace(recorded_config(run), members=1).validate()
     with pytest.raises(ValueError, match="already registered"):
         registry.register(toy_method)
-    assert toy_method.load().name == "toy-decay"
+
+
+def test_a_late_option_has_a_flag_a_default_and_round_trips(toy_method) -> None:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert "toy: weight of the logit penalty [default: 0.01]" in parser.format_help()
+    assert cli.config_from_args(parser.parse_args([])).toy_weight == 0.01  # the declared default
+    cfg = cli.config_from_args(parser.parse_args(["--toy-weight", "0.2", "--members", "2"]))
+    assert (cfg.toy_weight, cfg.extra, cfg.members) == (0.2, {"toy_weight": 0.2}, 2)
+    assert TrainConfig.from_json(cfg.to_json()) == cfg
+    assert TrainConfig().to_dict()["toy_weight"] == 0.01
+    with pytest.raises(AttributeError):
+        _ = cfg.no_such_option
+
+
+def test_an_option_name_means_one_thing() -> None:
+    clash = registry.MethodSpec(
+        "toy-clash", "x", LogitDecay, options=(registry.Option("ncl_weight", float, 0.5, "other"),)
+    )
+    with pytest.raises(ValueError, match="declares option 'ncl_weight' unlike another method"):
+        registry.register(clash)
+    assert "toy-clash" not in registry.METHODS
+
+
+def test_option_checks_name_the_flag_and_the_range() -> None:
+    shared = registry.SHARED_BATCH  # (0, 1]
+    shared.check(1.0)
+    for bad in (0.0, 1.5):
+        with pytest.raises(UserError, match=r"^--shared-batch must be in \(0, 1\], got "):
+            shared.check(bad)
+    with pytest.raises(UserError, match="--saliency must be one of gradcam, inputgrad, got 'x'"):
+        registry.SALIENCY.check("x")
+    registry.LAMBDA_DIV.check(None)  # None: derived at resolve time
+    with pytest.raises(UserError, match=r"--lambda-div must be >= 0, got -0\.1"):
+        registry.LAMBDA_DIV.check(-0.1)
+    tau = registry.options()["dice_tau"]
+    with pytest.raises(UserError, match="--dice-tau must be > 0, got 0"):
+        tau.check(0)
+    with pytest.raises(UserError, match="--adv-eps must be >= 0"):
+        TrainConfig(method="de-adv", adv_eps=-0.5).validate()
 
 
 def test_the_registry_is_the_one_source() -> None:
@@ -89,12 +159,18 @@ def test_the_registry_is_the_one_source() -> None:
     assert all(name in FIELD_HELP["method"] for name in registry.names())
     assert registry.names(compares_members=True) == ("sdde", "sdde-oe", "ncl", "adp", "dice")
     assert registry.names(periodic=True) == ("sdde",)
-    # the defaults a method falls back on are TrainConfig's defaults, not a second opinion
+    # each option is a TrainConfig field with its declared default, and config.json holds the
+    # common fields and the options, nothing else
     defaults = TrainConfig()
     for spec in registry.METHODS.values():
-        for name, value in spec.defaults.items():
-            assert getattr(defaults, name) == value, (spec.name, name)
+        for opt in spec.options:
+            assert getattr(defaults, opt.name) == opt.default == spec.defaults[opt.name]
         for name in spec.hparams:
-            assert hasattr(defaults, name), (spec.name, name)
+            assert name in defaults.to_dict(), (spec.name, name)
+    common = {f.name for f in dataclasses.fields(CommonConfig)}
+    assert set(defaults.to_dict()) == common | set(registry.options())
+    assert set(FIELD_HELP) == common
     with pytest.raises(UserError, match="unknown --method 'nope'"):
         TrainConfig(method="nope").validate()
+    with pytest.raises(UserError, match="unknown training config keys: extra"):
+        TrainConfig.from_dict({"extra": {}})

@@ -23,7 +23,7 @@ from sdde_serve.errors import UserError
 from tests.conftest import tiny_train_config
 from training import data as D
 from training import registry
-from training.config import FIELD_HELP, ResolvedConfig, TrainConfig
+from training.config import FIELD_HELP, CommonConfig, ResolvedConfig, TrainConfig
 from training.methods import METHODS
 from training.trainer import cosine_lr, train
 
@@ -289,7 +289,7 @@ def test_cli_flags_cover_the_config_without_importing_torch():
         "assert 'torch' not in sys.modules, 'add_arguments imported torch'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
-    assert set(FIELD_HELP) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(FIELD_HELP) == {f.name for f in dataclasses.fields(CommonConfig)}
 
 
 def test_colour_32x32_resnet_gets_crop_flip_and_trains(tmp_path, noise_npz):
