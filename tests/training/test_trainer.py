@@ -168,11 +168,13 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, small_digits):
         cam_samples=0,
         eval_train_samples=0,
     )
-    config_json = Path(cfg.out) / "config.json"
+    # the first epoch's record is written inside the loop, after the stop handler is installed;
+    # config.json (written by setup, before it) raced with it on a loaded machine
+    first_record = Path(cfg.out) / "metrics.jsonl"
 
     def press_ctrl_c() -> None:
         deadline = time.monotonic() + 60
-        while not config_json.exists() and time.monotonic() < deadline:
+        while not first_record.exists() and time.monotonic() < deadline:
             time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGINT)
 
