@@ -618,9 +618,9 @@ def run_training_images(
     run: LoadedRun, n: int, shape: tuple[int, int, int]
 ) -> tuple[np.ndarray, str]:
     """Up to ``n`` of ``run``'s training images (its data minus ``split.json``'s validation)."""
-    from sdde_serve.data import load_dataset
-    from training.run import SPLIT, read_json
+    from sdde_serve.data import load_dataset, read_run_json
+    from training.run import SPLIT
 
-    split = read_json(run.run_dir / SPLIT)
+    split = read_run_json(run.run_dir / SPLIT)
     full = load_dataset(run.config["data"]["spec"], split="train")  # as the trainer loaded it
     return training_images(full, np.asarray(split["val_indices"]), n, shape)

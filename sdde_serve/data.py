@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -339,7 +340,8 @@ def _load_folder(spec: DataSpec, split: str) -> ArrayDataset:
     return ArrayDataset(root.name, images, labels, classes)
 
 
-def _read_run_json(path: Path) -> dict:
+def read_run_json(path: Path) -> Any:
+    """One JSON file of a run directory; missing or unreadable is a UserError."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -358,9 +360,9 @@ def run_part(root: Path, part: str, source: str | None = None) -> ArrayDataset:
     indices, checked to be the same images (fingerprint)."""
     if part not in RUN_PARTS:
         raise UserError(f"{root} is a training run: its parts are @val and @train, not @{part}")
-    record = _read_run_json(root / "split.json")
+    record = read_run_json(root / "split.json")
     try:
-        source = source or _read_run_json(root / "config.json")["data"]["spec"]
+        source = source or read_run_json(root / "config.json")["data"]["spec"]
         n, fingerprint = int(record["n"]), record["fingerprint"]
         val = np.asarray(record["val_indices"], dtype=np.int64)
     except (KeyError, TypeError, ValueError) as exc:

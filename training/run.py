@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from sdde_serve.atomic import atomic_path, write_bytes_atomic
-from sdde_serve.data import ArrayDataset, parse_spec, run_part
+from sdde_serve.data import ArrayDataset, parse_spec, read_run_json, run_part
 from sdde_serve.errors import UserError
 from training import pretrained
 from training.config import RESUME_OVERRIDABLE, TrainConfig
@@ -112,21 +112,12 @@ def load_train_split(run_dir: Path, config: dict[str, Any]) -> ArrayDataset:
     return run_part(run_dir, "train", config["data"]["spec"])
 
 
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing (not a complete run directory)") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable or truncated ({exc.__class__.__name__})") from None
-
-
 def read_config(run_dir: Path) -> dict[str, Any]:
     """config.json, checked for the schema and its data/model blocks."""
     path = run_dir / CONFIG
     if not path.exists():
         raise UserError(f"{run_dir} holds no training run ({CONFIG} is missing)")
-    raw = read_json(path)
+    raw = read_run_json(path)
     found = raw.get("schema") if isinstance(raw, dict) else None
     if found != SCHEMA:
         raise UserError(f"{path}: not an {SCHEMA} run directory (schema {found!r})")
@@ -236,7 +227,7 @@ def record_resumed_config(out: Path, cfg: TrainConfig) -> None:
 
 
 def check_same_data(out: Path, full: ArrayDataset, fingerprint: str) -> None:
-    split = read_json(out / SPLIT)
+    split = read_run_json(out / SPLIT)
     if split.get("fingerprint") != fingerprint or split.get("n") != len(full):
         raise UserError(f"--resume: the data spec now gives different data than {out} used")
 

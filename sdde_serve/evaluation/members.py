@@ -38,7 +38,7 @@ from sdde_serve.errors import UserError
 from sdde_serve.evaluation.metrics import mean_metrics, ood_metrics
 from sdde_serve.evaluation.plotting import pyplot, save
 from sdde_serve.evaluation.results import Evaluation
-from sdde_serve.evaluation.section import Context, Loader, Section
+from sdde_serve.evaluation.section import Context, Loader, block_section
 from sdde_serve.temperature import choose_temperature
 
 SCHEMA_KEY = "members_sweep"
@@ -441,21 +441,12 @@ def _compute(ctx: Context, request: SweepRequest) -> dict[str, Any]:
     return {SCHEMA_KEY: block}
 
 
-def _markdown(m: dict[str, Any]) -> list[str]:
-    return render_markdown(m[SCHEMA_KEY]) if m.get(SCHEMA_KEY) else []
-
-
-def _plots(evaluation: Evaluation, out: Path) -> list[Path]:
-    block = evaluation.metrics.get(SCHEMA_KEY)
-    return write_plots(block, out) if block else []
-
-
-SECTION = Section(
+SECTION = block_section(
     SCHEMA_KEY,
     _compute,
-    _markdown,
-    _plots,
-    lambda m: summary(m.get(SCHEMA_KEY)),
+    render_markdown,
+    write_plots,
+    summary,
     add_arguments=add_arguments,
     configure=_configure,
 )

@@ -77,6 +77,31 @@ class Section:
         return self.configure is not None
 
 
+def block_section(
+    name: str,
+    compute: Callable[[Context, Any], dict[str, Any]],
+    markdown: Callable[[dict[str, Any]], list[str]],
+    plots: Callable[[dict[str, Any], Path], list[Path]],
+    summary: Callable[[dict[str, Any] | None], list[str]],
+    **options: Any,
+) -> Section:
+    """A section whose renderers take its own block (``metrics[name]``), not the whole dict:
+    markdown and plots are skipped when the block is absent; ``summary`` is handed ``None``."""
+
+    def block_markdown(metrics: dict[str, Any]) -> list[str]:
+        block = metrics.get(name)
+        return markdown(block) if block else []
+
+    def block_plots(evaluation: Evaluation, out: Path) -> list[Path]:
+        block = evaluation.metrics.get(name)
+        return plots(block, out) if block else []
+
+    def block_summary(metrics: dict[str, Any]) -> list[str]:
+        return summary(metrics.get(name))
+
+    return Section(name, compute, block_markdown, block_plots, block_summary, **options)
+
+
 SECTIONS: list[Section] = []
 
 

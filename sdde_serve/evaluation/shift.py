@@ -28,8 +28,7 @@ from sdde_serve.errors import UserError
 from sdde_serve.evaluation import corruptions as corr
 from sdde_serve.evaluation.metrics import auroc
 from sdde_serve.evaluation.plotting import pyplot, save
-from sdde_serve.evaluation.results import Evaluation
-from sdde_serve.evaluation.section import Context, Loader, Section
+from sdde_serve.evaluation.section import Context, Loader, block_section
 
 SCHEMA_KEY = "shift"
 METRICS = ("accuracy", "confidence", "nll", "ece", "brier", "flag_rate", "auroc_correct")
@@ -427,21 +426,12 @@ def _configure(args: argparse.Namespace, load: Loader) -> ShiftConfig | None:
     return config_from_args(args)
 
 
-def _markdown(m: dict[str, Any]) -> list[str]:
-    return render_markdown(m[SCHEMA_KEY]) if m.get(SCHEMA_KEY) else []
-
-
-def _plots(evaluation: Evaluation, out: Path) -> list[Path]:
-    block = evaluation.metrics.get(SCHEMA_KEY)
-    return write_plots(block, out) if block else []
-
-
-SECTION = Section(
+SECTION = block_section(
     SCHEMA_KEY,
     _compute,
-    _markdown,
-    _plots,
-    lambda m: summary(m.get(SCHEMA_KEY)),
+    render_markdown,
+    write_plots,
+    summary,
     add_arguments=add_arguments,
     configure=_configure,
 )

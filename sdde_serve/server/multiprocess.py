@@ -85,7 +85,8 @@ def remove_series(metric: Any, *labelvalues: str) -> bool:
     return present
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (signal 0 probes without signalling)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -103,7 +104,7 @@ def forget_dead_workers(path: Path) -> None:
 
     pids = {int(m.group(1)) for f in path.iterdir() if (m := _LIVE_FILE.match(f.name))}
     for pid in pids:
-        if pid != os.getpid() and not _alive(pid):
+        if pid != os.getpid() and not alive(pid):
             multiprocess.mark_process_dead(pid, str(path))
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from sdde_serve.atomic import write_text_atomic
 from sdde_serve.server.domain_errors import LoadFailed, Refused, UnknownModel
+from sdde_serve.server.multiprocess import alive
 from sdde_serve.server.repo_shadow import set_shadow
 from sdde_serve.server.repository import ModelRepository
 
@@ -42,16 +43,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):  # absent, or (never: writes are atomic) half written
         return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RepositorySync:
@@ -108,7 +99,7 @@ class RepositorySync:
         for path in self.directory.glob(APPLIED.format(pid="*")):
             pid = int(path.stem.rsplit("-", 1)[1])
             data = _read_json(path)
-            if data is not None and _alive(pid):
+            if data is not None and alive(pid):
                 out[pid] = int(data["generation"])
         return out
 
