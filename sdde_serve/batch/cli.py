@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
+from typing import Any
 
 from sdde_serve.deprecation import add_deprecated_alias
 from sdde_serve.errors import UserError
@@ -58,93 +59,136 @@ HELP = (
 )
 
 
+EPILOG = (
+    "exit status: 0 all inputs scored, 1 some inputs failed (see the errors file), "
+    "2 usage error or the job failed (resumable with --resume), 130 interrupted"
+)
+
+# ``sdde score``'s arguments in --help order: (flags, add_argument keywords), or a function that
+# adds a flag shared with other commands
+Argument = tuple[tuple[str, ...], dict[str, Any]] | Callable[[argparse.ArgumentParser], None]
+ARGUMENTS: tuple[Argument, ...] = (
+    (
+        ("model",),
+        {"help": "exported ONNX model (with --url: the file the server serves; its manifest)"},
+    ),
+    (
+        ("inputs",),
+        {
+            "nargs": "+",
+            "metavar": "INPUT",
+            "help": "image file, directory (recursive), glob pattern ('**' for any depth), "
+            ".txt/.csv file listing paths, or '-' for paths on stdin",
+        },
+    ),
+    (("-o", "--output"), {"required": True, "help": "output file: .jsonl, .csv or .parquet"}),
+    (
+        ("--errors",),
+        {"default": None, "help": "errors file (path, reason); default OUT_STEM.errors.EXT"},
+    ),
+    (("--batch-size",), {"type": int, "default": 64, "help": "images per engine call"}),
+    (
+        ("--concurrency",),
+        {
+            "type": int,
+            "default": min(4, os.cpu_count() or 1),
+            "metavar": "N",
+            "help": "decoders at once: threads (processes with --processes; Ray actors with --ray)",
+        },
+    ),
+    (
+        ("--processes",),
+        {
+            "action": "store_true",
+            "help": "decode in --concurrency processes instead of threads (many cores, small "
+            "images)",
+        },
+    ),
+    (
+        ("--threads",),
+        {"type": int, "default": 0, "help": "onnxruntime intra-op threads (0: one per core)"},
+    ),
+    add_probe_argument,
+    (
+        ("--ood-policy",),
+        {
+            "choices": OOD_POLICIES,
+            "default": "flag",
+            "help": "flag: OOD images keep their label, is_ood marks them; reject: they get no "
+            "label",
+        },
+    ),
+    (
+        ("--top-k",),
+        {"type": int, "default": 0, "help": "add a top_k column with the K best classes (0: none)"},
+    ),
+    (("--probs",), {"action": "store_true", "help": "add the full calibrated probability vector"}),
+    (
+        ("--resume",),
+        {"action": "store_true", "help": "continue an interrupted job (same inputs/options)"},
+    ),
+    (
+        ("--fdr",),
+        {
+            "type": float,
+            "default": None,
+            "metavar": "Q",
+            "help": "after the job, apply Benjamini-Hochberg at false discovery rate Q over all "
+            "its p-values and add an ood_bh column: flagged images of which at most a share Q "
+            "are expected to be in-distribution (needs a model with calibration scores)"
+            "%(default).0s",
+        },
+    ),
+    (
+        ("--expect-sha256",),
+        {
+            "metavar": "HEX",
+            "default": None,
+            "help": "refuse to start unless the model file's SHA-256 (sha256sum MODEL) is HEX",
+        },
+    ),
+)
+# the backend: at most one of them (neither: this machine's onnxruntime)
+BACKEND_ARGUMENTS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
+    (
+        ("--url",),
+        {
+            "default": None,
+            "help": "score against a running server (http://host:port; v2 protocol, binary "
+            "tensors)",
+        },
+    ),
+    (
+        ("--ray",),
+        {
+            "nargs": "?",
+            "const": "local",
+            "default": None,
+            "metavar": "ADDRESS",
+            "help": "run on Ray Data (needs the [ray] extra): no ADDRESS starts a local Ray, "
+            "'auto' or ray://HOST:10001 joins a cluster",
+        },
+    ),
+)
+# renamed flags: the new spelling -> the old one, still accepted (hidden, with a warning)
+RENAMED = {"--concurrency": "--workers", "--ood-policy": "--policy"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = (
-        "exit status: 0 all inputs scored, 1 some inputs failed (see the errors file), "
-        "2 usage error or the job failed (resumable with --resume), 130 interrupted"
-    )
-    parser.add_argument(
-        "model", help="exported ONNX model (with --url: the file the server serves; its manifest)"
-    )
-    parser.add_argument(
-        "inputs",
-        nargs="+",
-        metavar="INPUT",
-        help="image file, directory (recursive), glob pattern ('**' for any depth), "
-        ".txt/.csv file listing paths, or '-' for paths on stdin",
-    )
-    parser.add_argument(
-        "-o", "--output", required=True, help="output file: .jsonl, .csv or .parquet"
-    )
-    parser.add_argument(
-        "--errors", default=None, help="errors file (path, reason); default OUT_STEM.errors.EXT"
-    )
-    parser.add_argument("--batch-size", type=int, default=64, help="images per engine call")
-    parser.add_argument(
-        "--concurrency",
-        type=int,
-        default=min(4, os.cpu_count() or 1),
-        metavar="N",
-        help="decoders at once: threads (processes with --processes; Ray actors with --ray)",
-    )
-    add_deprecated_alias(parser, "--workers", new="--concurrency", dest="concurrency", type=int)
-    parser.add_argument(
-        "--processes",
-        action="store_true",
-        help="decode in --concurrency processes instead of threads (many cores, small images)",
-    )
-    parser.add_argument(
-        "--threads", type=int, default=0, help="onnxruntime intra-op threads (0: one per core)"
-    )
-    add_probe_argument(parser)
-    parser.add_argument(
-        "--ood-policy",
-        choices=OOD_POLICIES,
-        default="flag",
-        help="flag: OOD images keep their label, is_ood marks them; reject: they get no label",
-    )
-    add_deprecated_alias(
-        parser, "--policy", new="--ood-policy", dest="ood_policy", choices=OOD_POLICIES
-    )
-    parser.add_argument(
-        "--top-k", type=int, default=0, help="add a top_k column with the K best classes (0: none)"
-    )
-    parser.add_argument(
-        "--probs", action="store_true", help="add the full calibrated probability vector"
-    )
-    parser.add_argument(
-        "--resume", action="store_true", help="continue an interrupted job (same inputs/options)"
-    )
-    parser.add_argument(
-        "--fdr",
-        type=float,
-        default=None,
-        metavar="Q",
-        help="after the job, apply Benjamini-Hochberg at false discovery rate Q over all its "
-        "p-values and add an ood_bh column: flagged images of which at most a share Q are "
-        "expected to be in-distribution (needs a model with calibration scores)" + "%(default).0s",
-    )
-    parser.add_argument(
-        "--expect-sha256",
-        metavar="HEX",
-        default=None,
-        help="refuse to start unless the model file's SHA-256 (sha256sum MODEL) is HEX",
-    )
+    parser.epilog = EPILOG
+    for argument in ARGUMENTS:
+        if callable(argument):
+            argument(parser)
+            continue
+        flags, options = argument
+        action = parser.add_argument(*flags, **options)
+        old = RENAMED.get(flags[-1])
+        if old is not None:  # checked as the new flag is: same type and choices
+            checks = {k: options[k] for k in ("type", "choices") if k in options}
+            add_deprecated_alias(parser, old, new=flags[-1], dest=action.dest, **checks)
     backend = parser.add_mutually_exclusive_group()
-    backend.add_argument(
-        "--url",
-        default=None,
-        help="score against a running server (http://host:port; v2 protocol, binary tensors)",
-    )
-    backend.add_argument(
-        "--ray",
-        nargs="?",
-        const="local",
-        default=None,
-        metavar="ADDRESS",
-        help="run on Ray Data (needs the [ray] extra): no ADDRESS starts a local Ray, "
-        "'auto' or ray://HOST:10001 joins a cluster",
-    )
+    for flags, options in BACKEND_ARGUMENTS:
+        backend.add_argument(*flags, **options)
 
 
 def _validate(args: argparse.Namespace) -> ScoreOptions:

@@ -130,6 +130,69 @@ def decode_chunk(load: Callable[[str], np.ndarray], batch: list[str]) -> list[De
     return out
 
 
+class ChunkFeeder:
+    """The hand-over between the feeder thread and the consumer of :func:`decoded_stream`: a
+    bounded queue of chunk futures, in input order, ended by ``None`` (or the exception that
+    stopped the feeder), and a stop flag the consumer sets when it leaves early."""
+
+    def __init__(
+        self, paths: Iterable[str], load: Callable[[str], np.ndarray], *, chunk: int, window: int
+    ) -> None:
+        self.paths, self.load, self.chunk = paths, load, chunk
+        self.futures: queue.Queue[Future | BaseException | None] = queue.Queue(
+            maxsize=max(1, window // chunk)
+        )
+        self.stop = threading.Event()
+
+    def put(self, item: Future | BaseException | None) -> bool:
+        """Queue ``item`` once there is room; False if the consumer stopped first."""
+        while not self.stop.is_set():
+            try:
+                self.futures.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def feed(self, pool: Executor) -> None:
+        """The feeder thread: submit the paths to ``pool`` chunk by chunk."""
+        try:
+            buf: list[str] = []
+            for p in self.paths:
+                buf.append(p)
+                if len(buf) >= self.chunk:
+                    if not self.put(pool.submit(decode_chunk, self.load, buf)):
+                        return
+                    buf = []
+            if buf:
+                self.put(pool.submit(decode_chunk, self.load, buf))
+            self.put(None)
+        except BaseException as exc:  # e.g. an unreadable list file: the job fails with it
+            self.put(exc)
+
+    def results(self, idle_s: float | None) -> Iterator[Decoded | None]:
+        """The consumer: the decoded files in order, ``None`` after ``idle_s`` without any."""
+        while True:
+            try:
+                item = self.futures.get(timeout=idle_s)
+            except queue.Empty:
+                yield None
+                continue
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield from item.result()
+
+    def close(self) -> None:
+        """Stop the feeder and drop the queued work: nothing will consume it."""
+        self.stop.set()
+        while not self.futures.empty():
+            item = self.futures.get_nowait()
+            if isinstance(item, Future):
+                item.cancel()
+
+
 def decoded_stream(
     paths: Iterable[str],
     load: Callable[[str], np.ndarray],
@@ -151,58 +214,63 @@ def decoded_stream(
     consumer; the consumer takes the futures in order, so finished work is never held back by
     input that has not arrived yet.
     """
-
-    futures: queue.Queue[Future | BaseException | None] = queue.Queue(
-        maxsize=max(1, window // chunk)
-    )
-    stop = threading.Event()
-
-    def put(item: Future | BaseException | None) -> bool:
-        while not stop.is_set():
-            try:
-                futures.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def feed(pool: Executor) -> None:
-        try:
-            buf: list[str] = []
-            for p in paths:
-                buf.append(p)
-                if len(buf) >= chunk:
-                    if not put(pool.submit(decode_chunk, load, buf)):
-                        return
-                    buf = []
-            if buf:
-                put(pool.submit(decode_chunk, load, buf))
-            put(None)
-        except BaseException as exc:  # e.g. an unreadable list file: the job fails with it
-            put(exc)
-
+    feeder = ChunkFeeder(paths, load, chunk=chunk, window=window)
     with make_pool(workers, processes) as pool:
-        feeder = threading.Thread(target=feed, args=(pool,), name="feed", daemon=True)
-        feeder.start()
+        threading.Thread(target=feeder.feed, args=(pool,), name="feed", daemon=True).start()
         try:
-            while True:
-                try:
-                    item = futures.get(timeout=idle_s)
-                except queue.Empty:
-                    yield None
-                    continue
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                yield from item.result()
+            yield from feeder.results(idle_s)
         finally:
-            stop.set()
-            # drop queued work: nothing will consume it
-            while not futures.empty():
-                item = futures.get_nowait()
-                if isinstance(item, Future):
-                    item.cancel()
+            feeder.close()
+
+
+class Batcher:
+    """A job's decoded inputs, in order, to the backend and the tally: images fill one engine
+    batch, scored when full; failed inputs are staged; both are committed every
+    ``commit_interval`` seconds (or sooner, when :data:`MAX_STAGED_ERRORS` errors wait)."""
+
+    def __init__(self, backend: Backend, tally: Tally, opts: ScoreOptions) -> None:
+        self.backend, self.tally, self.opts = backend, tally, opts
+        spec = backend.manifest.input
+        self.batch = np.empty((opts.batch_size, spec.channels, spec.height, spec.width), np.float32)
+        self.batch_paths: list[str] = []
+        self.errors: list[dict[str, Any]] = []  # staged until the next commit
+        self.last_commit = time.monotonic()
+
+    def take(self, path: str, image: np.ndarray | None, error: str | None) -> None:
+        """The next input in order: into the batch, or the errors; score and commit when due."""
+        self.tally.seen(path)
+        if error is not None:
+            self.errors.append({"path": path, "reason": error})
+        else:
+            self.batch[len(self.batch_paths)] = image
+            self.batch_paths.append(path)
+        # a long run of failures: score the partial batch so the errors can be committed
+        many_errors = len(self.errors) >= MAX_STAGED_ERRORS
+        if len(self.batch_paths) == self.opts.batch_size or many_errors:
+            self.flush_batch()
+            if many_errors or time.monotonic() - self.last_commit >= self.opts.commit_interval:
+                self.commit()
+
+    def idle(self) -> None:
+        """The input stalls (slow list on stdin): don't sit on finished work."""
+        if self.tally.done > self.tally.committed:
+            self.flush_batch()
+            self.commit()
+
+    def flush_batch(self) -> None:
+        """Score the (possibly partial) batch into the tally."""
+        if not self.batch_paths:
+            return
+        out = self.backend.run(self.batch[: len(self.batch_paths)])
+        rows = score_rows(out, self.batch_paths, self.backend.manifest, self.opts)
+        self.tally.add(rows, [])
+        self.batch_paths = []
+
+    def commit(self) -> None:
+        self.tally.add([], self.errors)
+        self.errors = []
+        self.tally.commit()
+        self.last_commit = time.monotonic()
 
 
 def run_job(
@@ -214,33 +282,12 @@ def run_job(
     progress: Callable[[int], None] | None = None,
 ) -> JobResult:
     """Score ``paths`` into ``files``; bad files are recorded in the errors file, never fatal."""
-    manifest = backend.manifest
-    spec = manifest.input
     tally = Tally(paths, files)
+    batcher = Batcher(backend, tally, opts)
     bs = opts.batch_size
-    batch = np.empty((bs, spec.channels, spec.height, spec.width), np.float32)
-    batch_paths: list[str] = []
-    errors: list[dict[str, Any]] = []  # staged until the next commit
-    last_commit = time.monotonic()
-
-    def flush_batch() -> None:
-        nonlocal batch_paths
-        if not batch_paths:
-            return
-        out = backend.run(batch[: len(batch_paths)])
-        tally.add(score_rows(out, batch_paths, manifest, opts), [])
-        batch_paths = []
-
-    def commit() -> None:
-        nonlocal errors, last_commit
-        tally.add([], errors)
-        errors = []
-        tally.commit()
-        last_commit = time.monotonic()
-
     stream = decoded_stream(
         tally.paths,
-        functools.partial(load_image, spec=spec, limits=opts.limits),  # picklable
+        functools.partial(load_image, spec=backend.manifest.input, limits=opts.limits),  # picklable
         workers=opts.workers,
         window=max(3 * bs, 64),
         chunk=max(1, min(16, bs)),
@@ -249,26 +296,12 @@ def run_job(
     )
     with contextlib.closing(stream):  # stops the feeder and the pool if scoring fails
         for item in stream:
-            if item is None:  # the input stalls (slow list on stdin): don't sit on finished work
-                if tally.done > tally.committed:
-                    flush_batch()
-                    commit()
+            if item is None:  # no input for IDLE_S
+                batcher.idle()
                 continue
-            path, image, error = item
-            tally.seen(path)
-            if error is not None:
-                errors.append({"path": path, "reason": error})
-            else:
-                batch[len(batch_paths)] = image
-                batch_paths.append(path)
-            # a long run of failures: score the partial batch so the errors can be committed
-            many_errors = len(errors) >= MAX_STAGED_ERRORS
-            if len(batch_paths) == bs or many_errors:
-                flush_batch()
-                if many_errors or time.monotonic() - last_commit >= opts.commit_interval:
-                    commit()
+            batcher.take(*item)
             if progress is not None:
                 progress(1)
-    flush_batch()
-    commit()
+    batcher.flush_batch()
+    batcher.commit()
     return tally.result()
