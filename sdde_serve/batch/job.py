@@ -27,7 +27,7 @@ from sdde_serve.atomic import write_text_atomic
 from sdde_serve.errors import UserError
 from sdde_serve.manifest import Manifest
 from sdde_serve.preprocess import ImageLimits
-from sdde_serve.scoring import OODPolicy
+from sdde_serve.scoring import NoCalibrationScores, OODPolicy
 
 from .fdr import BHResult, apply_bh
 from .inputs import iter_inputs
@@ -294,6 +294,36 @@ def bh_only(out: Path, columns: list[Column], q: float) -> int:
     return EXIT_OK
 
 
+def require_p_values(manifest: Manifest) -> None:
+    """``--fdr`` needs the model's p-values: a model exported before them is the user's error."""
+    if manifest.ood.calibration_scores is None:
+        # the one wording of it (sdde_serve.scoring), as the line the sdde CLI prints (exit 2)
+        raise UserError(f"--fdr needs p-values: {NoCalibrationScores(manifest.name)}")
+
+
+def run_with_progress(job: Job, files: JobFiles, inputs: list[str]) -> JobResult:
+    """Run ``job`` with a progress bar; if it fails, its files are closed (the journal kept for
+    ``--resume``) and the bar is gone before the error is printed."""
+    progress = Progress(inputs, enabled=sys.stderr.isatty())
+    if files.resumed is not None:
+        progress.update(files.resumed.n)
+    try:
+        return job(files, progress.update)
+    except (Exception, KeyboardInterrupt):
+        files.close()
+        raise
+    finally:
+        progress.close()
+
+
+def summary_line(summary: dict[str, Any], out: Path, errors: Path) -> str:
+    return (
+        f"scored {summary['images_scored']} images, {summary['failed']} failed, "
+        f"OOD rate {100 * summary['ood_rate']:.1f}%, {summary['images_per_s']} images/s "
+        f"-> {out}" + (f" (errors: {errors})" if summary["failed"] else "")
+    )
+
+
 def run_and_report(
     job: Job,
     *,
@@ -310,32 +340,20 @@ def run_and_report(
     """
     columns = result_columns(manifest.classes, probs=opts.probs, top_k=opts.top_k > 0)
     fdr: float | None = getattr(args, "fdr", None)
-    if fdr is not None and manifest.ood.calibration_scores is None:
-        raise UserError(
-            f"--fdr needs p-values, but model {manifest.name!r} stores no calibration scores "
-            "(exported before p-values); refit it with `sdde calibrate`"
-        )
-    if fdr is not None and args.resume and finished_without_journal(out):
-        return bh_only(out, columns, fdr)
+    if fdr is not None:
+        require_p_values(manifest)
+        if args.resume and finished_without_journal(out):
+            return bh_only(out, columns, fdr)
     files = JobFiles(out, errors, columns, job_header(manifest, opts), resume=args.resume)
     resumed = files.resumed is not None
-    progress = Progress(args.inputs, enabled=sys.stderr.isatty())
-    if files.resumed is not None:
-        progress.update(files.resumed.n)
     try:
-        result = job(files, progress.update)
+        result = run_with_progress(job, files, args.inputs)
     except UserError:
-        files.close()
         raise  # the sdde CLI prints it (exit 2)
     except KeyboardInterrupt:
-        files.close()
         raise KeyboardInterrupt(resume_hint(args, out)) from None  # printed by the CLI, exit 130
     except Exception as exc:
-        files.close()
-        progress.close()
         return report_failure(exc, resumable=True)
-    finally:
-        progress.close()
     files.finish()
     bh = apply_bh(out, columns, fdr) if fdr is not None else None
     summary = summarize(
@@ -350,11 +368,7 @@ def run_and_report(
     if bh is not None:
         summary.update(bh_summary(bh))
     _write_json_atomic(summary_path(out), summary)
-    print(
-        f"scored {summary['images_scored']} images, {summary['failed']} failed, "
-        f"OOD rate {100 * summary['ood_rate']:.1f}%, {summary['images_per_s']} images/s "
-        f"-> {out}" + (f" (errors: {errors})" if summary["failed"] else "")
-    )
+    print(summary_line(summary, out, errors))
     if bh is not None:
         print(bh_line(bh))
     return EXIT_SOME_FAILED if summary["failed"] else EXIT_OK
