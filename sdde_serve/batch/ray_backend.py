@@ -6,7 +6,8 @@ feeds them to Ray in windows of :data:`WINDOW` paths. Each window is one Ray Dat
     from_items(paths) -> map_batches(RayScorer, concurrency=--workers) -> iter_batches (in order)
 
 :class:`RayScorer` is an actor class: each actor holds **one onnxruntime session** (an
-:class:`~sdde_serve.engine.Engine`), reads and decodes its batch's files with the same worker
+:class:`~sdde_serve.engine.Engine`, built with ``--threads`` and ``--probe-check``: the probe
+runs on each worker's own kernels), reads and decodes its batch's files with the same worker
 function as local jobs (:func:`~sdde_serve.batch.pipeline.decode_chunk`) and makes the rows with
 the same :func:`~sdde_serve.batch.pipeline.score_rows`, so the rows and the errors are the same.
 The model travels to the workers through Ray's object store (nodes need no copy of it); the
@@ -32,6 +33,7 @@ import numpy as np
 
 from sdde_serve.extras import require_extra
 from sdde_serve.manifest import load_onnx, read_manifest
+from sdde_serve.probe import DEFAULT_PROBE_MODE, ProbeMode
 
 from .inputs import iter_inputs
 from .job import BackendRun, JobResult, ScoreOptions, Tally
@@ -48,7 +50,13 @@ class RayScorer:
     the nested columns (top_k, probs) simple to ship through Arrow.
     """
 
-    def __init__(self, model_bytes: Any, opts: ScoreOptions, threads: int) -> None:
+    def __init__(
+        self,
+        model_bytes: Any,
+        opts: ScoreOptions,
+        threads: int,
+        probe_check: ProbeMode = DEFAULT_PROBE_MODE,
+    ) -> None:
         import ray
 
         from sdde_serve.engine import Engine
@@ -60,7 +68,9 @@ class RayScorer:
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
-            self.engine = Engine(tmp, intra_op_threads=threads)  # reads the file once, fully
+            # reads the file once, fully; the probe runs on this worker's kernels, which may
+            # not be the driver's
+            self.engine = Engine(tmp, intra_op_threads=threads, probe_check=probe_check)
         finally:
             os.unlink(tmp)
         self.opts = opts
@@ -123,6 +133,7 @@ def ray_job(
     opts: ScoreOptions,
     *,
     threads: int,
+    probe_check: ProbeMode = DEFAULT_PROBE_MODE,
     progress: Callable[[int], None] | None = None,
     window: int = WINDOW,
 ) -> JobResult:
@@ -130,12 +141,18 @@ def ray_job(
     ctx.execution_options.preserve_order = True  # rows in input order, like local jobs
     ctx.enable_progress_bars = False
     tally = Tally(paths, files)
-    model_ref = ray.put(Path(model_path).read_bytes())
+    # each actor's RayScorer(**scorer_kwargs): the model through the object store, once
+    scorer_kwargs = {
+        "model_bytes": ray.put(Path(model_path).read_bytes()),
+        "opts": opts,
+        "threads": threads,
+        "probe_check": probe_check,
+    }
     while chunk := list(islice(tally.paths, window)):
         items = [{"path": p, "file": os.path.abspath(p)} for p in chunk]
         ds = ray.data.from_items(items).map_batches(
             RayScorer,
-            fn_constructor_kwargs={"model_bytes": model_ref, "opts": opts, "threads": threads},
+            fn_constructor_kwargs=scorer_kwargs,
             batch_size=opts.batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(
@@ -178,9 +195,16 @@ def ray_backend(args: argparse.Namespace, opts: ScoreOptions) -> Iterator[Backen
     try:
 
         def job(files: JobFiles, progress: Callable[[int], None]) -> JobResult:
-            paths = iter_inputs(args.inputs)
-            threads = max(1, args.threads)
-            return ray_job(ray, args.model, paths, files, opts, threads=threads, progress=progress)
+            return ray_job(
+                ray,
+                args.model,
+                iter_inputs(args.inputs),
+                files,
+                opts,
+                threads=max(1, args.threads),
+                probe_check=args.probe_check,
+                progress=progress,
+            )
 
         yield BackendRun(job, manifest, f"ray:{args.ray}")
     finally:
