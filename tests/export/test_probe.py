@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from export.quantize import PrecisionOptions
-from sdde_serve import calibration as cal
+from sdde_serve import scores as score_registry
 from sdde_serve.engine import Engine, ModelLoadError
 from sdde_serve.errors import UserError
 from sdde_serve.manifest import (
@@ -92,7 +92,8 @@ def test_expected_outputs_follow_the_manifest_temperature(tiny_model):
         if kind == "knn":
             np.testing.assert_array_equal(want["knn"], np.asarray(probe.knn, np.float64))
         else:
-            np.testing.assert_allclose(want[kind], cal.ood_score(kind, z, want["probs"]))
+            spec = score_registry.get(kind)
+            np.testing.assert_allclose(want[kind], spec.compute(score_registry.ScoreData(z, t)))
 
 
 def test_probe_problem_is_none_within_and_names_the_output_beyond_tolerance(tiny_model):
