@@ -83,12 +83,7 @@ def fit_calibration(
     """
     logits = np.asarray(logits, np.float64)
     labels = np.asarray(labels, np.int64)
-    if logits.ndim != 3 or len(logits) != len(labels):
-        raise UserError(f"calibration needs logits [n, N, L] and n labels, got {logits.shape}")
-    if len(labels) < 2:
-        raise UserError(f"calibration data {data!r} has {len(labels)} labelled images; need >= 2")
-    if labels.min() < 0 or labels.max() >= logits.shape[-1]:
-        raise UserError(f"calibration data {data!r} has labels outside 0..{logits.shape[-1] - 1}")
+    check_calibration_data(logits, labels, data=data)
     if score not in scores.SCORES or (scores_at is None and not scores.get(score).member_subset):
         raise UserError(f"unknown OOD score {score!r}; choose one of: {', '.join(scores.SCORES)}")
     if not 0.0 < id_acceptance <= 1.0:
@@ -102,20 +97,7 @@ def fit_calibration(
     else:
         values = scores_at(temperature)
     ood = conformal_ood_spec(values, score=score, id_acceptance=id_acceptance)
-    warnings = []
-    if cal.temperature_at_bound(decision.fitted):
-        warnings.append(
-            f"the fitted T = {decision.fitted:.4g} is on the search bound: the NLL keeps falling, "
-            f"as it does when (nearly) every one of the {len(labels)} images is classified "
-            "correctly by every member; T = 1 kept. Refit on more or harder held-out data with "
-            "`sdde calibrate`"
-        )
-    if conformal.flag_index(len(labels), ood.alpha) == 0 and ood.alpha > 0:
-        warnings.append(
-            f"{len(labels)} calibration images are too few to flag anything at alpha = "
-            f"{ood.alpha:g} (the smallest p-value is 1/(n + 1) = {1 / (len(labels) + 1):.3g}); "
-            "calibrate on more held-out images"
-        )
+    warnings = calibration_warnings(decision, ood, len(labels))
     info = CalibrationInfo(
         data=data,
         n=len(labels),
@@ -127,6 +109,36 @@ def fit_calibration(
         rule=temperature_rule(decision),
     )
     return info, ood
+
+
+def check_calibration_data(logits: np.ndarray, labels: np.ndarray, *, data: str) -> None:
+    """Member logits ``[n, N, L]`` with n >= 2 labels in ``0..L-1``, else a :class:`UserError`."""
+    if logits.ndim != 3 or len(logits) != len(labels):
+        raise UserError(f"calibration needs logits [n, N, L] and n labels, got {logits.shape}")
+    if len(labels) < 2:
+        raise UserError(f"calibration data {data!r} has {len(labels)} labelled images; need >= 2")
+    if labels.min() < 0 or labels.max() >= logits.shape[-1]:
+        raise UserError(f"calibration data {data!r} has labels outside 0..{logits.shape[-1] - 1}")
+
+
+def calibration_warnings(decision: TemperatureDecision, ood: OODSpec, n: int) -> list[str]:
+    """What the manifest's ``calibration.warning`` says: a T fit without an interior optimum,
+    or ``n`` calibration images too few to flag anything at the rule's alpha."""
+    warnings = []
+    if cal.temperature_at_bound(decision.fitted):
+        warnings.append(
+            f"the fitted T = {decision.fitted:.4g} is on the search bound: the NLL keeps falling, "
+            f"as it does when (nearly) every one of the {n} images is classified "
+            "correctly by every member; T = 1 kept. Refit on more or harder held-out data with "
+            "`sdde calibrate`"
+        )
+    if conformal.flag_index(n, ood.alpha) == 0 and ood.alpha > 0:
+        warnings.append(
+            f"{n} calibration images are too few to flag anything at alpha = "
+            f"{ood.alpha:g} (the smallest p-value is 1/(n + 1) = {1 / (n + 1):.3g}); "
+            "calibrate on more held-out images"
+        )
+    return warnings
 
 
 def temperature_rule(d: TemperatureDecision) -> TemperatureRule:

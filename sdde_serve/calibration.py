@@ -195,7 +195,9 @@ def threshold_for_acceptance(scores: np.ndarray, rate: float) -> float:
     """The score threshold that accepts (``score >= threshold``) ``rate`` of ``scores``.
 
     Takes the order statistic at index ``floor((1 - rate) * n)`` of the sorted scores, so at
-    least ``rate`` of the given scores are accepted (exactly, when there are no ties).
+    least ``rate`` of the given scores are accepted (exactly, when there are no ties). The
+    operating point of FPR@95 (:func:`sdde_serve.evaluation.metrics.fpr_at_tpr`); the deployed
+    threshold is the conformal one (:func:`sdde_serve.conformal.threshold_for_alpha`).
     """
     if not 0.0 < rate <= 1.0:
         raise ValueError(f"acceptance rate must be in (0, 1], got {rate}")
@@ -204,18 +206,3 @@ def threshold_for_acceptance(scores: np.ndarray, rate: float) -> float:
         raise ValueError("cannot choose a threshold from zero scores")
     k = int(np.floor((1.0 - rate) * len(s) + 1e-9))
     return float(s[min(k, len(s) - 1)])
-
-
-# the OOD scores computable from logits and probabilities alone (the registry says which:
-# sdde_serve/scores/; ``knn`` and other fitted scores only ever come from the graph's output, see
-# sdde_serve.scoring.score_of). Kept as functions of (logits, probs) for their callers.
-SCORES = {
-    "mal": lambda logits, probs: mal(logits),
-    "msp": lambda logits, probs: msp(probs),
-    "minmax": lambda logits, probs: minmax(logits),
-}
-
-
-def ood_score(kind: str, logits: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """An OOD score from logits/probs (``mal``, ``msp``, ``minmax``); higher = more ID."""
-    return SCORES[kind](logits, probs)

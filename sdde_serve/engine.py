@@ -20,6 +20,8 @@ from sdde_serve import scores as score_registry
 from sdde_serve.errors import UserError
 from sdde_serve.manifest import Manifest, read_manifest
 from sdde_serve.model_checks import (
+    INPUT_NAME,
+    REQUIRED_OUTPUTS,
     ModelLoadError,
     check_digest,
     check_file,
@@ -28,12 +30,12 @@ from sdde_serve.model_checks import (
 )
 from sdde_serve.probe import DEFAULT_PROBE_MODE, PROBE_MODES, probe_images, probe_problem
 
-if TYPE_CHECKING:  # onnxruntime loads lazily: importing the engine must stay cheap
+if TYPE_CHECKING:  # onnx and onnxruntime load lazily: importing the engine must stay cheap
+    import onnx
     import onnxruntime
 
 log = logging.getLogger("sdde.engine")
 
-REQUIRED_OUTPUTS = ("logits", "probs", "mal", "msp")
 # the fields of EngineOutput for scores newer graphs may lack; other registered scores' outputs
 # are kept in EngineOutput.extra
 _SCORE_FIELDS = ("minmax", "knn")
@@ -211,57 +213,18 @@ class Engine:
         if probe_check not in PROBE_MODES:
             raise UserError(f"--probe-check must be one of {', '.join(PROBE_MODES)}")
         self.path = Path(path)
-        proto, self.sha256 = read_model(self.path)  # sha256: of the file's bytes
-        check_digest(self.path, self.sha256, expect_sha256)  # pinned: before anything else
-        try:
-            self.manifest: Manifest = read_manifest(proto, source=str(self.path))
-        except UserError as exc:
-            raise ModelLoadError(str(exc)) from None
-        if verify_weights:
-            check_file(proto, self.manifest, self.path)
-        if require_gpu and not providers and not cuda_usable():
-            # asking onnxruntime would only print C++ errors and fall back to the CPU
-            raise ModelLoadError("--require-gpu: the CUDA provider cannot load on this machine")
-        requested = providers or default_providers()
-        self.session = make_session(
-            proto.SerializeToString(),
-            providers=requested,
+        proto = self._read_verified(expect_sha256, verify_weights=verify_weights)
+        self.session = self._open_session(
+            proto,
+            providers,
+            require_gpu=require_gpu,
             intra_op_threads=intra_op_threads,
             inter_op_threads=inter_op_threads,
             spin_wait=spin_wait,
-            source=str(self.path),
         )
         self.providers: list[str] = self.session.get_providers()
-        fell_back = [p for p in requested if p in GPU_PROVIDERS and p not in self.providers]
-        if require_gpu and not any(p in GPU_PROVIDERS for p in self.providers):
-            raise ModelLoadError(
-                f"--require-gpu: no GPU provider is usable (in use: {', '.join(self.providers)})"
-            )
-        if fell_back:
-            log.warning(
-                "%s not usable here (drivers/libraries missing): running on %s",
-                ", ".join(fell_back),
-                ", ".join(self.providers),
-            )
-        self.input_name = "images"
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        if self.input_name not in inputs:
-            raise ModelLoadError(f"{self.path}: graph has no 'images' input")
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        missing = [o for o in REQUIRED_OUTPUTS if o not in self.output_names]
-        if missing:
-            raise ModelLoadError(f"{self.path}: graph lacks outputs {missing}")
-        deployed = score_registry.get(self.manifest.ood.score)
-        if deployed.name not in self.output_names and not deployed.recompute_from_logits:
-            raise ModelLoadError(
-                f"{self.path}: the manifest deploys {deployed.name!r} but the graph lacks it"
-            )
-        # every output but the CAMs (only fetched on request: they are large)
-        self._scores = [
-            *REQUIRED_OUTPUTS,
-            *(o for o in optional_scores() if o in self.output_names),
-        ]
-        self._fetch = [*self._scores, *(["cams"] if "cams" in self.output_names else [])]
+        self.input_name = INPUT_NAME
+        self._scores, self._fetch = self._outputs_to_fetch()
         spec = self.manifest.input
         self.input_shape = (spec.channels, spec.height, spec.width)
         self._probe()
@@ -275,6 +238,76 @@ class Engine:
             self.sha256,
             ", ".join(self.providers),
         )
+
+    def _read_verified(self, expect_sha256: str | None, *, verify_weights: bool) -> onnx.ModelProto:
+        """The file's graph, its digest pinned and its manifest checked against it; sets
+        ``sha256`` (of the file's bytes) and ``manifest``."""
+        proto, self.sha256 = read_model(self.path)
+        check_digest(self.path, self.sha256, expect_sha256)  # pinned: before anything else
+        try:
+            self.manifest: Manifest = read_manifest(proto, source=str(self.path))
+        except UserError as exc:
+            raise ModelLoadError(str(exc)) from None
+        if verify_weights:
+            check_file(proto, self.manifest, self.path)
+        return proto
+
+    def _open_session(
+        self,
+        proto: onnx.ModelProto,
+        providers: list[str] | None,
+        *,
+        require_gpu: bool,
+        intra_op_threads: int,
+        inter_op_threads: int,
+        spin_wait: bool,
+    ) -> onnxruntime.InferenceSession:
+        """The session on the requested providers (default: CUDA where it loads, then the CPU);
+        ``require_gpu`` refuses a session that ends up without a GPU provider."""
+        if require_gpu and not providers and not cuda_usable():
+            # asking onnxruntime would only print C++ errors and fall back to the CPU
+            raise ModelLoadError("--require-gpu: the CUDA provider cannot load on this machine")
+        requested = providers or default_providers()
+        session = make_session(
+            proto.SerializeToString(),
+            providers=requested,
+            intra_op_threads=intra_op_threads,
+            inter_op_threads=inter_op_threads,
+            spin_wait=spin_wait,
+            source=str(self.path),
+        )
+        in_use = session.get_providers()
+        fell_back = [p for p in requested if p in GPU_PROVIDERS and p not in in_use]
+        if require_gpu and not any(p in GPU_PROVIDERS for p in in_use):
+            raise ModelLoadError(
+                f"--require-gpu: no GPU provider is usable (in use: {', '.join(in_use)})"
+            )
+        if fell_back:
+            log.warning(
+                "%s not usable here (drivers/libraries missing): running on %s",
+                ", ".join(fell_back),
+                ", ".join(in_use),
+            )
+        return session
+
+    def _outputs_to_fetch(self) -> tuple[list[str], list[str]]:
+        """(scores, scores and CAMs): the outputs ``run`` fetches without and with CAMs, after
+        checking the graph has the input, the required outputs and the deployed score."""
+        if self.input_name not in {i.name for i in self.session.get_inputs()}:
+            raise ModelLoadError(f"{self.path}: graph has no {self.input_name!r} input")
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        missing = [o for o in REQUIRED_OUTPUTS if o not in self.output_names]
+        if missing:
+            raise ModelLoadError(f"{self.path}: graph lacks outputs {missing}")
+        deployed = score_registry.get(self.manifest.ood.score)
+        if deployed.name not in self.output_names and not deployed.recompute_from_logits:
+            raise ModelLoadError(
+                f"{self.path}: the manifest deploys {deployed.name!r} but the graph lacks it"
+            )
+        # every output but the CAMs (only fetched on request: they are large)
+        fetched = [*REQUIRED_OUTPUTS, *(o for o in optional_scores() if o in self.output_names)]
+        with_cams = [*fetched, *(["cams"] if "cams" in self.output_names else [])]
+        return fetched, with_cams
 
     def _probe(self) -> None:
         """One blank image through every output: shapes must be the manifest's, else the
@@ -295,7 +328,11 @@ class Engine:
         if mode == "off" or probe is None:  # files exported before the probe have none
             return
         out = self.run(probe_images(probe, self.input_shape))
-        outputs = {k: getattr(out, k) for k in ("logits", "probs", "mal", "msp", "minmax", "knn")}
+        outputs = {
+            "logits": out.logits,
+            "probs": out.probs,
+            **{n: out.score(n) for n in score_registry.names()},
+        }
         problem = probe_problem(probe, self.manifest, outputs)
         if problem is None:
             return

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     import onnx
 
 INPUT_NAME = "images"
+# outputs every served graph has (the engine fetches them; older graphs lack only newer scores)
+REQUIRED_OUTPUTS = ("logits", "probs", "mal", "msp")
 FLOAT = 1  # onnx.TensorProto.FLOAT
 
 
@@ -122,8 +124,6 @@ def _dims(value_info: Any) -> list[int | None]:
 
 
 def _check_io(proto: onnx.ModelProto, manifest: Manifest, path: Path) -> None:
-    from sdde_serve.engine import REQUIRED_OUTPUTS
-
     inputs = {i.name: i for i in proto.graph.input}
     if INPUT_NAME not in inputs:
         raise ModelLoadError(f"{path}: graph has no '{INPUT_NAME}' input")

@@ -14,7 +14,9 @@ rewrites T and the threshold) keeps the probe valid without re-running it:
 
 * ``logits`` against the stored ones;
 * ``probs`` against ``mean_m softmax(stored logits / T)`` at the manifest's T (float64);
-* the deployed OOD score against the same score computed from the stored outputs.
+* the deployed OOD score against the same score computed from the stored outputs: the
+  registry's reference (sdde_serve/scores/) on the stored logits for a score of the logits
+  alone, the stored similarities for ``knn``.
 
 Tolerances scale with the precision (:data:`PROBE_TOLERANCES`): loose enough for the legitimate
 differences between kernels (SIMD widths, TF32 on GPUs, rounding ties in int8 requantization),
@@ -33,6 +35,7 @@ from typing import Literal
 import numpy as np
 
 from sdde_serve import calibration as cal
+from sdde_serve import scores
 from sdde_serve.manifest import Manifest, ProbeCheck
 
 PROBE_IMAGES = 8
@@ -47,8 +50,10 @@ PROBE_TOLERANCES: dict[str, tuple[float, float]] = {
     "fp16": (2e-2, 1e-2),
     "int8": (3e-2, 2e-2),
 }
-# outputs on the logits' scale (the others are probabilities or cosine similarities)
-LOGIT_SCALE = ("logits", "mal", "minmax")
+# outputs that are probabilities or cosine similarities: compared with the probability
+# tolerance. Every other output (the logits, and scores on their scale: mal, minmax, energy, a
+# newly registered score) gets the logits' tolerance, which is never the tighter one.
+PROBABILITY_SCALE = ("probs", "msp", "knn")
 ProbeMode = Literal["refuse", "warn", "off"]
 PROBE_MODES: tuple[str, ...] = ("refuse", "warn", "off")
 DEFAULT_PROBE_MODE: ProbeMode = "refuse"
@@ -114,12 +119,12 @@ def expected_outputs(probe: ProbeCheck, manifest: Manifest) -> dict[str, np.ndar
     logits = np.asarray(probe.logits, np.float64)
     probs = cal.ensemble_probs(logits, manifest.temperature)
     out = {"logits": logits, "probs": probs}
-    kind = manifest.ood.score
-    if kind == "knn":
-        if probe.knn is not None:
+    spec = scores.get(manifest.ood.score)
+    if spec.name == "knn":
+        if probe.knn is not None:  # the probe stores the graph's KNN similarities
             out["knn"] = np.asarray(probe.knn, np.float64)
-    elif kind in cal.SCORES:
-        out[kind] = cal.ood_score(kind, logits, probs)
+    elif spec.member_subset:  # a score of the logits alone (the registry's reference, at T)
+        out[spec.name] = spec.compute(scores.ScoreData(logits, manifest.temperature))
     # a score with fitted statistics (mahalanobis, combined, ...) needs the probe's features,
     # which it does not store: the logits it reads are checked above
     return out
@@ -134,7 +139,7 @@ def probe_problem(
         got = outputs.get(name)
         if got is None:
             return f"the graph gives no {name!r} output for the probe"
-        tolerance = probe.logit_tolerance if name in LOGIT_SCALE else probe.prob_tolerance
+        tolerance = probe.prob_tolerance if name in PROBABILITY_SCALE else probe.logit_tolerance
         diff = float(np.abs(np.asarray(got, np.float64) - want).max())
         if not diff <= tolerance:  # NaN fails too
             agree = np.mean(np.argmax(outputs["probs"], -1) == np.argmax(expected["probs"], -1))

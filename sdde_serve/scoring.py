@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -124,41 +124,73 @@ def make_predictions(
             "alpha": alpha,
         }
         if is_ood and policy == "reject":
-            reason = f"out of distribution: {kind} score {score:.4g} < threshold {threshold:.4g}"
-            if common["ood_p_value"] is not None:
-                reason += f" (p-value {common['ood_p_value']:.4g} < alpha {alpha:g})"
-            predictions.append(Prediction(**common, rejected=True, reason=reason))
+            predictions.append(rejected_prediction(common))
             continue
-        label = int(order[i, 0])
         predictions.append(
-            Prediction(
-                **common,
-                label=label,
-                class_name=manifest.classes[label],
-                confidence=float(out.probs[i, label]),
-                top_k=[
-                    ClassProbability(
-                        label=int(c),
-                        class_name=manifest.classes[c],
-                        probability=float(out.probs[i, c]),
-                    )
-                    for c in order[i]
-                ],
+            labelled_prediction(
+                common,
+                out.probs[i],
+                order[i],
+                classes=manifest.classes,
                 agreement=float(agreement[i]),
-                probabilities=[float(p) for p in out.probs[i]] if include_probs else None,
+                include_probs=include_probs,
             )
         )
     return predictions
 
 
+def rejected_prediction(common: dict[str, Any]) -> Prediction:
+    """An OOD image under policy ``reject``: the OOD fields of ``common`` and why, no label."""
+    reason = (
+        f"out of distribution: {common['score_kind']} score {common['ood_score']:.4g} < "
+        f"threshold {common['threshold']:.4g}"
+    )
+    if common["ood_p_value"] is not None:
+        reason += f" (p-value {common['ood_p_value']:.4g} < alpha {common['alpha']:g})"
+    return Prediction(**common, rejected=True, reason=reason)
+
+
+def labelled_prediction(
+    common: dict[str, Any],
+    probs: np.ndarray,
+    top: np.ndarray,
+    *,
+    classes: list[str],
+    agreement: float,
+    include_probs: bool,
+) -> Prediction:
+    """An image's label and top classes (``top``: class indices, most probable first) from its
+    calibrated ``probs``, with the OOD fields of ``common``."""
+    label = int(top[0])
+    return Prediction(
+        **common,
+        label=label,
+        class_name=classes[label],
+        confidence=float(probs[label]),
+        top_k=[
+            ClassProbability(label=int(c), class_name=classes[c], probability=float(probs[c]))
+            for c in top
+        ],
+        agreement=agreement,
+        probabilities=[float(p) for p in probs] if include_probs else None,
+    )
+
+
+def no_calibration_scores_message(model: str | None = None) -> str:
+    """The one wording of "this model has no calibration scores, hence no p-values" (the error
+    below, batch scoring's ``--fdr``, the evaluation report); ``model``: its name, if known."""
+    which = "the model" if model is None else f"model {model!r}"
+    return f"{which} stores no calibration scores (exported before p-values)"
+
+
 class NoCalibrationScores(ValueError):
-    """An alpha was asked of a model exported without calibration scores (the one wording of
-    it: scoring and the server raise this, named by the model as it is served)."""
+    """An alpha was asked of a model exported without calibration scores (scoring and the
+    server raise this, named by the model as it is served)."""
 
     def __init__(self, model: str) -> None:
         super().__init__(
-            f"model {model!r} stores no calibration scores (exported before p-values): it "
-            "cannot apply an alpha; refit it with `sdde calibrate`"
+            f"{no_calibration_scores_message(model)}: it cannot apply an alpha; refit it with "
+            "`sdde calibrate`"
         )
 
 

@@ -86,6 +86,25 @@ def bootstrap_interval(
     return float(lo), float(hi)
 
 
+def cross_validated_nll(
+    logits: np.ndarray, labels: np.ndarray, k: int, seed: int = SEED
+) -> tuple[np.ndarray, np.ndarray, list[FoldResult]]:
+    """(per-image NLL at T = 1, per-image NLL at the T fitted on the other folds, the folds):
+    ``k`` seeded folds (:func:`fold_indices`), each scored at the T of the other ``k - 1``."""
+    n = len(labels)
+    nll_t1 = per_image_nll(logits, labels, 1.0)
+    nll_cv = np.empty(n)
+    results = []
+    for held in fold_indices(n, k, seed):
+        train = np.setdiff1d(np.arange(n), held, assume_unique=True)
+        t = cal.fit_temperature(logits[train], labels[train])
+        nll_cv[held] = per_image_nll(logits[held], labels[held], t)
+        results.append(
+            FoldResult(len(held), t, float(nll_t1[held].mean()), float(nll_cv[held].mean()))
+        )
+    return nll_t1, nll_cv, results
+
+
 def choose_temperature(
     logits: np.ndarray,
     labels: np.ndarray,
@@ -107,16 +126,7 @@ def choose_temperature(
 
     if k < 2:
         return keep(f"{n} calibration image(s) cannot be cross-validated; T = 1 kept")
-    nll_t1 = per_image_nll(logits, labels, 1.0)
-    nll_cv = np.empty(n)
-    results = []
-    for held in fold_indices(n, k, seed):
-        train = np.setdiff1d(np.arange(n), held, assume_unique=True)
-        t = cal.fit_temperature(logits[train], labels[train])
-        nll_cv[held] = per_image_nll(logits[held], labels[held], t)
-        results.append(
-            FoldResult(len(held), t, float(nll_t1[held].mean()), float(nll_cv[held].mean()))
-        )
+    nll_t1, nll_cv, results = cross_validated_nll(logits, labels, k, seed)
     diff = nll_t1 - nll_cv
     interval = bootstrap_interval(diff, draws=draws, seed=seed)
     evidence = {

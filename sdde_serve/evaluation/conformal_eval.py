@@ -20,6 +20,7 @@ from sdde_serve.evaluation.plotting import pyplot, save
 from sdde_serve.evaluation.results import Evaluation
 from sdde_serve.evaluation.section import Context, Section
 from sdde_serve.manifest import Manifest
+from sdde_serve.scoring import no_calibration_scores_message
 
 # alphas reported besides the manifest's own
 ALPHAS = (0.01, 0.05, 0.1)
@@ -112,8 +113,8 @@ def markdown(metrics: dict[str, Any] | None) -> list[str]:
     if metrics is None:
         return [
             *lines,
-            "The model stores no calibration scores (exported before conformal p-values): no "
-            "p-values; it flags `score < threshold`. Refit with `sdde calibrate` to get them.",
+            f"No p-values: {no_calibration_scores_message()}; it flags `score < threshold`. "
+            "Refit with `sdde calibrate` to get them.",
             "",
         ]
     lines += [
@@ -161,7 +162,7 @@ def plots(evaluation: Evaluation, out: Path) -> list[Path]:
 def summary(m: dict[str, Any]) -> list[str]:
     c = m["conformal"]
     if c is None:
-        return ["p-values: none (the model stores no calibration scores)"]
+        return [f"p-values: none ({no_calibration_scores_message()})"]
     a = c["at_alpha"]
     return [
         f"ID false-flag rate at alpha = {c['alpha']:g}: {100 * a['id_false_flag_rate']:.2f}% "

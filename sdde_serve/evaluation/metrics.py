@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sdde_serve.calibration import threshold_for_acceptance
+
 TPR_LEVEL = 0.95
 OOD_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95")
 
@@ -103,17 +105,15 @@ def aupr_out(id_scores: np.ndarray, ood_scores: np.ndarray) -> float:
 def fpr_at_tpr(id_scores: np.ndarray, ood_scores: np.ndarray, tpr: float = TPR_LEVEL) -> float:
     """Fraction of OOD samples accepted at the highest threshold accepting >= ``tpr`` of ID.
 
-    Same as ``fpr[argmax(tpr_curve >= tpr)]`` on scikit-learn's ``roc_curve`` (OpenOOD's recipe)
-    and as accepting ``score >= calibration.threshold_for_acceptance(id_scores, tpr)``. The
-    comparison is done on counts (``tps >= ceil(tpr * n_id)``) so it doesn't depend on how a
-    ratio rounds.
+    The threshold is :func:`sdde_serve.calibration.threshold_for_acceptance` (the one rule for
+    "the threshold accepting a rate of the ID scores"); the result equals
+    ``fpr[argmax(tpr_curve >= tpr)]`` on scikit-learn's ``roc_curve`` (OpenOOD's recipe).
     """
     if not 0.0 < tpr <= 1.0:
         raise ValueError(f"TPR level must be in (0, 1], got {tpr}")
-    c = binary_curve(id_scores, ood_scores)
-    needed = int(np.ceil(tpr * c.n_pos - 1e-9))
-    k = int(np.argmax(c.tps >= needed))
-    return float(c.fps[k] / c.n_neg)
+    id_s = _check(id_scores, "positive class")
+    ood_s = _check(ood_scores, "negative class")
+    return float(np.mean(ood_s >= threshold_for_acceptance(id_s, tpr)))
 
 
 def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict[str, float]:

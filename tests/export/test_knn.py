@@ -21,6 +21,7 @@ from export.select import ScoreInputs, choose, select_score
 from export.verify import VerificationError, run_onnx, verification_inputs, verify
 from sdde_serve import calibration as cal
 from sdde_serve import conformal
+from sdde_serve import scores as score_registry
 from sdde_serve.engine import Engine
 from sdde_serve.errors import UserError
 from sdde_serve.manifest import KNN_BANK_INITIALIZER, load_onnx, read_manifest
@@ -135,7 +136,8 @@ def test_bank_subsample_is_stratified_and_deterministic_for_a_seed():
 def test_minmax_is_the_least_confident_members_max_logit():
     logits = np.array([[[1.0, 5.0], [3.0, 2.0], [0.0, 4.0]]])  # member maxima 5, 3, 4
     assert cal.minmax(logits)[0] == 3.0
-    assert cal.ood_score("minmax", logits, cal.ensemble_probs(logits))[0] == 3.0
+    minmax = score_registry.get("minmax")
+    assert minmax.compute(score_registry.ScoreData(logits))[0] == 3.0
 
 
 def test_auto_picks_the_score_that_separates_on_validation_ood():

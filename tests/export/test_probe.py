@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from export.quantize import PrecisionOptions
-from sdde_serve import calibration as cal
+from sdde_serve import scores as score_registry
 from sdde_serve.engine import Engine, ModelLoadError
 from sdde_serve.errors import UserError
 from sdde_serve.manifest import (
@@ -92,7 +92,8 @@ def test_expected_outputs_follow_the_manifest_temperature(tiny_model):
         if kind == "knn":
             np.testing.assert_array_equal(want["knn"], np.asarray(probe.knn, np.float64))
         else:
-            np.testing.assert_allclose(want[kind], cal.ood_score(kind, z, want["probs"]))
+            spec = score_registry.get(kind)
+            np.testing.assert_allclose(want[kind], spec.compute(score_registry.ScoreData(z, t)))
 
 
 def test_probe_problem_is_none_within_and_names_the_output_beyond_tolerance(tiny_model):
@@ -215,3 +216,27 @@ def test_eval_and_score_take_the_same_probe_flag(module):
     importlib.import_module(module).add_arguments(parser)
     action = next(a for a in parser._actions if "--probe-check" in a.option_strings)
     assert (tuple(action.choices), action.default) == (("refuse", "warn", "off"), "refuse")
+
+
+def test_a_deployed_score_of_the_logits_is_checked_with_its_registry_reference(tiny_run, tmp_path):
+    """energy (registered after the probe existed) is compared with the registry's reference
+    on the stored logits at the manifest's T, on the logits' tolerance."""
+    from export import export_run
+
+    export_run(tiny_run, tmp_path / "energy.onnx", score="energy", with_cams=False)
+    engine = Engine(tmp_path / "energy.onnx")  # refuse mode: its energy matches the reference
+    probe, at_energy = engine.manifest.probe, engine.manifest
+    assert probe is not None
+    want = expected_outputs(probe, at_energy)
+    z, t = np.asarray(probe.logits, np.float64), at_energy.temperature
+    np.testing.assert_allclose(want["energy"], t * np.log(np.exp(z.mean(axis=1) / t).sum(-1)))
+    out = engine.run(probe_images(probe, engine.input_shape))
+    got = {"logits": out.logits, "probs": out.probs, "energy": out.score("energy")}
+    assert probe_problem(probe, at_energy, got) is None
+    # on the logits' scale: a difference beyond the probability tolerance but within the
+    # logits' passes, one beyond the logits' does not
+    wide = probe.model_copy(update={"logit_tolerance": 10 * probe.prob_tolerance})
+    near = {**got, "energy": want["energy"] + 5 * probe.prob_tolerance}
+    assert probe_problem(wide, at_energy, near) is None
+    far = {**got, "energy": want["energy"] + 15 * probe.prob_tolerance}
+    assert (probe_problem(wide, at_energy, far) or "").startswith("the probe's energy differ")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from sdde_serve import calibration as cal
+from sdde_serve import scores as score_registry
 
 
 def test_ensemble_probs_average_member_probabilities_not_logits():
@@ -90,11 +91,17 @@ def test_threshold_accepts_the_requested_fraction():
         cal.threshold_for_acceptance(scores, 0.0)
 
 
-def test_ood_score_kinds():
-    logits = np.array([[[1.0, 3.0], [3.0, -1.0]]])
-    probs = cal.ensemble_probs(logits)
-    assert cal.ood_score("mal", logits, probs)[0] == pytest.approx(2.0)
-    assert cal.ood_score("msp", logits, probs)[0] == pytest.approx(probs.max())
+def test_registered_scores_of_the_logits_by_hand():
+    logits = np.array([[[1.0, 3.0], [3.0, -1.0]]])  # member-averaged logits [2, 1]
+
+    def score(kind: str) -> float:
+        return score_registry.get(kind).compute(score_registry.ScoreData(logits))[0]
+
+    assert score("mal") == pytest.approx(2.0)
+    # members' softmax: [1, e^2] / (1 + e^2) and [e^4, 1] / (1 + e^4), averaged
+    first = (math.exp(4) / (1 + math.exp(4)) + 1 / (1 + math.exp(2))) / 2
+    assert score("msp") == pytest.approx(max(first, 1 - first))
+    assert score("minmax") == pytest.approx(3.0)  # member maxima 3 and 3
 
 
 def test_member_agreement_follows_the_calibrated_label():
