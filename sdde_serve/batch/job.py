@@ -27,7 +27,7 @@ from sdde_serve.atomic import write_text_atomic
 from sdde_serve.errors import UserError
 from sdde_serve.manifest import Manifest
 from sdde_serve.preprocess import ImageLimits
-from sdde_serve.scoring import NoCalibrationScores, OODPolicy
+from sdde_serve.scoring import OODPolicy, no_calibration_scores_message
 
 from .fdr import BHResult, apply_bh
 from .inputs import iter_inputs
@@ -298,7 +298,10 @@ def require_p_values(manifest: Manifest) -> None:
     """``--fdr`` needs the model's p-values: a model exported before them is the user's error."""
     if manifest.ood.calibration_scores is None:
         # the one wording of it (sdde_serve.scoring), as the line the sdde CLI prints (exit 2)
-        raise UserError(f"--fdr needs p-values: {NoCalibrationScores(manifest.name)}")
+        raise UserError(
+            f"--fdr needs p-values, but {no_calibration_scores_message(manifest.name)}; refit it "
+            "with `sdde calibrate`"
+        )
 
 
 def run_with_progress(job: Job, files: JobFiles, inputs: list[str]) -> JobResult:
