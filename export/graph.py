@@ -116,7 +116,8 @@ class FusedEnsemble(nn.Module):
 
     Each OOD score is computed by its registered graph head (export/scores/); ``score_stats``
     maps each score beyond :data:`BASE_SCORES` and ``knn`` to its fitted statistics (stored as
-    float32 initializers ``<score>_<key>``; an empty dict for a score that needs none).
+    float32 initializers ``<score>_<key>``, except one equal to a statistic already in the graph,
+    which is read from there: :meth:`store_stat`; an empty dict for a score that needs none).
     """
 
     def __init__(
@@ -139,7 +140,8 @@ class FusedEnsemble(nn.Module):
         self.with_knn = knn_bank is not None
         self.knn_k = 0
         self.scores = list(BASE_SCORES)
-        self.stat_keys: dict[str, list[str]] = {}
+        # score -> statistic key -> the buffer (graph initializer) holding it
+        self.stat_buffers: dict[str, dict[str, str]] = {}
         self.params: dict[str, dict[str, int]] = {}
         if knn_bank is not None:
             rows = int(knn_bank.shape[0])
@@ -151,17 +153,36 @@ class FusedEnsemble(nn.Module):
             bank = knn_bank.detach().to(torch.float32).T.contiguous()
             self.register_buffer(KNN_BANK_INITIALIZER, bank)
             self.scores.append("knn")
-            self.stat_keys["knn"] = ["bank"]
+            self.stat_buffers["knn"] = {"bank": KNN_BANK_INITIALIZER}
             self.params["knn"] = {"k": self.knn_k}
         for name, stats in (score_stats or {}).items():
             if name in self.scores:
                 raise UserError(f"OOD score {name!r} is already in the graph")
             self.scores.append(name)
-            self.stat_keys[name] = list(stats)
-            for key, value in stats.items():
-                t = torch.as_tensor(np.asarray(value, np.float32))
-                self.register_buffer(initializer_name(name, key), t)
+            self.stat_buffers[name] = {
+                key: self.store_stat(initializer_name(name, key), value)
+                for key, value in stats.items()
+            }
         self.heads = {name: head(name) for name in self.scores}
+
+    def store_stat(self, name: str, value: np.ndarray) -> str:
+        """The buffer that holds statistic ``value``: a score statistic already in the graph with
+        the same float32 contents, else a new buffer ``name``.
+
+        Stored once because the file's largest tensor would otherwise be stored twice:
+        ``combined`` fits its own copy of the KNN bank (its numpy reference reads it), equal to
+        the graph's ``knn_bank`` unless that is stored in float16 (then each keeps its own). The
+        TorchScript exporter does not merge equal buffers; one buffer read twice is one
+        initializer.
+        """
+        t = torch.as_tensor(np.asarray(value, np.float32))
+        for buffers in self.stat_buffers.values():
+            for existing in buffers.values():
+                held = getattr(self, existing)
+                if held.shape == t.shape and torch.equal(held, t):
+                    return existing
+        self.register_buffer(name, t)
+        return name
 
     @property
     def output_names(self) -> list[str]:
@@ -173,9 +194,7 @@ class FusedEnsemble(nn.Module):
         x = GraphInputs(logits, probs, feats, self.temperature)
         outs: list[Tensor] = [logits, probs]
         for name in self.scores:
-            stats = {
-                k: getattr(self, initializer_name(name, k)) for k in self.stat_keys.get(name, [])
-            }
+            stats = {k: getattr(self, b) for k, b in self.stat_buffers.get(name, {}).items()}
             outs.append(self.heads[name](x, stats, self.params.get(name, {})))
         if self.with_cams:
             w = self.cam_weights[probs.argmax(dim=-1)]  # [B, N, K]

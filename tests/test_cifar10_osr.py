@@ -21,6 +21,8 @@ from PIL import Image
 from benchmarks.cifar10_osr import (
     CIFAR10,
     KNOWN,
+    candidate_row,
+    candidate_table,
     cifar_root,
     make_split,
     mnist_rgb,
@@ -139,6 +141,98 @@ def test_summary_is_mean_and_sample_std_over_seeds_and_paired_margins():
     assert margin["mean_std"] == pytest.approx([0.03, np.sqrt(0.0008)])
     assert s["goals"]["sdde_ge_de_near_deployed_auroc"] is True
     assert s["goals"]["de"]["ensemble_accuracy_ge_90"] is False
+
+
+def test_candidate_row_is_auroc_and_fpr95_per_set_and_their_group_means():
+    id_scores = np.array([1.0, 2.0, 3.0, 4.0])
+    ood = {
+        "a": np.array([0.0, 0.5]),  # below every ID score: AUROC 1, none accepted
+        "b": np.array([5.0, 6.0]),  # above every ID score: AUROC 0, all accepted
+        "c": np.array([2.5, 2.5]),  # above 2 of 4 ID scores: AUROC 0.5, all accepted at 95 %
+    }
+    row = candidate_row(id_scores, ood, {"near": ["a", "b"], "far": ["c"], "none": []})
+    assert row["per_set"]["a"] == {"auroc": 1.0, "fpr95": 0.0}
+    assert row["per_set"]["b"] == {"auroc": 0.0, "fpr95": 1.0}
+    assert row["per_set"]["c"] == {"auroc": 0.5, "fpr95": 1.0}
+    assert row["near_auroc"] == row["near_fpr95"] == 0.5
+    assert row["far_auroc"] == 0.5 and row["far_fpr95"] == 1.0
+    assert "none_auroc" not in row
+
+
+def with_candidates(result: dict, pick: str, near_fpr: dict[str, float]) -> dict:
+    """``result`` with a candidates table: ``near_fpr`` per candidate, AUROC = 1 - FPR."""
+    table = {
+        c: {"near_auroc": 1 - f, "near_fpr95": f, "far_auroc": 1.0, "far_fpr95": 0.0}
+        for c, f in near_fpr.items()
+    }
+    return {**result, "candidates": {"auto_pick": pick, "table": table}}
+
+
+def test_candidate_summary_is_the_mean_over_seeds_and_the_auto_pick_s_gap():
+    s0 = {"mal": 0.30, "knn@5": 0.20, "combined": 0.10, "only_s0": 0.0}
+    s1 = {"mal": 0.40, "knn@5": 0.22, "combined": 0.12}
+    runs = {
+        "de": [
+            with_candidates(fake_result("de", 0, 0.5, 0.6), "knn@5", s0),
+            with_candidates(fake_result("de", 1, 0.7, 0.7), "mal", s1),
+        ],
+        "sdde": [fake_result("sdde", 0, 0.6, 0.65)],  # a result without the table
+    }
+    s = summarize(runs)
+    c = s["candidates"]["de"]
+    assert set(c["candidates"]) == {"mal", "knn@5", "combined"}  # only those of every seed
+    assert c["candidates"]["mal"]["near_fpr95"] == pytest.approx([0.35, np.sqrt(0.005)])
+    assert c["best_single_near_fpr95"] == "combined"
+    # each seed's own pick: knn@5 on seed 0 (0.20), mal on seed 1 (0.40)
+    assert c["auto"]["near_fpr95"] == pytest.approx([0.30, np.sqrt(0.02)])
+    assert c["auto_picks"] == ["knn@5", "mal"]
+    assert c["gap_points"] == pytest.approx(100 * (0.30 - 0.11))
+    assert c["goal_within_1_point"] is False
+    assert s["goals"]["de"]["auto_near_fpr95_within_1_point_of_best"] is False
+    assert "sdde" not in s["candidates"]
+    assert "auto_near_fpr95_within_1_point_of_best" not in s["goals"]["sdde"]
+    near = {"mal": 0.30, "combined": 0.295}
+    close = summarize({"de": [with_candidates(fake_result("de", 0, 0.5, 0.6), "mal", near)]})
+    assert close["candidates"]["de"]["gap_points"] == pytest.approx(0.5)
+    assert close["candidates"]["de"]["goal_within_1_point"] is True
+
+
+def test_candidate_table_of_a_finished_run_rebuilds_export_s_candidates(tiny_run, tmp_path):
+    """On a trained and exported run: the candidates are the ones export's auto ranked, its pick
+    is the manifest's, and a candidate's numbers are the metrics of its reference scores."""
+    import torch
+
+    from export import export_run
+    from sdde_serve.evaluation.metrics import auroc, fpr_at_tpr
+    from training.run import load_run
+
+    rng = np.random.default_rng(0)
+    specs = {}
+    for name, scale in (("val", 255), ("near", 60), ("far", 255)):
+        images = rng.integers(0, scale + 1, (30, 1, 28, 28), dtype=np.uint8)
+        np.savez(tmp_path / f"{name}.npz", images=images)
+        specs[name] = str(tmp_path / f"{name}.npz")
+    model = tmp_path / "m.onnx"
+    m = export_run(tiny_run, model, ood_val={"val": specs["val"]}, knn_bank=120, with_cams=False)
+    split = {"val_ood": {"val": specs["val"]}, "test": "digits", "near": {"near": specs["near"]}}
+    out = candidate_table(tiny_run, model, split, {"far": specs["far"]})
+
+    picked = m.ood.score if m.ood.score != "knn" else f"knn@{m.knn.k}"
+    assert out["auto_pick"] == out["recomputed_pick"] == picked
+    assert set(out["table"]) == set(m.ood.selection.val_auroc) == set(out["val_auroc"])
+    ens = load_run(tiny_run).ensemble.eval()
+
+    def mal(spec: str) -> np.ndarray:
+        images = load_dataset(spec, split="test").as_model_input(1, 28, 28)
+        with torch.no_grad():
+            return ens(torch.from_numpy(images)).double().mean(dim=1).amax(dim=-1).numpy()
+
+    test, near, far = mal("digits"), mal(specs["near"]), mal(specs["far"])
+    row = out["table"]["mal"]
+    assert row["near_auroc"] == pytest.approx(auroc(test, near))
+    assert row["near_fpr95"] == pytest.approx(fpr_at_tpr(test, near))
+    assert row["far_auroc"] == pytest.approx(auroc(test, far))
+    assert row["far_fpr95"] == pytest.approx(fpr_at_tpr(test, far))
 
 
 def test_gpu_check_dry_run_trains_de_and_sdde_on_the_cpu(tmp_path):

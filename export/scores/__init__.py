@@ -3,7 +3,9 @@
 A head is a function ``head(x: GraphInputs, stats: dict[str, Tensor], params: dict) -> [B]``
 named by its :class:`~sdde_serve.scores.registry.ScoreSpec`'s ``graph`` (``"module:function"``,
 imported here on first use, so the runtime never imports torch). ``stats`` are the float32 buffers
-holding the score's fitted statistics (initializers ``<score>_<key>`` of the exported graph).
+holding the score's fitted statistics (initializers ``<score>_<key>`` of the exported graph; a
+statistic equal to one already in the graph, such as ``combined``'s copy of the KNN bank, is the
+buffer of the first, ``knn_bank``: export/graph.py stores it once).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Graph head of ``combined`` (sdde_serve/scores/combined.py): the mal and knn heads (knn on the
-score's own copy of the bank), standardised by the stored ``median`` and ``scale``, averaged."""
+"""Graph head of ``combined`` (sdde_serve/scores/combined.py): the mal and knn heads, standardised
+by the stored ``median`` and ``scale``, averaged. Its ``knn_bank`` statistic is the graph's
+``knn_bank`` buffer itself when the two are equal (export/graph.py stores it once)."""
 
 from __future__ import annotations
 

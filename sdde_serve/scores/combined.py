@@ -15,8 +15,12 @@ there); the z-score is smooth, and the median/IQR keep a heavy-tailed base from 
 others on in-distribution data. Its conformal p-value keeps the guarantee the usual way: the
 threshold is a quantile of held-out ID combined scores.
 
-Stored (float32): ``median [2]``, ``scale [2]`` and ``knn_bank [N*D, R]`` (unit columns: a
-second copy of the KNN bank's rows, as the heads cannot read another score's initializers).
+Stored (float32): ``median [2]``, ``scale [2]`` and ``knn_bank [N*D, R]`` (unit columns: the
+KNN bank's rows). ``fit`` returns its own bank so that this reference needs nothing but its
+statistics; in the graph it equals the ``knn`` score's ``knn_bank``, which export stores once and
+both heads read (export/graph.py). Only beside a float16-stored KNN bank (``--knn-dtype
+float16``) does it keep a float32 copy ``combined_knn_bank``, as every file exported before the
+sharing does; such files serve unchanged (the runtime never reads a score's initializers).
 
 The bases were chosen on validation OOD data (benchmarks/combined_ood_mnist.py, real MNIST,
 val-glyphs and val-photos only): of mal + mahalanobis, mal + knn_members, mal + vim, minmax +

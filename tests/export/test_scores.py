@@ -4,6 +4,8 @@ test only carried through export -> serve -> score -> eval (docs/scores.md)."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -331,8 +333,20 @@ def test_combined_is_the_mean_robust_z_of_mal_and_knn():
     np.testing.assert_allclose(np.median(spec.compute(data(id_x, stats))), 0.0, atol=1.0)
 
 
-@pytest.mark.parametrize("layout", ["loop", "packed"])
-def test_graph_combined_equals_numpy_and_verifies(layout):
+def _banks_of(proto, shape: tuple[int, int]) -> list[str]:
+    """Names of the initializers of ``shape`` (a KNN bank's ``[N*D, R]``)."""
+    return [i.name for i in proto.graph.initializer if tuple(i.dims) == shape]
+
+
+# knn_dtype: None, no knn output; float32, the knn bank equal to combined's (stored once);
+# float16, a float16-rounded knn bank (combined keeps its own float32 copy, the old layout)
+@pytest.mark.parametrize(
+    ("layout", "knn_dtype"),
+    [("loop", None), ("packed", None), ("loop", np.float32), ("packed", np.float32),
+     ("loop", np.float16)],
+)  # fmt: skip
+def test_graph_combined_equals_numpy_and_verifies(layout, knn_dtype):
+    from export.knn import normalize_rows
     from sdde_serve.scores.combined import standardise
 
     ens = _lenets()
@@ -346,21 +360,33 @@ def test_graph_combined_equals_numpy_and_verifies(layout):
     val_f = pre_logit_features(ens, val).reshape(30, 2, -1).astype(np.float64)
     stats = standardise(fitted, ScoreData(val_logits, 1.0, val_f, fitted))
     assert stats["median"].shape == stats["scale"].shape == (2,)
-    graph = build_graph(ens, layout, input_shape=(1, 28, 28), score_stats={"combined": stats})
+    # the knn bank as export/choice.py builds it: float32 unit rows, [R, N*D]
+    bank = None if knn_dtype is None else normalize_rows(feats.reshape(40, -1)).astype(knn_dtype)
+    graph = build_graph(
+        ens, layout, input_shape=(1, 28, 28), score_stats={"combined": stats},
+        knn_bank=None if bank is None else torch.from_numpy(bank.astype(np.float32)), knn_k=1,
+    )  # fmt: skip
     assert graph.output_names[-1] == "combined"
     proto = to_onnx(graph, input_shape=(1, 28, 28))
     inits = {i.name for i in proto.graph.initializer}
-    assert {"combined_median", "combined_scale", "combined_knn_bank"} <= inits
+    assert {"combined_median", "combined_scale"} <= inits
+    # one stored bank when the knn score's equals combined's, else combined's own copy
+    shared = knn_dtype is np.float32
+    want_banks = {None: ["combined_knn_bank"], np.float32: ["knn_bank"],
+                  np.float16: ["knn_bank", "combined_knn_bank"]}[knn_dtype]  # fmt: skip
+    assert sorted(_banks_of(proto, (feats.shape[1] * feats.shape[2], 40))) == sorted(want_banks)
+    assert ("combined_knn_bank" not in inits) == shared
     x = rng.random((6, 1, 28, 28), dtype=np.float32)
     with torch.no_grad():
         logits = ens(torch.from_numpy(x)).double().numpy()
     f = pre_logit_features(ens, x).reshape(6, 2, -1).astype(np.float64)
     want = scores.get("combined").compute(ScoreData(logits, 1.0, f, stats))
     np.testing.assert_allclose(run_onnx(proto, x)["combined"], want, rtol=1e-4, atol=1e-3)
-    verify(proto, ens, temperature=1.0, inputs={"x": x}, scores={"combined": stats})
+    knn = None if bank is None else (bank.astype(np.float32), 1)
+    verify(proto, ens, temperature=1.0, inputs={"x": x}, knn=knn, scores={"combined": stats})
     wrong = {**stats, "median": stats["median"] + 1.0}
     with pytest.raises(VerificationError, match="'combined'"):
-        verify(proto, ens, temperature=1.0, inputs={"x": x}, scores={"combined": wrong})
+        verify(proto, ens, temperature=1.0, inputs={"x": x}, knn=knn, scores={"combined": wrong})
 
 
 def test_combined_is_fitted_on_the_choice_half_and_calibrated_on_the_other(tiny_run, tmp_path):
@@ -381,6 +407,8 @@ def test_combined_is_fitted_on_the_choice_half_and_calibrated_on_the_other(tiny_
     assert m.ood.score == "combined" and "calibration half" in m.calibration.data
     assert m.calibration.n == len(run.val) - len(run.val) // 2
     assert m.score_stats["combined"].shapes == {"median": [2], "scale": [2], "knn_bank": [252, 120]}
+    # the KNN bank is stored once: combined reads the knn score's
+    assert _banks_of(load_onnx(tmp_path / "m.onnx"), (252, 120)) == ["knn_bank"]
     # the stored standardisation is the choice half's (refitted here), not the calibration half's
     choice, _ = split_validation(run.val)
     images = choice.as_model_input(1, 28, 28)
@@ -409,3 +437,44 @@ def test_auto_ranks_the_combined_score_with_the_others(tiny_run, tmp_path):
     m = export_run(tiny_run, tmp_path / "m.onnx", ood_val={"noise": str(noise)}, knn_bank=120,
                    with_cams=False)  # fmt: skip
     assert "combined" in m.ood.selection.val_auroc and "combined" in m.ood.selection.val_fpr95
+
+
+def test_a_file_with_combined_s_own_bank_copy_still_serves(tiny_run, tmp_path, monkeypatch):
+    """Files exported before the bank was shared hold a second copy, ``combined_knn_bank``: they
+    load, serve and score as the shared layout does."""
+    from fastapi.testclient import TestClient
+
+    from export import export_run
+    from export.graph import FusedEnsemble
+    from sdde_serve.data import chw_to_pil, load_dataset
+    from sdde_serve.engine import Engine
+    from sdde_serve.manifest import load_onnx
+    from sdde_serve.server.app import create_app
+    from sdde_serve.server.settings import Settings
+
+    kw = dict(score="combined", knn_bank=120, with_cams=False)
+    export_run(tiny_run, tmp_path / "new.onnx", **kw)
+
+    def own_copy(self, name: str, value: np.ndarray) -> str:  # the graph builder before sharing
+        self.register_buffer(name, torch.as_tensor(np.asarray(value, np.float32)))
+        return name
+
+    monkeypatch.setattr(FusedEnsemble, "store_stat", own_copy)
+    export_run(tiny_run, tmp_path / "old.onnx", **kw)
+    old = load_onnx(tmp_path / "old.onnx")
+    assert sorted(_banks_of(old, (252, 120))) == ["combined_knn_bank", "knn_bank"]
+    grown = (tmp_path / "old.onnx").stat().st_size - (tmp_path / "new.onnx").stat().st_size
+    assert grown >= 4 * 252 * 120  # the second float32 copy
+    images = load_dataset("digits@test").as_model_input(1, 28, 28)[:20]
+    new_out, old_out = (Engine(tmp_path / f).run(images) for f in ("new.onnx", "old.onnx"))
+    np.testing.assert_allclose(old_out.score("combined"), new_out.score("combined"), atol=1e-5)
+    png = io.BytesIO()
+    chw_to_pil(load_dataset("digits@test").images[0]).save(png, format="PNG")
+    app = create_app(Settings(model=tmp_path / "old.onnx"), Engine(tmp_path / "old.onnx"))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        png_type = {"content-type": "image/png"}
+        r = client.post("/v1/predict", content=png.getvalue(), headers=png_type)
+    assert r.status_code == 200, r.text
+    pred = r.json()["predictions"][0]
+    assert pred["score_kind"] == "combined"
+    assert pred["ood_score"] == pytest.approx(float(old_out.score("combined")[0]), abs=1e-4)
