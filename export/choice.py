@@ -295,27 +295,11 @@ def choose_ood_score(
     synthesized from the validation split (export/synth_ood.py); ``()``: the fixed default."""
     ensemble = run.ensemble.eval()
     val_data = run.val if val is None else val
-    bank, source, train = (None, "", None)
-    if rows > 0:
-        if dtype not in DTYPES:
-            raise UserError(f"--knn-dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        train = training_features(run, shape, rows=rows, seed=seed)
-        # float32 first: a float16 bank is checked against it once k is known
-        bank, source = train.bank(), train.source
-        if knn_k is not None and knn_k > bank.rows:
-            raise UserError(
-                f"--knn-k {knn_k} is larger than the KNN bank ({bank.rows} rows: the run's "
-                "training split); lower --knn-k"
-            )
+    train = None if rows == 0 else checked_training_features(run, shape, knn_k, rows, dtype, seed)
+    # float32 first: a float16 bank is checked against it once k is known
+    bank = None if train is None else train.bank()
     val_in = score_inputs(ensemble, val_data.as_model_input(*shape), bank is not None)
-    datasets: dict[str, ArrayDataset] = {}
-    for name, spec in ood_val.items():
-        datasets[name] = load_dataset(spec, split="test")
-        if len(datasets[name]) == 0:
-            raise UserError(f"--ood-val {name}={spec}: the data set is empty")
-    specs, synthesized = dict(ood_val), None
-    if score == "auto" and not ood_val and synth_kinds and len(val_data) >= 2:
-        datasets, specs, synthesized = synthesized_sets(val_data, synth_kinds)
+    datasets, specs, synthesized = ood_val_sets(ood_val, val_data, score, synth_kinds)
     sets = {
         name: score_inputs(ensemble, data.as_model_input(*shape), bank is not None)
         for name, data in datasets.items()
@@ -326,13 +310,8 @@ def choose_ood_score(
     # statistics are fitted when candidates need them (auto on real validation OOD sets), else
     # on demand. Synthesized sets rank only the scores without fitted statistics: that is the
     # rule benchmarks/synth_ood_mnist.py measured against real held-out OOD data.
-    stats: dict[str, dict[str, np.ndarray]] = {}
-    if sets and train is not None and synthesized is None:
-        fitted = {n: train.fit(n) for n in scores.names(candidate=True)}
-        for n in VALIDATION_FITTED:
-            if fitted.get(n) is not None:
-                fitted[n] = fit_on_validation(n, fitted[n], choice_data)  # type: ignore[arg-type]
-        stats = {n: v for n, v in fitted.items() if v is not None}
+    fit_now = bool(sets) and train is not None and synthesized is None
+    stats = candidate_stats(train, choice_data) if fit_now else {}
     chosen, k, selection = select_score(
         score,
         id_data=val_in,
@@ -346,11 +325,60 @@ def choose_ood_score(
         stats=stats,
     )
     if bank is not None and dtype != "float32" and k is not None:
-        assert val_in.features is not None
-        stored = bank.as_dtype(dtype)
-        check_float16(stored, val_in.features, k, bank.bank)
-        bank = stored
+        bank = stored_bank(bank, dtype, val_in, k)
     if synthesized is not None:
         reason = f"{selection.reason} (sets synthesized from it: no --ood-val given)"
         selection = selection.model_copy(update={"synthesized": synthesized, "reason": reason})
+    source = "" if train is None else train.source
     return OODChoice(chosen, k, bank, selection, source, stats, train, choice_data)
+
+
+def checked_training_features(
+    run: Any, shape: tuple[int, int, int], knn_k: int | None, rows: int, dtype: str, seed: int
+) -> TrainingFeatures:
+    """:func:`training_features` once ``--knn-dtype`` is known good, and checked to have at
+    least ``--knn-k`` rows (the run's training split can be smaller than ``--knn-bank``)."""
+    if dtype not in DTYPES:
+        raise UserError(f"--knn-dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    train = training_features(run, shape, rows=rows, seed=seed)
+    if knn_k is not None and knn_k > len(train.features):
+        raise UserError(
+            f"--knn-k {knn_k} is larger than the KNN bank ({len(train.features)} rows: the run's "
+            "training split); lower --knn-k"
+        )
+    return train
+
+
+def ood_val_sets(
+    ood_val: dict[str, str], val: ArrayDataset, score: str, synth_kinds: tuple[str, ...]
+) -> tuple[dict[str, ArrayDataset], dict[str, str], SynthesizedOOD | None]:
+    """The validation OOD sets the candidates are ranked on, their specs and, when they were
+    synthesized from ``val`` (``auto`` without ``--ood-val``), the record of that."""
+    datasets: dict[str, ArrayDataset] = {}
+    for name, spec in ood_val.items():
+        datasets[name] = load_dataset(spec, split="test")
+        if len(datasets[name]) == 0:
+            raise UserError(f"--ood-val {name}={spec}: the data set is empty")
+    if score == "auto" and not ood_val and synth_kinds and len(val) >= 2:
+        return synthesized_sets(val, synth_kinds)
+    return datasets, dict(ood_val), None
+
+
+def candidate_stats(
+    train: TrainingFeatures, choice_data: scores.ScoreData
+) -> dict[str, dict[str, np.ndarray]]:
+    """The statistics of every candidate score that has them (training split, completed on the
+    choice half's images for :data:`VALIDATION_FITTED`)."""
+    fitted = {n: train.fit(n) for n in scores.names(candidate=True)}
+    for n in VALIDATION_FITTED:
+        if fitted.get(n) is not None:
+            fitted[n] = fit_on_validation(n, fitted[n], choice_data)  # type: ignore[arg-type]
+    return {n: v for n, v in fitted.items() if v is not None}
+
+
+def stored_bank(bank: FeatureBank, dtype: str, val_in: ScoreInputs, k: int) -> FeatureBank:
+    """``bank`` in ``--knn-dtype`` (float16: only if it moves no validation knn score much)."""
+    assert val_in.features is not None
+    stored = bank.as_dtype(dtype)
+    check_float16(stored, val_in.features, k, bank.bank)
+    return stored

@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from export.select import SCORE_CHOICES as SCORE_CHOICES
 from export.select import score_choices
 from sdde_serve import scores
+
+if TYPE_CHECKING:
+    from export.quantize import PrecisionOptions
+    from sdde_serve.manifest import Manifest
 
 HELP = (
     "Fuse a trained run into one ONNX graph (all members in one session.run), calibrate its "
@@ -30,6 +35,24 @@ NO_AUTO_DEFAULT = "%(default).0s"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # one function per group of flags; the order of the calls is the order --help lists them
+    add_run_arguments(parser)
+    add_score_arguments(parser)
+    add_knn_arguments(parser)
+    add_model_arguments(parser)
+    add_precision_arguments(parser)
+    parser.add_argument(
+        "--triton-repo",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write a Triton model repository entry for the exported file under DIR"
+        + NO_AUTO_DEFAULT,
+    )
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """What to export, where to, in which layout, at which ID acceptance."""
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory of sdde train")
     parser.add_argument(
         "-o", "--output", type=Path, required=True, help="ONNX file to write" + NO_AUTO_DEFAULT
@@ -47,10 +70,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.95,
         help="fraction of in-distribution validation images the OOD threshold accepts",
     )
+
+
+def add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    """The deployed OOD score and the validation OOD data that choose it."""
     parser.add_argument(
         "--ood-score",
         "--score",
         dest="score",
+        # read from the registry now: scores registered after this module's import count too
         choices=score_choices(),
         default="auto",
         help="deployed OOD score (higher = in-distribution): "
@@ -86,6 +114,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "fixed default score instead) or a comma-separated list of patch-shuffle, pixel-permute, "
         "corrupt, mixup (docs/export.md)",
     )
+
+
+def add_knn_arguments(parser: argparse.ArgumentParser) -> None:
+    """The KNN bank of training features and the k of the knn score."""
     parser.add_argument(
         "--knn-bank",
         type=int,
@@ -112,6 +144,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--knn-seed", type=int, default=0, help="seed of the bank's stratified subsample"
     )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which weights, the model's name and version, the opset, the CAM output."""
     parser.add_argument(
         "--checkpoint", choices=("best", "last"), default="best", help="which weights to export"
     )
@@ -126,15 +162,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--no-cams", action="store_true", help="leave out the class-activation-map output"
-    )
-    add_precision_arguments(parser)
-    parser.add_argument(
-        "--triton-repo",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="also write a Triton model repository entry for the exported file under DIR"
-        + NO_AUTO_DEFAULT,
     )
 
 
@@ -181,7 +208,7 @@ def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def precision_options(args: argparse.Namespace):  # -> export.quantize.PrecisionOptions
+def precision_options(args: argparse.Namespace) -> PrecisionOptions:
     import dataclasses
 
     from export.quantize import PrecisionOptions
@@ -204,7 +231,7 @@ def precision_options(args: argparse.Namespace):  # -> export.quantize.Precision
     )
 
 
-def print_precision(manifest) -> None:  # manifest: sdde_serve.manifest.Manifest
+def print_precision(manifest: Manifest) -> None:
     check = manifest.precision_check
     if check is None:
         return
@@ -231,13 +258,23 @@ def print_precision(manifest) -> None:  # manifest: sdde_serve.manifest.Manifest
 
 def main(args: argparse.Namespace) -> int:
     from export import export_run
+
+    manifest = export_run(args.run_dir, args.output, **export_options(args))
+    print_summary(args.output, manifest)
+    if args.triton_repo is not None:
+        from sdde_serve.triton import write_triton_repo
+
+        model_dir = write_triton_repo(args.output, args.triton_repo, name=manifest.name)
+        print(f"  Triton model repository entry: {model_dir}")
+    return 0
+
+
+def export_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``export_run``'s keyword arguments from the parsed flags (bad values raise UserError)."""
     from export.synth_ood import parse_kinds
-    from sdde_serve.calibrate import decision_lines
     from sdde_serve.evaluation.evaluate import parse_named_specs
 
-    manifest = export_run(
-        args.run_dir,
-        args.output,
+    return dict(
         layout=args.layout,
         id_acceptance=args.id_acceptance,
         checkpoint=args.checkpoint,
@@ -255,9 +292,16 @@ def main(args: argparse.Namespace) -> int:
         synth_ood=parse_kinds(args.synth_ood),
         extra_scores=tuple(args.extra_scores),
     )
+
+
+def print_summary(output: Path, manifest: Manifest) -> None:
+    """What was written: the model, its validation calibration, the OOD decision, the score's
+    choice, the KNN bank and the precision check."""
+    from sdde_serve.calibrate import decision_lines
+
     cal = manifest.calibration
     print(
-        f"wrote {args.output}: {manifest.name} v{manifest.version}, {manifest.arch} x"
+        f"wrote {output}: {manifest.name} v{manifest.version}, {manifest.arch} x"
         f"{manifest.members}, layout {manifest.layout}, opset {manifest.opset}, "
         f"outputs {', '.join(manifest.outputs)}"
     )
@@ -268,13 +312,7 @@ def main(args: argparse.Namespace) -> int:
     )
     for line in decision_lines(cal, manifest.ood):
         print(f"  {line}")
-    why = manifest.ood.selection
-    if why is not None:
-        print(f"  score chosen: {why.method} ({why.reason})")
-        for name, auroc in sorted(why.val_auroc.items(), key=lambda kv: -kv[1]):
-            fpr = why.val_fpr95.get(name)
-            tail = "" if fpr is None else f", FPR@95 {100 * fpr:.2f}"
-            print(f"    validation AUROC {name:>11}: {100 * auroc:.2f}{tail}")
+    print_score_choice(manifest)
     if manifest.knn is not None:
         knn = manifest.knn
         print(
@@ -284,9 +322,14 @@ def main(args: argparse.Namespace) -> int:
     print_precision(manifest)
     if cal.warning:
         print(f"warning: {cal.warning}")
-    if args.triton_repo is not None:
-        from sdde_serve.triton import write_triton_repo
 
-        model_dir = write_triton_repo(args.output, args.triton_repo, name=manifest.name)
-        print(f"  Triton model repository entry: {model_dir}")
-    return 0
+
+def print_score_choice(manifest: Manifest) -> None:
+    why = manifest.ood.selection
+    if why is None:
+        return
+    print(f"  score chosen: {why.method} ({why.reason})")
+    for name, auroc in sorted(why.val_auroc.items(), key=lambda kv: -kv[1]):
+        fpr = why.val_fpr95.get(name)
+        tail = "" if fpr is None else f", FPR@95 {100 * fpr:.2f}"
+        print(f"    validation AUROC {name:>11}: {100 * auroc:.2f}{tail}")

@@ -256,7 +256,7 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     every tensor they hand to a float32 head or graph output is cast back.
     """
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     _require_node_names(model)
@@ -266,54 +266,81 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     produced = {out for n in inside for out in n.output}
     read_outside = {i for n in graph.node if n.name not in members for i in n.input}
     read_outside |= {o.name for o in graph.output}
-
-    def half(name: str) -> str:
-        return f"{name}__fp16"
-
     inits = {t.name: t for t in graph.initializer}
-    new_inits, casts_in = [], []
+    graph_inputs = {i.name for i in graph.input}
+    new_inits: dict[str, onnx.TensorProto] = {}  # by name, in first-use order
+    casts: list[onnx.NodeProto] = []
     for node in inside:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value" and attr.t.data_type == TensorProto.FLOAT:
-                    arr = numpy_helper.to_array(attr.t).astype(np.float16)
-                    attr.t.CopyFrom(numpy_helper.from_array(arr, attr.t.name))
+        _constants_to_fp16(node)
         for k, name in enumerate(node.input):
             init = inits.get(name)
             if init is not None and init.data_type == TensorProto.FLOAT:
-                if half(name) not in {t.name for t in new_inits}:
-                    arr = numpy_helper.to_array(init).astype(np.float16)
-                    new_inits.append(numpy_helper.from_array(arr, half(name)))
-                node.input[k] = half(name)
-            elif name in {i.name for i in graph.input}:
-                if not casts_in:
-                    casts_in.append(
-                        helper.make_node("Cast", [name], [half(name)], to=TensorProto.FLOAT16)
-                    )
-                node.input[k] = half(name)
-        for k, name in enumerate(node.output):
-            if name in read_outside:
-                node.output[k] = half(name)
-                casts_in.append(
-                    helper.make_node("Cast", [half(name)], [name], to=TensorProto.FLOAT)
-                )
-            # a float member tensor read by other member nodes keeps its name (now float16)
+                if _fp16_name(name) not in new_inits:
+                    new_inits[_fp16_name(name)] = _fp16_tensor(init, _fp16_name(name))
+                node.input[k] = _fp16_name(name)
+            elif name in graph_inputs:
+                if not casts:  # the image, cast once on the way in
+                    to_half = TensorProto.FLOAT16
+                    casts.append(helper.make_node("Cast", [name], [_fp16_name(name)], to=to_half))
+                node.input[k] = _fp16_name(name)
+        casts += _cast_back_outputs(node, read_outside)
     for node in inside:  # rename reads of tensors whose producer was renamed above
         for k, name in enumerate(node.input):
             if name in produced and name in read_outside:
-                node.input[k] = half(name)
-    graph.initializer.extend(new_inits)
-    graph.node.extend(casts_in)
-    # drop float32 initializers only the member networks read (now replaced by float16 copies)
-    still_read = {i for n in graph.node for i in n.input}
-    keep = [t for t in graph.initializer if t.name in still_read]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+                node.input[k] = _fp16_name(name)
+    graph.initializer.extend(new_inits.values())
+    graph.node.extend(casts)
+    _drop_unread_initializers(graph)
     del graph.value_info[:]
     _toposort(model)
     model = onnx.shape_inference.infer_shapes(model)
     _check_temperature(model)
     return model
+
+
+def _fp16_name(name: str) -> str:
+    """The name of a member tensor's float16 version (initializer, cast image or output)."""
+    return f"{name}__fp16"
+
+
+def _fp16_tensor(tensor: onnx.TensorProto, name: str) -> onnx.TensorProto:
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), name)
+
+
+def _constants_to_fp16(node: onnx.NodeProto) -> None:
+    """A float ``Constant`` node's value in float16, in place (other nodes are left alone)."""
+    from onnx import TensorProto
+
+    if node.op_type != "Constant":
+        return
+    for attr in node.attribute:
+        if attr.name == "value" and attr.t.data_type == TensorProto.FLOAT:
+            attr.t.CopyFrom(_fp16_tensor(attr.t, attr.t.name))
+
+
+def _cast_back_outputs(node: onnx.NodeProto, read_outside: set[str]) -> list[onnx.NodeProto]:
+    """Rename ``node``'s outputs that float32 nodes or graph outputs read to their float16 name
+    and return the casts that give those readers the float32 tensor under the old name.
+
+    A float member tensor read only by other member nodes keeps its name (now float16)."""
+    from onnx import TensorProto, helper
+
+    casts = []
+    for k, name in enumerate(node.output):
+        if name in read_outside:
+            node.output[k] = _fp16_name(name)
+            casts.append(helper.make_node("Cast", [node.output[k]], [name], to=TensorProto.FLOAT))
+    return casts
+
+
+def _drop_unread_initializers(graph: onnx.GraphProto) -> None:
+    """Drop float32 initializers only the member networks read (replaced by float16 copies)."""
+    still_read = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in still_read]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
 
 
 def _toposort(model: onnx.ModelProto) -> None:

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
+from sdde_serve.atomic import atomic_path, write_text_atomic
 from sdde_serve.errors import UserError
 from sdde_serve.manifest import load_onnx, read_manifest
 
@@ -89,10 +90,14 @@ def write_triton_repo(
 
     model_dir = Path(repo_dir) / name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    # Each file is replaced whole (sdde_serve/atomic.py): a Triton polling the repository, or
+    # one restarted after an interrupted export, never loads a half-written model or config.
+    # The config comes last, so a new entry appears only once its model and labels are there.
     # A byte-for-byte copy keeps the manifest and the weights hash verifiable on the Triton side.
-    shutil.copyfile(onnx_path, model_dir / "1" / "model.onnx")
-    (model_dir / "labels.txt").write_text("".join(f"{c}\n" for c in manifest.classes))
-    (model_dir / "config.pbtxt").write_text(text)
+    with atomic_path(model_dir / "1" / "model.onnx", unique=True) as tmp:
+        shutil.copyfile(onnx_path, tmp)
+    write_text_atomic(model_dir / "labels.txt", "".join(f"{c}\n" for c in manifest.classes))
+    write_text_atomic(model_dir / "config.pbtxt", text)
     return model_dir
 
 

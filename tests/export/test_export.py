@@ -4,6 +4,7 @@ CAMs against autograd GradCAM, verification catching wrong graphs, the manifest,
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -242,6 +243,30 @@ def test_cli_export_packed_layout_with_triton_repo(tiny_run, tmp_path, capsys):
     assert manifest.ood.id_acceptance == 0.9
     assert (tmp_path / "repo" / "packed-digits" / "config.pbtxt").is_file()
     assert "wrote" in capsys.readouterr().out
+
+
+def test_every_file_export_writes_is_replaced_whole(tiny_run, tmp_path, monkeypatch):
+    """The ONNX file and the Triton entry (model copy, labels, config) are each written to a
+    temporary file and renamed over the target (sdde_serve/atomic.py): a reader never sees one
+    half-written, and no temporary file is left behind."""
+    from sdde_serve.cli import main
+
+    renamed: list[Path] = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        renamed.append(Path(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "m.onnx"
+    flags = ["--knn-bank", "0", "--synth-ood", "none", "--no-cams", "--name", "digits"]
+    code = main(["export", str(tiny_run), "-o", str(out), *flags, "--triton-repo", str(tmp_path)])
+    assert code == 0
+    written = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    triton = [tmp_path / "digits" / n for n in ("1/model.onnx", "config.pbtxt", "labels.txt")]
+    assert written == sorted([out, *triton])
+    assert sorted(p for p in renamed if p.is_relative_to(tmp_path)) == written
 
 
 def _copy_run(tiny_run: Path, tmp_path: Path) -> Path:
