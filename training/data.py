@@ -264,7 +264,7 @@ class StepDataset(Dataset):
         members = [self._labelled(MEMBER, i, step) for i in range(self.plan.members)]
         shared = self._shared(step)
         outliers = self._outlier_batch(step) if self.outliers is not None else None
-        return StepBatch(member_batches=members, shared=shared, outliers=outliers)
+        return StepBatch(member_batches=members, shared=shared, outliers=outliers, step=step)
 
 
 def _identity(item: StepBatch) -> StepBatch:
