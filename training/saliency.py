@@ -26,6 +26,10 @@ gradient is at most ``1 / delta_i``, a fixed multiple of that member's typical o
 above the floor keep the official cosine; a map far below it (no saliency to speak of) counts
 as ~0 instead of a random +-1. ``delta_i`` scales with member ``i``'s maps, so the loss keeps
 the official invariance to the scale of a member's maps.
+
+``--diversity-pairs P`` takes both means over P member pairs drawn per step (``sample_pairs``,
+``pair_members``) instead of all of them: an unbiased estimate of the all-pairs mean, for which
+``saliency_maps(members=...)`` runs only the drawn pairs' members.
 """
 
 from __future__ import annotations
