@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,6 +38,8 @@ from training.saliency import (
     sample_pairs,
 )
 from training.trainer import train
+
+REPO = Path(__file__).resolve().parents[2]
 
 # --- the draw ------------------------------------------------------------------------------------
 
@@ -258,3 +263,27 @@ def test_a_run_repeats_resumes_bit_identically_and_records_the_option(tmp_path, 
     assert hyperparameters(recorded)["diversity_pairs"] == 1  # what export puts in the manifest
     with pytest.raises(UserError, match="--diversity-pairs"):  # a resume keeps the recorded draw
         resume_config({"out": str(straight), "diversity_pairs": 2})
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_draw_the_pairs_one_process_draws(tmp_path, digits300):
+    """Each torchrun process draws the same pairs (a pure function of seed and step), so the
+    2-process run logs the single-process loss and its replicas stay identical."""
+    flags = dict(data=digits300, members=4, batch_size=64, max_steps=3, diversity_pairs=1)
+    flags.update(epochs=1, cam_samples=0, eval_train_samples=0, lambda_warmup_epochs=0)
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "training", *args, f"--out={tmp_path / 'ddp'}", "--no-progress"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = train(TrainConfig(**flags, out=str(tmp_path / "single"), progress=False))
+    ddp, one = (last_record(run) for run in (tmp_path / "ddp", single))
+    assert ddp["replicas_in_sync"]
+    for key in ("loss", "ce", "div"):  # another draw moves div by far more than rounding
+        assert ddp["train"][key] == pytest.approx(one["train"][key], rel=1e-4, abs=1e-5), key
+
+
+def last_record(run: Path) -> dict:
+    return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
