@@ -15,18 +15,24 @@ Derived numbers:
 * ``fused_over_loop``: fused backend step time / loop backend step time (< 1: fused is faster).
 * ``sdde_shared_quarter_over_de``: SDDE with a shared batch of 1/4 of the member batch, over DE
   (not the paper's setting; shows how the diversity cost scales with the shared batch).
-* ``<variant>_over_de`` for every SDDE cost lever: ``sdde_k2``/``sdde_k4`` (the diversity term
+* ``<variant>_over_de`` (and ``<variant>_over_de_round_median``, the median over rounds of the
+  round's ratio) for every SDDE cost lever: ``sdde_k2``/``sdde_k4`` (the diversity term
   every 2nd/4th step, ``--diversity-period``; one round is k steps, the first with the term,
   timed together and divided by k), ``sdde_shared_1/2``/``1/4`` (``--shared-batch``) and their
-  combinations. The goal for the default SDDE setting is <= 1.3x DE.
+  combinations; ``sdde_pairs1``/``sdde_pairs2`` (``--diversity-pairs``: the term on 1 or 2
+  random member pairs, maps only for their members) and ``sdde_pairs1_k2`` (with
+  ``--diversity-period 2``). The goal for the default SDDE setting is <= 1.3x DE.
 
     .venv/bin/python benchmarks/bench_train.py --variants de sdde sdde_k2 sdde_k4 \
         sdde_shared_1/2 sdde_shared_1/4 sdde_k2_shared_1/2 --out benchmarks/results/X.json
+    .venv/bin/python benchmarks/bench_train.py --variants de sdde sdde_pairs1 sdde_pairs2 \
+        sdde_pairs1_k2 --skip-resnet --out benchmarks/results/bench_train_pairs.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -45,8 +51,8 @@ from training.ensemble import build_ensemble  # noqa: E402
 from training.methods import METHODS, StepBatch  # noqa: E402
 
 # label -> (method, saliency, backend, shared batch as a fraction of the member batch,
-#           diversity period k)
-VARIANTS = {
+#           diversity period k[, member pairs P per step, 0: all])
+VARIANTS: dict[str, tuple] = {
     "de": ("de", "gradcam", "loop", 1.0, 1),
     "sdde": ("sdde", "gradcam", "loop", 1.0, 1),
     "sdde_inputgrad": ("sdde", "inputgrad", "loop", 1.0, 1),
@@ -59,6 +65,10 @@ VARIANTS = {
     "sdde_k4": ("sdde", "gradcam", "loop", 1.0, 4),
     "sdde_k2_shared_1/2": ("sdde", "gradcam", "loop", 0.5, 2),
     "sdde_k4_shared_1/2": ("sdde", "gradcam", "loop", 0.5, 4),
+    # --diversity-pairs P: the term on P random member pairs, maps only for their members
+    "sdde_pairs1": ("sdde", "gradcam", "loop", 1.0, 1, 1),
+    "sdde_pairs2": ("sdde", "gradcam", "loop", 1.0, 1, 2),
+    "sdde_pairs1_k2": ("sdde", "gradcam", "loop", 1.0, 2, 1),
 }
 DEFAULT_VARIANTS = ("de", "sdde", "sdde_inputgrad", "de_fused", "sdde_fused", "sdde_shared_1/4")
 
@@ -113,7 +123,7 @@ def run_arch(
     times: dict[str, list[float]] = {v: [] for v in variants}
     for round_ in range(warmup + steps):
         for v in variants:
-            method, saliency, backend, frac, period = VARIANTS[v]
+            method, saliency, backend, frac, period, *pairs = VARIANTS[v]
             ens, opt = ensembles[backend], optims[v]
             cfg = SimpleNamespace(
                 lambda_div=None,
@@ -121,12 +131,17 @@ def run_arch(
                 saliency=saliency,
                 diversity_bn="eval",
                 adv_eps=0.01,
+                seed=0,
+                diversity_pairs=pairs[0] if pairs else 0,
                 extra={},
             )
             t0 = time.perf_counter()
             for i in range(period):  # k steps, the first with the diversity term
                 opt.zero_grad(set_to_none=True)
-                loss, _ = METHODS[method].loss(ens, step_batches[frac] if i == 0 else no_term, cfg)
+                # the step number draws the pairs of --diversity-pairs: a new draw every round
+                this = step_batches[frac] if i == 0 else no_term
+                this = dataclasses.replace(this, step=round_ * period + i)
+                loss, _ = METHODS[method].loss(ens, this, cfg)
                 loss.backward()
                 opt.step()
             dt = (time.perf_counter() - t0) / period
@@ -165,6 +180,11 @@ def run_arch(
     for v in med:
         if v.startswith("sdde") and "de" in med:
             derived[f"{v}_over_de"] = med[v] / med["de"]
+            # The same ratio round by round (DE and the variant ran back to back, so a load
+            # change hits both), then the median: steadier than fastest-over-fastest when
+            # the load drifts during the run.
+            paired = [t / d for t, d in zip(times[v], times["de"], strict=True)]
+            derived[f"{v}_over_de_round_median"] = statistics.median(paired)
     out["derived"] = derived
     return out
 

@@ -158,6 +158,13 @@ class TrainConfig(MethodOptions):
                 f"--diversity-period and --shared-batch apply to --method {only} only "
                 f"(for {self.method} the shared batch is the training batch)"
             )
+        pairs = self.members * (self.members - 1) // 2  # a larger draw is refused, not clamped
+        if self.diversity_pairs and (not method.periodic or self.diversity_pairs > pairs):
+            raise UserError(
+                f"--diversity-pairs {self.diversity_pairs} needs --method "
+                f"{' or '.join(registry.names(periodic=True))} and at most the {pairs} member "
+                f"pairs of --members {self.members} (0: all pairs)"
+            )
         if self.min_lr > self.lr:
             raise UserError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr})")
         if not 0.0 < self.val_fraction < 1.0:

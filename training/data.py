@@ -194,9 +194,10 @@ class StepDataset(Dataset):
     """Item ``t`` is everything global step ``t`` trains on, for this process's shard.
 
     Returns a ``StepBatch`` on the CPU: ``member_batches`` (one (x, y) per member), ``shared``
-    ((x, y) seen by every member: the diversity batch; None on steps without the diversity term)
-    and ``outliers`` (x or None); the trainer moves it to the device and adds the step's
-    diversity scale and the method's auxiliary module. Use with ``step_loader``.
+    ((x, y) seen by every member: the diversity batch; None on steps without the diversity term),
+    ``outliers`` (x or None) and ``step`` (``t``: with the seed it draws ``--diversity-pairs``);
+    the trainer moves it to the device and adds the step's diversity scale and the method's
+    auxiliary module. Use with ``step_loader``.
     """
 
     def __init__(self, plan: Plan, train: Tensors, outliers: Tensors | None = None) -> None:
@@ -264,7 +265,7 @@ class StepDataset(Dataset):
         members = [self._labelled(MEMBER, i, step) for i in range(self.plan.members)]
         shared = self._shared(step)
         outliers = self._outlier_batch(step) if self.outliers is not None else None
-        return StepBatch(member_batches=members, shared=shared, outliers=outliers)
+        return StepBatch(member_batches=members, shared=shared, outliers=outliers, step=step)
 
 
 def _identity(item: StepBatch) -> StepBatch:

@@ -98,25 +98,34 @@ class Ensemble(nn.Module):
             return self._fused_impl.call("all", self.members, xn, None).transpose(0, 1)
         return torch.stack([m(xn) for m in self.members], dim=1)
 
-    def forward_features(self, x01: Tensor, *, normalized: bool = False) -> list[Tensor]:
-        """Per-member feature maps ``[B, K, h, w]`` at each member's saliency layer."""
+    def forward_features(
+        self, x01: Tensor, *, normalized: bool = False, members: Sequence[int] | None = None
+    ) -> list[Tensor]:
+        """Per-member feature maps ``[B, K, h, w]`` at each member's saliency layer.
+
+        ``members``: only these members, in this order (None: all). The others are not run at
+        all: a diversity term on a few member pairs costs only their passes.
+        """
         xn = x01 if normalized else self.normalize(x01)
+        chosen = self.chosen(members)
         if self.backend == "fused":
-            return list(self._fused_impl.call("features", self.members, xn, None).unbind(0))
-        return [m.forward_features(xn) for m in self.members]
+            return list(self._fused_impl.call("features", chosen, xn, None).unbind(0))
+        return [m.forward_features(xn) for m in chosen]
 
     features = forward_features
 
-    def forward_head(self, feats: Sequence[Tensor]) -> Tensor:
-        """Logits ``[B, N, L]`` from the per-member feature maps of ``forward_features``."""
-        if len(feats) != self.num_members:
-            raise ValueError(f"expected {self.num_members} feature maps, got {len(feats)}")
+    def forward_head(
+        self, feats: Sequence[Tensor], *, members: Sequence[int] | None = None
+    ) -> Tensor:
+        """Logits ``[B, N, L]`` from the per-member feature maps of ``forward_features``
+        (``members``: the members those maps belong to, as given there; N = their number)."""
+        chosen = self.chosen(members)
+        if len(feats) != len(chosen):
+            raise ValueError(f"expected {len(chosen)} feature maps, got {len(feats)}")
         if self.backend == "fused":
-            out = self._fused_impl.call("head", self.members, torch.stack(list(feats)), 0)
+            out = self._fused_impl.call("head", chosen, torch.stack(list(feats)), 0)
             return out.transpose(0, 1)
-        return torch.stack(
-            [m.forward_head(f) for m, f in zip(self.members, feats, strict=True)], dim=1
-        )
+        return torch.stack([m.forward_head(f) for m, f in zip(chosen, feats, strict=True)], dim=1)
 
     def forward_pre_logits(self, x01: Tensor) -> Tensor:
         """Every member's pre-logit features ``[B, N, D]`` (what its final linear layer reads)."""
@@ -125,16 +134,32 @@ class Ensemble(nn.Module):
             [m.forward_head(m.forward_features(xn), pre_logits=True) for m in self.members], dim=1
         )
 
-    def forward_each(self, xs: Sequence[Tensor], *, normalized: bool = False) -> list[Tensor]:
-        """Member ``i`` on its own batch ``xs[i]``; returns the list of logits ``[B_i, L]``."""
-        if len(xs) != self.num_members:
-            raise ValueError(f"expected one batch per member ({self.num_members}), got {len(xs)}")
+    def forward_each(
+        self,
+        xs: Sequence[Tensor],
+        *,
+        normalized: bool = False,
+        members: Sequence[int] | None = None,
+    ) -> list[Tensor]:
+        """Member ``i`` on its own batch ``xs[i]``; returns the list of logits ``[B_i, L]``
+        (``members``: the k-th batch goes to member ``members[k]``; None: all members)."""
+        chosen = self.chosen(members)
+        if len(xs) != len(chosen):
+            raise ValueError(f"expected one batch per member ({len(chosen)}), got {len(xs)}")
         xns = list(xs) if normalized else [self.normalize(x) for x in xs]
         same_shape = all(x.shape == xns[0].shape for x in xns)
         if self.backend == "fused" and same_shape:
-            return list(self._fused_impl.call("all", self.members, torch.stack(xns), 0).unbind(0))
+            return list(self._fused_impl.call("all", chosen, torch.stack(xns), 0).unbind(0))
         # Loop (also the fused backend's fallback for batches of unequal size).
-        return [m(x) for m, x in zip(self.members, xns, strict=True)]
+        return [m(x) for m, x in zip(chosen, xns, strict=True)]
+
+    def chosen(self, members: Sequence[int] | None) -> Sequence[nn.Module]:
+        """The member modules ``members`` names (None: all of them), checked."""
+        if members is None:
+            return self.members
+        if not members or any(not 0 <= i < self.num_members for i in members):
+            raise ValueError(f"members must name some of 0..{self.num_members - 1}, got {members}")
+        return [self.members[i] for i in members]
 
     @property
     def _fused_impl(self) -> _Fused:
@@ -220,7 +245,7 @@ class _Fused:
         template = copy.deepcopy(members[0]).to("meta")  # structure only; tensors come per call
         self.stages = {part: _Stage(template, part) for part in ("all", "features", "head")}
 
-    def call(self, part: str, members: nn.ModuleList, x: Tensor, x_dim: int | None) -> Tensor:
+    def call(self, part: str, members: Sequence[nn.Module], x: Tensor, x_dim: int | None) -> Tensor:
         """Runs ``part`` of every member; ``x_dim=None`` shares ``x``, ``0`` gives member i x[i].
 
         Returns the outputs stacked on a leading member axis ``[N, ...]``.

@@ -41,7 +41,14 @@ from torch import Tensor, nn
 from sdde_serve.errors import UserError
 from training import registry
 from training.ensemble import Ensemble, batchnorm_mode
-from training.saliency import diversity_loss, diversity_similarity, saliency_maps
+from training.saliency import (
+    Pairs,
+    diversity_loss,
+    diversity_similarity,
+    pair_members,
+    saliency_maps,
+    sample_pairs,
+)
 
 
 @dataclass
@@ -57,6 +64,9 @@ class StepBatch:
     diversity_scale: float = 1.0
     # The method's auxiliary module, if it has one (DICE's discriminator); never exported.
     aux: nn.Module | None = None
+    # The global step this batch trains (set by the batch plan; None for a hand-built batch):
+    # with the run's seed it draws --diversity-pairs' member pairs.
+    step: int | None = None
 
     def to(self, device: torch.device, memory_format: torch.memory_format | None) -> StepBatch:
         """The images and labels on ``device`` (images in ``memory_format`` when given)."""
@@ -185,12 +195,24 @@ def adp_terms(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return entropy, log_det
 
 
-def cam_log(maps: Tensor, kind: str) -> dict[str, float]:
+def cam_log(maps: Tensor, kind: str, pairs: Pairs | None = None) -> dict[str, float]:
     """The official CAM similarity of the step's GradCAM maps (the logged metric; the loss is the
-    bounded ``diversity_loss``, which differs from it only on near-constant maps)."""
+    bounded ``diversity_loss``, which differs from it only on near-constant maps); over the
+    step's ``pairs`` when the term was computed on some pairs only (an unbiased estimate)."""
     if kind != "gradcam":
         return {}
-    return {"cam_similarity": float(diversity_similarity(maps.detach(), kind))}
+    return {"cam_similarity": float(diversity_similarity(maps.detach(), kind, pairs))}
+
+
+def step_pairs(cfg: Any, batch: StepBatch, members: int) -> list[tuple[int, int]] | None:
+    """The member pairs of this step's diversity term (None: all), drawn from ``cfg.seed`` and
+    the batch's global step (``--diversity-pairs``; ``saliency.sample_pairs``)."""
+    count = int(option(cfg, "diversity_pairs", "sdde"))
+    if count == 0:
+        return None
+    if batch.step is None:
+        raise ValueError("--diversity-pairs draws pairs per step: the StepBatch needs its step")
+    return sample_pairs(members, count, int(getattr(cfg, "seed", 0)), batch.step)
 
 
 def _shared(batch: StepBatch, name: str) -> tuple[Tensor, Tensor]:
@@ -246,12 +268,15 @@ class SDDE:
             return ce, _logs(loss=ce, ce=ce, lambda_div=0.0, diversity_step=0.0)
         x, y = batch.shared
         lam = diversity_weight(cfg, x) * batch.diversity_scale
+        pairs = step_pairs(cfg, batch, ensemble.num_members)
+        # --diversity-pairs: maps (and their double backward) only for the drawn pairs' members
+        used, local = (None, None) if pairs is None else pair_members(pairs)
         with batchnorm_mode(ensemble, _bn_mode(cfg)):
-            maps, _ = saliency_maps(ensemble, x, y, kind=kind, create_graph=True)
-        div = diversity_loss(maps, kind)
+            maps, _ = saliency_maps(ensemble, x, y, kind=kind, create_graph=True, members=used)
+        div = diversity_loss(maps, kind, local)
         loss = ce + lam * div
         logs = _logs(loss=loss, ce=ce, div=div, lambda_div=lam, diversity_step=1.0)
-        return loss, {**logs, **cam_log(maps, kind)}
+        return loss, {**logs, **cam_log(maps, kind, local)}
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,14 @@ DIVERSITY_PERIOD = Option(
     "sdde: compute the diversity term every k-th step only (official diversity_loss_period)",
     low=1,
 )
+DIVERSITY_PAIRS = Option(
+    "diversity_pairs",
+    int,
+    0,
+    "sdde: compute the diversity term on this many member pairs, drawn at random each step from "
+    "--seed and the step (0: all N(N-1)/2 pairs); saliency maps only for their members",
+    low=0,
+)
 BETA_OE = Option("beta_oe", float, 0.5, "weight of the Outlier-Exposure loss", low=0)
 OUTLIER_BATCH_SIZE = Option(
     "outlier_batch_size", int, None, "outlier batch size (None: --batch-size)", low=1
@@ -144,8 +152,8 @@ OUTLIER_BATCH_SIZE = Option(
 
 # The diversity weight and saliency options of the SDDE family; the λ warm-up ramps its term.
 _SDDE = (LAMBDA_DIV, SALIENCY, SALIENCY_LAYER, DIVERSITY_BN, LAMBDA_WARMUP)
-# How the diversity batch is drawn and how often the term is computed
-_PROTOCOL = (SHARED_SOURCE, SHARED_BATCH, DIVERSITY_PERIOD)
+# How the diversity batch is drawn, how often and on how many member pairs the term is computed
+_PROTOCOL = (SHARED_SOURCE, SHARED_BATCH, DIVERSITY_PERIOD, DIVERSITY_PAIRS)
 _OE = (BETA_OE, OUTLIER_BATCH_SIZE)
 
 

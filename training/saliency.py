@@ -26,12 +26,17 @@ gradient is at most ``1 / delta_i``, a fixed multiple of that member's typical o
 above the floor keep the official cosine; a map far below it (no saliency to speak of) counts
 as ~0 instead of a random +-1. ``delta_i`` scales with member ``i``'s maps, so the loss keeps
 the official invariance to the scale of a member's maps.
+
+``--diversity-pairs P`` takes both means over P member pairs drawn per step (``sample_pairs``,
+``pair_members``) instead of all of them: an unbiased estimate of the all-pairs mean, for which
+``saliency_maps(members=...)`` runs only the drawn pairs' members.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -94,28 +99,39 @@ def gradcam_from_features(
 
 
 def saliency_maps(
-    ensemble: Ensemble, x: Tensor, y: Tensor | None, *, kind: str = "gradcam", create_graph: bool
+    ensemble: Ensemble,
+    x: Tensor,
+    y: Tensor | None,
+    *,
+    kind: str = "gradcam",
+    create_graph: bool,
+    members: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Saliency maps of every member on images ``x`` (in [0, 1]) and the logits of that pass.
 
     ``y=None`` uses the ensemble's own prediction as the class (the unlabeled OOD batch of
     Algorithm 2). ``kind="gradcam"`` gives ``[B, N, h, w]``; ``"inputgrad"`` gives the gradient of
     the class logit w.r.t. the (normalised) input, ``[B, N, C, H, W]`` (Appendix B).
-    Runs in the ensemble's current train/eval mode (see ``batchnorm_mode``).
+    ``members``: only these members (N = their number; the others are not run), labels required
+    (a prediction of some members is not the ensemble's). Runs in the ensemble's current
+    train/eval mode (see ``batchnorm_mode``).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown saliency kind {kind!r}; choose one of {KINDS}")
+    if y is None and members is not None:
+        raise ValueError("saliency maps of some members need labels (y)")
     with torch.enable_grad():
         if kind == "gradcam":
-            feats = ensemble.forward_features(x)
-            logits = ensemble.forward_head(feats)
+            feats = ensemble.forward_features(x, members=members)
+            logits = ensemble.forward_head(feats, members=members)
             labels = pseudo_labels(logits) if y is None else y
             return gradcam_from_features(feats, logits, labels, create_graph=create_graph), logits
-        n = ensemble.num_members
+        n = ensemble.num_members if members is None else len(members)
         # One copy of the input per member, so one backward yields each member's own gradient.
         # Differentiate w.r.t. the normalised input (what the official code's network sees).
         xs = ensemble.normalize(x).detach().unsqueeze(0).repeat(n, 1, 1, 1, 1).requires_grad_(True)
-        logits = torch.stack(ensemble.forward_each(list(xs.unbind(0)), normalized=True), dim=1)
+        each = ensemble.forward_each(list(xs.unbind(0)), normalized=True, members=members)
+        logits = torch.stack(each, dim=1)
         labels = pseudo_labels(logits) if y is None else y
         _check_labels(labels, logits)
         (grad,) = torch.autograd.grad(
@@ -159,33 +175,47 @@ def normalize_maps(maps: Tensor) -> Tensor:
     return z / (z.norm(dim=-1, keepdim=True) + EPS)
 
 
-def mean_pairwise_cosine(maps: Tensor) -> Tensor:
+Pairs = Sequence[tuple[int, int]]
+
+
+def pair_mean(gram: Tensor, pairs: Pairs | None = None) -> Tensor:
+    """Mean of ``gram [B, N, N]`` over the batch and the member pairs ``pairs`` (positions on
+    the member axis; None: every unordered pair i < j, each once)."""
+    n = gram.shape[1]
+    if n < 2:
+        raise ValueError("pairwise similarity needs at least 2 members")
+    if pairs is None:
+        i, j = torch.triu_indices(n, n, offset=1, device=gram.device)
+    else:
+        if not pairs or any(not (0 <= a < n and 0 <= b < n and a != b) for a, b in pairs):
+            raise ValueError(f"pairs must be distinct members of 0..{n - 1}, got {list(pairs)}")
+        i, j = torch.tensor(list(pairs), dtype=torch.long, device=gram.device).T
+    return gram[:, i, j].mean()
+
+
+def mean_pairwise_cosine(maps: Tensor, pairs: Pairs | None = None) -> Tensor:
     """Mean cosine similarity over unordered member pairs (i < j) and the batch.
 
     ``maps``: ``[B, N, ...]`` (trailing dims flattened). Each pair counts once; averaging the
     symmetric off-diagonal of the Gram matrix (the official code) gives the same number.
+    ``pairs``: only these pairs (see ``pair_mean``).
     """
     if maps.ndim < 3:
         raise ValueError(f"expected maps [B, N, ...], got {tuple(maps.shape)}")
-    n = maps.shape[1]
-    if n < 2:
-        raise ValueError("pairwise similarity needs at least 2 members")
     v = maps.flatten(2).float()
     v = v / (v.norm(dim=-1, keepdim=True) + EPS)
-    gram = v @ v.transpose(1, 2)  # [B, N, N]
-    i, j = torch.triu_indices(n, n, offset=1, device=maps.device)
-    return gram[:, i, j].mean()
+    return pair_mean(v @ v.transpose(1, 2), pairs)  # Gram [B, N, N]
 
 
-def diversity_similarity(maps: Tensor, kind: str) -> Tensor:
+def diversity_similarity(maps: Tensor, kind: str, pairs: Pairs | None = None) -> Tensor:
     """The official similarity of a batch of maps (the metric; training uses ``diversity_loss``).
 
     GradCAM maps get the official normalisation first. Input gradients are compared raw (the
     official input-gradient loss takes the cosine of the flattened gradients directly).
     """
     if kind == "gradcam":
-        return mean_pairwise_cosine(normalize_maps(maps))
-    return mean_pairwise_cosine(maps)
+        return mean_pairwise_cosine(normalize_maps(maps), pairs)
+    return mean_pairwise_cosine(maps, pairs)
 
 
 def soft_unit(v: Tensor) -> Tensor:
@@ -215,22 +245,20 @@ def global_batch_mean(t: Tensor) -> Tensor:
     return t / dist.get_world_size()
 
 
-def mean_pairwise_dot(v: Tensor) -> Tensor:
-    """Mean over unordered member pairs (i < j) and the batch of ``<v_bi, v_bj>``; v [B, N, D]."""
-    n = v.shape[1]
-    if n < 2:
-        raise ValueError("pairwise similarity needs at least 2 members")
-    gram = v @ v.transpose(1, 2)
-    i, j = torch.triu_indices(n, n, offset=1, device=v.device)
-    return gram[:, i, j].mean()
+def mean_pairwise_dot(v: Tensor, pairs: Pairs | None = None) -> Tensor:
+    """Mean over unordered member pairs (i < j; or ``pairs``) and the batch of ``<v_bi, v_bj>``;
+    v [B, N, D]."""
+    return pair_mean(v @ v.transpose(1, 2), pairs)
 
 
-def diversity_loss(maps: Tensor, kind: str) -> Tensor:
+def diversity_loss(maps: Tensor, kind: str, pairs: Pairs | None = None) -> Tensor:
     """The SDDE diversity loss L_div that training minimises (bounded gradient; module doc).
 
     GradCAM maps ``[B, N, h, w]``: border cropped, centred per map, ``soft_unit``, mean pairwise
     dot product. Input gradients ``[B, N, ...]``: ``soft_unit`` of the raw flattened gradients (the
     official input-gradient loss is their plain cosine). Float32 even under bf16 autocast.
+    ``pairs``: the mean over these pairs of map positions only (``sample_pairs``). A member's
+    floor ``delta`` depends on its own maps only, so its terms are those of the all-pairs loss.
     """
     if maps.ndim < 3:
         raise ValueError(f"expected maps [B, N, ...], got {tuple(maps.shape)}")
@@ -239,7 +267,39 @@ def diversity_loss(maps: Tensor, kind: str) -> Tensor:
         v = m - m.mean(-1, keepdim=True)
     else:
         v = maps.float().flatten(2)
-    return mean_pairwise_dot(soft_unit(v))
+    return mean_pairwise_dot(soft_unit(v), pairs)
+
+
+# Part of the key of the pair draw's generator. The batch plan's generators (training/data.py)
+# take keys of 4 or 5 integers, this one 3, so the two never share a stream.
+PAIR_STREAM = 0x50414952  # "PAIR"
+
+
+def sample_pairs(members: int, count: int, seed: int, step: int) -> list[tuple[int, int]] | None:
+    """``count`` distinct unordered member pairs ``(i, j)``, i < j, drawn uniformly at random
+    for global step ``step`` of a run seeded ``seed``; sorted. None means "every pair":
+    ``count`` 0 or all ``N(N-1)/2`` of them.
+
+    A pure function of its arguments: a resumed run, every DDP process and both backends draw
+    the same pairs with no generator state to save. A uniform draw without replacement makes
+    the mean over the drawn pairs an unbiased estimate of the mean over all pairs.
+    """
+    total = members * (members - 1) // 2
+    if not 0 <= count <= total:
+        raise ValueError(f"{count} member pairs requested; {members} members have {total}")
+    if count in (0, total):
+        return None
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(step), PAIR_STREAM])
+    everyone = [(i, j) for i in range(members) for j in range(i + 1, members)]
+    return [everyone[k] for k in np.sort(rng.permutation(total)[:count])]
+
+
+def pair_members(pairs: Pairs) -> tuple[list[int], list[tuple[int, int]]]:
+    """The members that ``pairs`` names (sorted) and the pairs as positions in that list: the
+    ``members`` of ``saliency_maps`` and the ``pairs`` of ``diversity_loss``."""
+    used = sorted({m for pair in pairs for m in pair})
+    where = {m: k for k, m in enumerate(used)}
+    return used, [(where[a], where[b]) for a, b in pairs]
 
 
 def cam_similarity(ensemble: Ensemble, x: Tensor, y: Tensor, *, batch_size: int = 256) -> float:
