@@ -352,7 +352,9 @@ def build_manifest(
         ood=calibrated.ood.model_copy(update={"selection": choice.selection}),
         calibration=calibrated.info,
         knn=choice.knn_spec(),
-        score_stats=choice.stats_specs(list(fused.score_stats)),
+        score_stats=choice.stats_specs(
+            list(fused.score_stats), {t.name for t in fused.proto.graph.initializer}
+        ),
         weights_sha256=weights_sha256(proto),
         precision=precision,
         precision_check=calibrated.precision_check,

@@ -27,6 +27,7 @@ from export.knn import (
     pre_logit_features,
     stratified_subsample,
 )
+from export.scores import initializer_name
 from export.select import ScoreInputs, select_score
 from export.synth_ood import PER_KIND, SEED, synthesize
 from sdde_serve import calibration as cal
@@ -90,12 +91,19 @@ class OODChoice:
             out[name] = stats or {}
         return out
 
-    def stats_specs(self, names: list[str]) -> dict[str, ScoreStatsSpec]:
-        """The manifest's record of the graph's fitted statistics."""
+    def stats_specs(self, names: list[str], initializers: set[str]) -> dict[str, ScoreStatsSpec]:
+        """The manifest's record of the graph's fitted statistics. ``memory_bytes`` counts what
+        the score itself stores: a statistic the graph shares with another score (``combined``'s
+        bank is the ``knn_bank`` initializer, export/graph.py's ``store_stat``) is counted once,
+        under the score whose initializer holds it."""
         return {
             n: ScoreStatsSpec(
                 shapes={k: list(v.shape) for k, v in self.stats[n].items()},
-                memory_bytes=sum(4 * v.size for v in self.stats[n].values()),  # float32
+                memory_bytes=sum(  # float32
+                    4 * v.size
+                    for k, v in self.stats[n].items()
+                    if initializer_name(n, k) in initializers
+                ),
                 source=self.source,
             )
             for n in names

@@ -409,6 +409,9 @@ def test_combined_is_fitted_on_the_choice_half_and_calibrated_on_the_other(tiny_
     assert m.score_stats["combined"].shapes == {"median": [2], "scale": [2], "knn_bank": [252, 120]}
     # the KNN bank is stored once: combined reads the knn score's
     assert _banks_of(load_onnx(tmp_path / "m.onnx"), (252, 120)) == ["knn_bank"]
+    # ... and counted once: under knn, not again in combined's own bytes (median + scale)
+    assert m.score_stats["combined"].memory_bytes == 4 * (2 + 2)
+    assert m.knn is not None and m.knn.memory_bytes == 4 * 252 * 120
     # the stored standardisation is the choice half's (refitted here), not the calibration half's
     choice, _ = split_validation(run.val)
     images = choice.as_model_input(1, 28, 28)
