@@ -630,24 +630,16 @@ def check_graph(model: onnx.ModelProto) -> None:
         raise UserError(f"the converted graph fails the ONNX checker: {first}") from None
 
 
-def training_images(
-    full: ArrayDataset, val_indices: np.ndarray, n: int, shape: tuple[int, int, int], seed: int = 0
+def run_training_images(
+    run: LoadedRun, n: int, shape: tuple[int, int, int], seed: int = 0
 ) -> tuple[np.ndarray, str]:
-    """Up to ``n`` images of ``full`` outside ``val_indices`` (a seeded sample), as model input."""
-    keep = np.setdiff1d(np.arange(len(full)), np.asarray(val_indices, np.int64))
+    """Up to ``n`` of ``run``'s training images (a seeded sample of its data minus
+    ``split.json``'s validation, as training.run.load_train_split gives them), as model input."""
+    from training.run import load_train_split
+
+    train = load_train_split(run.run_dir, run.config)
+    keep = np.arange(len(train))
     if len(keep) > n:
         keep = np.sort(np.random.default_rng(seed).choice(keep, n, replace=False))
-    subset = full.subset(keep, name=f"{full.name}:train")
-    return subset.as_model_input(*shape), f"{subset.name} ({len(keep)} images)"
-
-
-def run_training_images(
-    run: LoadedRun, n: int, shape: tuple[int, int, int]
-) -> tuple[np.ndarray, str]:
-    """Up to ``n`` of ``run``'s training images (its data minus ``split.json``'s validation)."""
-    from sdde_serve.data import load_dataset, read_run_json
-    from training.run import SPLIT
-
-    split = read_run_json(run.run_dir / SPLIT)
-    full = load_dataset(run.config["data"]["spec"], split="train")  # as the trainer loaded it
-    return training_images(full, np.asarray(split["val_indices"]), n, shape)
+    images = train.subset(keep, name=train.name).as_model_input(*shape)
+    return images, f"{train.name} ({len(keep)} images)"
