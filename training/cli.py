@@ -17,15 +17,8 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 from training import registry
-from training.config import (
-    AUGMENT_CHOICES,
-    BACKEND_CHOICES,
-    BEST_METRIC_CHOICES,
-    FIELD_HELP,
-    CommonConfig,
-    TrainConfig,
-    flag,
-)
+from training.choices import AUGMENT_CHOICES, BACKEND_CHOICES, BEST_METRIC_CHOICES
+from training.config import FIELD_HELP, CommonConfig, TrainConfig, flag
 
 HELP = (
     "Train a Saliency-Diversified Deep Ensemble (or a baseline) and write a run directory. "

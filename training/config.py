@@ -16,14 +16,7 @@ from typing import Any, Self
 
 from sdde_serve.errors import UserError
 from training import registry
-
-# Each choice list exists once: training.saliency and training.ensemble use these.
-SALIENCY_CHOICES = registry.SALIENCY.choices
-DIVERSITY_BN_CHOICES = registry.DIVERSITY_BN.choices
-AUGMENT_CHOICES = ("auto", "none", "crop", "crop-flip")
-SHARED_SOURCE_CHOICES = registry.SHARED_SOURCE.choices
-BEST_METRIC_CHOICES = ("acc", "nll")
-BACKEND_CHOICES = ("loop", "fused")
+from training.choices import AUGMENT_CHOICES, BACKEND_CHOICES, BEST_METRIC_CHOICES
 
 
 @dataclass
@@ -104,7 +97,10 @@ class TrainConfig(MethodOptions):
         layer) come from ``training.models.ARCHS``; the diversity weight from
         ``training.methods.default_lambda`` (0.1 for 28x28 gray inputs, 0.005 otherwise).
         """
-        from training import methods, models  # imports torch; resolve() is a training-time call
+        # Imported here: they import torch, and resolve() is a training-time call (--help must
+        # not pay for torch). Neither imports this module (their choice lists are in
+        # training.choices), so this is no import cycle.
+        from training import methods, models
 
         self.validate()
         spec = models.arch_spec(self.arch)  # UserError for unknown names

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from training.config import BACKEND_CHOICES, DIVERSITY_BN_CHOICES
+from training.choices import BACKEND_CHOICES, DIVERSITY_BN_CHOICES
 from training.models import create_model
 from training.pretrained import load_into, source_state_dict
 

@@ -42,7 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from training.config import SALIENCY_CHOICES
+from training.choices import SALIENCY_CHOICES
 from training.ensemble import Ensemble, batchnorm_mode
 
 EPS = 1e-6  # the official code's eps, on the std and on the L2 norm

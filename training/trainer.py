@@ -2,7 +2,7 @@
 
 Three parts, in reading order: ``setup`` (data checks, the ensemble and its optimizer, resume)
 builds a ``Run``; ``loop`` feeds one typed ``StepBatch`` per step to ``train_step``, which is
-the algorithm (loss, backward, gradient average, SGD step); ``end_of_epoch`` evaluates, keeps
+the algorithm (loss, backward, gradient average, SGD step); ``end_of_epoch`` validates, keeps
 the best weights and checkpoints.
 
 One step trains every member at once: the method (``training.methods``) turns a ``StepBatch``
@@ -11,62 +11,49 @@ one SGD step (Nesterov momentum, weight decay, per-step cosine learning rate) on
 parameters. The batch plan (``training.data``) is a pure function of (seed, stream, step), which
 makes resuming, DataLoader workers and DDP sharding reproduce the single-process run.
 
-DDP and the double backward: SDDE differentiates through GradCAM (``autograd.grad`` with
-``create_graph=True``), and ``DistributedDataParallel`` supports neither ``autograd.grad`` nor
-members called outside its ``forward``. So we do not wrap the ensemble: every process starts
-from rank 0's weights, computes the full loss and ``backward()`` on its shard, then gradients
-are averaged with one bucketed ``all_reduce`` before ``optimizer.step()`` (and BatchNorm
-buffers likewise), which keeps replicas bit-identical. The cost versus DDP is the lost overlap
-of communication with the backward pass.
+The rest lives next door: ``training.distributed`` (devices, the process group, gradient
+averaging; why not ``DistributedDataParallel``), ``training.validation`` (the per-epoch
+metrics, the best checkpoint), ``training.checkpointing`` (``last_state.pt``, ``--resume``),
+``training.interrupt`` (Ctrl-C) and ``training.progress`` (running means, bar, log lines).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import math
-import os
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
-from tqdm import tqdm
 
-from sdde_serve.data import load_dataset, train_val_split
+from sdde_serve.data import ArrayDataset, load_dataset, train_val_split
 from sdde_serve.errors import UserError
 from training import data as D
-from training import registry, saliency
+from training import registry
+from training.checkpointing import checkpoint, resume_from
 from training.config import ResolvedConfig, TrainConfig
 from training.dead_members import reinitialize_member, stuck_members
+from training.distributed import DistContext, autocast_for, setup_distributed
 from training.ensemble import Ensemble, build_ensemble
+from training.interrupt import StopRequest
 from training.methods import METHODS, StepBatch
+from training.progress import Running, StepBar, log, log_epoch
 from training.run import (
     BEST,
-    LAST,
     METRICS,
     append_metrics,
     check_fresh_out,
     check_same_data,
-    keep_metrics_up_to,
     load_resume,
-    read_weights,
-    record_resumed_config,
-    save_state,
     save_weights,
-    set_rng_state,
     write_run_header,
 )
-
-ALLREDUCE_BUCKET = 1 << 24  # elements per gradient all-reduce call (bounds the extra memory)
+from training.validation import accuracy_only, cam_similarity, update_best, validate
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -74,7 +61,13 @@ def train(cfg: TrainConfig) -> Path:
     cfg.validate()
     ctx = setup_distributed(cfg.device)
     try:
-        return _train(cfg, ctx)
+        run = setup(cfg, ctx)
+        if run.step >= run.end_step:
+            where = f"the run in {run.out} is at step {run.step} of {run.end_step}"
+            log(run.main, f"nothing to do: {where}")
+            return run.out
+        loop(run)
+        return run.out
     finally:
         ctx.close()
 
@@ -120,16 +113,6 @@ class Run:
         return self.plan.steps_per_epoch
 
 
-def _train(cfg: TrainConfig, ctx: DistContext) -> Path:
-    run = setup(cfg, ctx)
-    if run.step >= run.end_step:
-        where = f"the run in {run.out} is at step {run.step} of {run.end_step}"
-        log(run.main, f"nothing to do: {where}")
-        return run.out
-    loop(run)
-    return run.out
-
-
 # --- setup: data, model, optimizer, resume -----------------------------------------------------
 
 
@@ -144,15 +127,80 @@ def setup(given: TrainConfig, ctx: DistContext) -> Run:
     else:
         check_fresh_out(out)
     ctx.barrier()  # every process checked `out` before rank 0 writes into it
+    cfg, data = load_data(given, out, resuming=state is not None)
+    plan = batch_plan(cfg, ctx, len(data.train_t), data.outliers_t)
+    total_steps = cfg.epochs * plan.steps_per_epoch
 
-    # --- data: load, split (seeded, recorded), convert to the model's input ------------------
+    ensemble, memory_format = build_model(cfg, data, ctx.device, resuming=state is not None)
+    params = [p for p in ensemble.parameters() if p.requires_grad]
+    # OpenOOD / the paper: SGD, Nesterov momentum 0.9, weight decay 5e-4 on every parameter.
+    optimizer = torch.optim.SGD(
+        params,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+    )
+    method = METHODS[cfg.method]
+    sample = data.train_t.x[:1].to(ctx.device)
+    aux, aux_optimizer = make_aux(method, ensemble, data.num_classes, sample, cfg)
+    run = Run(
+        cfg=cfg,
+        ctx=ctx,
+        out=out,
+        train_t=data.train_t,
+        val_t=data.val_t,
+        train_eval=D.train_eval_subset(data.train_t, cfg.eval_train_samples, cfg.seed),
+        outliers_t=data.outliers_t,
+        plan=plan,
+        ensemble=ensemble,
+        params=params,
+        optimizer=optimizer,
+        method=method,
+        aux=aux,
+        aux_optimizer=aux_optimizer,
+        memory_format=memory_format,
+        autocast=autocast_for(ctx.device, cfg),
+        total_steps=total_steps,
+        end_step=min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps,
+        num_classes=data.num_classes,
+    )
+    if state is not None:  # weights, optimizer, RNG, step and running sums
+        resume_from(run, state)
+    elif run.main:
+        header = (data.full, data.fingerprint, data.val_idx, data.mean, data.std, data.num_classes)
+        write_run_header(out, cfg, *header)
+    ctx.broadcast_module(ensemble)  # replicas start identical (no-op on one process)
+    if aux is not None:
+        ctx.broadcast_module(aux)
+    return run
+
+
+@dataclass
+class Data:
+    """The run's data as ``load_data`` checked and converted it."""
+
+    full: ArrayDataset  # the labelled set as loaded: its fingerprint and split are recorded
+    fingerprint: str
+    val_idx: np.ndarray
+    train_t: D.Tensors
+    val_t: D.Tensors
+    outliers_t: D.Tensors | None
+    mean: list[float]  # per channel, of the training inputs
+    std: list[float]
+    num_classes: int
+
+
+def load_data(given: TrainConfig, out: Path, *, resuming: bool) -> tuple[ResolvedConfig, Data]:
+    """Loads, checks and splits the training data (seeded, recorded), converts it to the
+    model's input, and resolves the config (its defaults depend on the data's channels)."""
     full = load_dataset(given.data, split="train")
     if full.labels is None:
         raise UserError(f"--data {given.data!r} has no labels; training needs a labelled set")
     cfg = given.resolve(data_channels=full.channels)
     train_idx, val_idx = train_val_split(len(full), cfg.val_fraction, cfg.seed)
     fingerprint = full.fingerprint()
-    if state is not None:
+    if resuming:
         check_same_data(out, full, fingerprint)
     size, chans = cfg.input_size, cfg.in_chans
     train_t = D.to_tensors(full.subset(train_idx), chans, size)
@@ -168,69 +216,31 @@ def setup(given: TrainConfig, ctx: DistContext) -> Run:
     n_classes = len(full.classes) if full.classes else int(full.labels.max()) + 1
     if int(full.labels.min()) < 0 or int(full.labels.max()) >= n_classes:
         raise UserError(f"--data {cfg.data!r}: labels outside 0..{n_classes - 1}")
-    plan = batch_plan(cfg, ctx, len(train_t), outliers_t)
-    total_steps = cfg.epochs * plan.steps_per_epoch
-    end_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    data = Data(full, fingerprint, val_idx, train_t, val_t, outliers_t, mean, std, n_classes)
+    return cfg, data
 
-    # --- the ensemble: members drawn from the seeded RNG, identical on every process ----------
-    device = ctx.device
+
+def build_model(
+    cfg: ResolvedConfig, data: Data, device: torch.device, *, resuming: bool
+) -> tuple[Ensemble, torch.memory_format | None]:
+    """The ensemble on ``device``: members drawn from the seeded RNG, identical on every
+    process (a resume then loads its own weights instead of ``--pretrained``)."""
     torch.manual_seed(cfg.seed)
     ensemble = build_ensemble(
         cfg.arch,
         members=cfg.members,
-        num_classes=n_classes,
-        in_chans=chans,
-        mean=mean,
-        std=std,
+        num_classes=data.num_classes,
+        in_chans=cfg.in_chans,
+        mean=data.mean,
+        std=data.std,
         saliency_layer=cfg.saliency_layer,
         backend=cfg.backend,
-        pretrained=None if state is not None else cfg.pretrained,  # a resume loads its own
+        pretrained=None if resuming else cfg.pretrained,
     )
     use_cuda = device.type == "cuda"
     memory_format = torch.channels_last if (use_cuda and cfg.channels_last) else None
     ensemble.to(device=device, memory_format=memory_format or torch.preserve_format)
-    params = [p for p in ensemble.parameters() if p.requires_grad]
-    # OpenOOD / the paper: SGD, Nesterov momentum 0.9, weight decay 5e-4 on every parameter.
-    optimizer = torch.optim.SGD(
-        params,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov,
-        weight_decay=cfg.weight_decay,
-    )
-    method = METHODS[cfg.method]
-    aux, aux_optimizer = make_aux(method, ensemble, n_classes, train_t.x[:1].to(device), cfg)
-    run = Run(
-        cfg=cfg,
-        ctx=ctx,
-        out=out,
-        train_t=train_t,
-        val_t=val_t,
-        train_eval=D.train_eval_subset(train_t, cfg.eval_train_samples, cfg.seed),
-        outliers_t=outliers_t,
-        plan=plan,
-        ensemble=ensemble,
-        params=params,
-        optimizer=optimizer,
-        method=method,
-        aux=aux,
-        aux_optimizer=aux_optimizer,
-        memory_format=memory_format,
-        autocast=autocast_for(device, cfg),
-        total_steps=total_steps,
-        end_step=end_step,
-        num_classes=n_classes,
-    )
-
-    # --- resume: weights, optimizer, RNG, step and running sums; or write the fresh run ------
-    if state is not None:
-        resume_from(run, state)
-    elif run.main:
-        write_run_header(out, cfg, full, fingerprint, val_idx, mean, std, n_classes)
-    ctx.broadcast_module(ensemble)  # replicas start identical (no-op on one process)
-    if aux is not None:
-        ctx.broadcast_module(aux)
-    return run
+    return ensemble, memory_format
 
 
 def batch_plan(cfg: ResolvedConfig, ctx: DistContext, n_train: int, outliers: D.Tensors | None):
@@ -263,52 +273,51 @@ def batch_plan(cfg: ResolvedConfig, ctx: DistContext, n_train: int, outliers: D.
     return plan
 
 
-def resume_from(run: Run, state: dict[str, Any]) -> None:
-    """Weights, optimizer, RNG, step, best and the running sums of ``last_state.pt``."""
-    run.ensemble.load_state_dict(read_weights(run.out / LAST), strict=True)
-    run.optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
-    load_aux_state(run.aux, run.aux_optimizer, state)
-    run.step, run.best = int(state["step"]), state.get("best")
-    run.running = Running(
-        dict(state["running"]["sums"]),
-        int(state["running"]["count"]),
-        dict(state["running"].get("counts") or {}),
+def make_aux(
+    method: Any, ensemble: Ensemble, n_classes: int, sample: Tensor, cfg: TrainConfig
+) -> tuple[torch.nn.Module | None, torch.optim.Optimizer | None]:
+    """The method's auxiliary module (DICE's discriminator) and its optimizer, else Nones.
+
+    RMSprop with the members' momentum and weight decay, constant learning rate: the official
+    DICE setting.
+    """
+    build = getattr(method, "make_aux", None)
+    if build is None:
+        return None, None
+    aux = build(ensemble, n_classes, sample).to(sample.device)
+    opt = torch.optim.RMSprop(
+        aux.parameters(),
+        lr=cfg.discriminator_lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
     )
-    run.elapsed = float(state.get("elapsed_s", 0.0))
-    if run.main:
-        keep_metrics_up_to(run.out / METRICS, run.step)
-        record_resumed_config(run.out, run.cfg)  # e.g. more --epochs: config.json says so
+    return aux, opt
 
 
 # --- the loop ----------------------------------------------------------------------------------
 
 
 def loop(run: Run) -> None:
-    """Steps ``run.step .. run.end_step - 1``: one ``train_step`` each, an evaluation and a
+    """Steps ``run.step .. run.end_step - 1``: one ``train_step`` each, a validation and a
     checkpoint at each epoch end (and at the last step), a checkpoint on Ctrl-C."""
     cfg, ctx, main = run.cfg, run.ctx, run.main
-    device = ctx.device
     dataset = D.StepDataset(run.plan, run.train_t, run.outliers_t)
-    loader = D.step_loader(
-        dataset, run.step, run.end_step, workers=cfg.workers, pin_memory=device.type == "cuda"
+    pin = ctx.device.type == "cuda"
+    loader = D.step_loader(dataset, run.step, run.end_step, workers=cfg.workers, pin_memory=pin)
+    bar = StepBar(
+        run.step,
+        run.end_step,
+        cfg.batch_size * cfg.members,  # member batches: the rate the bar shows
+        run.elapsed,
+        enabled=main and cfg.progress and sys.stderr.isatty(),
     )
-    bar = tqdm(
-        total=run.end_step,
-        initial=run.step,
-        unit="step",
-        dynamic_ncols=True,
-        # Only rank 0 draws, and only on a terminal (logs stay clean under CI and torchrun).
-        disable=not (main and cfg.progress and sys.stderr.isatty()),
-    )
-    images_per_step = cfg.batch_size * cfg.members  # member batches (the rate in the bar)
-    start_step, elapsed0 = run.step, run.elapsed
     log(
         main,
         f"training {cfg.members} x {cfg.arch} with {cfg.method} on {cfg.data}: "
         f"{len(run.train_t)} train / {len(run.val_t)} val images, "
         f"{run.steps_per_epoch} steps per epoch, steps {run.step}..{run.end_step} of "
-        f"{run.total_steps}, device {device}, {ctx.world} process(es), augment {run.plan.augment}",
+        f"{run.total_steps}, device {ctx.device}, {ctx.world} process(es), "
+        f"augment {run.plan.augment}",
     )
     with StopRequest() as stop:
         t_last = time.perf_counter()
@@ -316,7 +325,7 @@ def loop(run: Run) -> None:
             # Per-step cosine decay from lr to min_lr over the whole run (no warm-up, as OpenOOD).
             lr = cosine_lr(run.step, run.total_steps, cfg.lr, cfg.min_lr)
             batch = dataclasses.replace(
-                cpu_batch.to(device, run.memory_format),
+                cpu_batch.to(ctx.device, run.memory_format),
                 diversity_scale=diversity_ramp(run.step, run.steps_per_epoch, cfg),
                 aux=run.aux,
             )
@@ -326,46 +335,40 @@ def loop(run: Run) -> None:
             # One small all-reduce: loss terms averaged over processes (= the single-process
             # values of the global batch) and the ranks agreeing on when to stop (Ctrl-C, NaN).
             terms, (stop_now,) = ctx.reduce_step(shard_terms, stop.requested)
-            loss_value = terms["loss"]
+            loss = terms["loss"]
             run.running.add(terms)
-            if not math.isfinite(loss_value):
+            if not math.isfinite(loss):
                 raise UserError(
-                    f"the loss diverged (loss={loss_value}) at step {run.step}; try a lower --lr "
+                    f"the loss diverged (loss={loss}) at step {run.step}; try a lower --lr "
                     f"(the last checkpoint in {run.out} is kept)"
                 )
-
             now = time.perf_counter()
             run.elapsed += now - t_last
             t_last = now
-            if not bar.disable:
-                rate = (run.step - start_step) * images_per_step / max(run.elapsed - elapsed0, 1e-9)
-                bar.set_postfix(
-                    loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", refresh=False
-                )
-                bar.update(1)
+            bar.update(run.step, run.elapsed, loss, lr)
 
             if run.step % run.steps_per_epoch == 0 or run.step == run.end_step:
-                end_of_epoch(run, lr, bar)
-                t_last = time.perf_counter()  # evaluation time is not training time
-
+                end_of_epoch(run, lr)
+                t_last = time.perf_counter()  # validation time is not training time
             if stop_now:
-                if main:
-                    checkpoint(run)
-                bar.close()
-                log(
-                    main,
-                    f"interrupted at step {run.step}: checkpoint saved in {run.out}; "
-                    "continue with --resume",
-                )
-                ctx.barrier()
-                raise KeyboardInterrupt
+                stop_at_checkpoint(run, bar)
     bar.close()
-    best = run.best
+    best = run.best["value"] if run.best else float("nan")
+    log(main, f"done: {run.out} (step {run.step}, best ensemble val {cfg.best_metric}: {best:.4f})")
+
+
+def stop_at_checkpoint(run: Run, bar: StepBar) -> None:
+    """A stop was asked for (Ctrl-C on some process): rank 0 checkpoints, then every process
+    raises ``KeyboardInterrupt`` together (``--resume`` continues from that step)."""
+    if run.main:
+        checkpoint(run)
+    bar.close()
     log(
-        main,
-        f"done: {run.out} (step {run.step}, best ensemble val {cfg.best_metric}: "
-        f"{best['value'] if best else float('nan'):.4f})",
+        run.main,
+        f"interrupted at step {run.step}: checkpoint saved in {run.out}; continue with --resume",
     )
+    run.ctx.barrier()
+    raise KeyboardInterrupt
 
 
 def train_step(run: Run, batch: StepBatch, lr: float) -> dict[str, float]:
@@ -397,10 +400,10 @@ def train_step(run: Run, batch: StepBatch, lr: float) -> dict[str, float]:
     return {**terms, "loss": float(loss.detach())}
 
 
-# --- the epoch end: evaluate, keep the best, checkpoint ----------------------------------------
+# --- the epoch end: validate, keep the best, checkpoint -------------------------------------
 
 
-def end_of_epoch(run: Run, lr: float, bar: tqdm) -> None:
+def end_of_epoch(run: Run, lr: float) -> None:
     """Appends the epoch's record to metrics.jsonl (train means, validation metrics, CAM
     similarity), saves best/last weights and the resumable state (rank 0 only)."""
     epoch_end = run.step % run.steps_per_epoch == 0
@@ -420,8 +423,8 @@ def end_of_epoch(run: Run, lr: float, bar: tqdm) -> None:
         return
     cfg, device, ensemble = run.cfg, run.ctx.device, run.ensemble
     ensemble.eval()
-    record["train"].update(accuracy_only(evaluate(ensemble, run.train_eval, cfg, device)))
-    record["val"] = evaluate(ensemble, run.val_t, cfg, device)
+    record["train"].update(accuracy_only(validate(ensemble, run.train_eval, cfg, device)))
+    record["val"] = validate(ensemble, run.val_t, cfg, device)
     record["val"]["cam_similarity"] = cam_similarity(ensemble, run.val_t, cfg, device)
     run.best, record["best"] = update_best(run.best, record["val"], cfg.best_metric)
     if record["best"]:
@@ -431,7 +434,7 @@ def end_of_epoch(run: Run, lr: float, bar: tqdm) -> None:
         record["stuck_members"] = stuck
     checkpoint(run)
     append_metrics(run.out / METRICS, record)
-    log_epoch(record, cfg.epochs, bar)
+    log_epoch(record, cfg.epochs)
 
 
 def revive_stuck(run: Run, stuck: list[dict[str, Any]], epoch_end: bool) -> bool:
@@ -459,22 +462,13 @@ def revive_stuck(run: Run, stuck: list[dict[str, Any]], epoch_end: bool) -> bool
     return bool(members)
 
 
-def checkpoint(run: Run) -> None:
-    """last.safetensors and last_state.pt: what ``--resume`` continues from."""
-    save_weights(run.ensemble, run.out / LAST, run.step)
-    save_state(
-        run.out,
-        run.optimizer,
-        run.step,
-        run.best,
-        run.running.to_state(),
-        run.elapsed,
-        run.cfg,
-        aux=aux_state(run.aux, run.aux_optimizer),
-    )
+# --- the schedules: learning rate, shared batch size, diversity ramp ---------------------------
 
 
-# --- the protocol: shared batch size, diversity ramp, auxiliary modules ------------------------
+def cosine_lr(step: int, total_steps: int, lr: float, min_lr: float) -> float:
+    """Cosine from ``lr`` at step 0 to ``min_lr`` at ``total_steps`` (evaluated every step)."""
+    progress = min(step / max(1, total_steps), 1.0)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
 def shared_batch_size(cfg: TrainConfig) -> int:
@@ -490,359 +484,3 @@ def diversity_ramp(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     if epochs <= 0:
         return 1.0
     return min(1.0, step / (epochs * steps_per_epoch))
-
-
-def make_aux(
-    method: Any, ensemble: Ensemble, n_classes: int, sample: Tensor, cfg: TrainConfig
-) -> tuple[torch.nn.Module | None, torch.optim.Optimizer | None]:
-    """The method's auxiliary module (DICE's discriminator) and its optimizer, else Nones.
-
-    RMSprop with the members' momentum and weight decay, constant learning rate: the official
-    DICE setting.
-    """
-    build = getattr(method, "make_aux", None)
-    if build is None:
-        return None, None
-    aux = build(ensemble, n_classes, sample).to(sample.device)
-    opt = torch.optim.RMSprop(
-        aux.parameters(),
-        lr=cfg.discriminator_lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-    )
-    return aux, opt
-
-
-def aux_state(
-    aux: torch.nn.Module | None, opt: torch.optim.Optimizer | None
-) -> dict[str, Any] | None:
-    if aux is None or opt is None:
-        return None
-    weights = {k: v.detach().cpu() for k, v in aux.state_dict().items()}
-    return {"weights": weights, "optimizer": opt.state_dict()}
-
-
-def load_aux_state(
-    aux: torch.nn.Module | None, opt: torch.optim.Optimizer | None, state: dict[str, Any]
-) -> None:
-    saved = state.get("aux")
-    if aux is None or opt is None:
-        return
-    if saved is None:
-        raise UserError("--resume: the saved state has no discriminator (not a dice run?)")
-    aux.load_state_dict(saved["weights"])
-    opt.load_state_dict(saved["optimizer"])
-
-
-# --- learning rate -----------------------------------------------------------------------------
-
-
-def cosine_lr(step: int, total_steps: int, lr: float, min_lr: float) -> float:
-    """Cosine from ``lr`` at step 0 to ``min_lr`` at ``total_steps`` (evaluated every step)."""
-    progress = min(step / max(1, total_steps), 1.0)
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-# --- evaluation --------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def member_logits(ensemble: Ensemble, data: D.Tensors, cfg: TrainConfig, device) -> Tensor:
-    """Logits ``[M, N, L]`` (float32, CPU) of every member on ``data`` (eval mode)."""
-    chunks = []
-    for x, _ in D.eval_batches(data, cfg.eval_batch_size):
-        with autocast_for(device, cfg):
-            chunks.append(ensemble(x.to(device)).float().cpu())
-    if not chunks:
-        return torch.empty(0, ensemble.num_members, 0)
-    return torch.cat(chunks)
-
-
-def evaluate(ensemble: Ensemble, data: D.Tensors, cfg: TrainConfig, device) -> dict[str, Any]:
-    """Accuracy and NLL of each member and of the ensemble (mean of member probabilities)."""
-    if len(data) == 0 or data.y is None:
-        return {}
-    logits = member_logits(ensemble, data, cfg, device)
-    y = data.y
-    log_p = torch.log_softmax(logits, dim=-1)  # [M, N, L]
-    member_acc = (logits.argmax(-1) == y[:, None]).double().mean(0)
-    member_nll = -log_p.gather(-1, y[:, None, None].expand(-1, logits.shape[1], 1)).double()
-    # Ensemble probabilities average probabilities (not logits): log mean_i p_i.
-    ens_log_p = torch.logsumexp(log_p, dim=1) - math.log(logits.shape[1])
-    return {
-        "member_acc": [round(float(v), 6) for v in member_acc],
-        "member_nll": [round(float(v), 6) for v in member_nll.mean(0).squeeze(-1)],
-        "ensemble_acc": round(float((ens_log_p.argmax(-1) == y).double().mean()), 6),
-        "ensemble_nll": round(float(-ens_log_p.gather(-1, y[:, None]).double().mean()), 6),
-    }
-
-
-def accuracy_only(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in metrics.items() if k.endswith("acc")}
-
-
-def cam_similarity(ensemble: Ensemble, data: D.Tensors, cfg: TrainConfig, device) -> float | None:
-    """Mean pairwise cosine similarity of the members' GradCAMs on held-out images.
-
-    The paper's diversity measure (its Figure 5): GradCAM for the ground-truth class, the official
-    normalisation, each unordered pair of members once. Lower = more diverse saliency.
-    """
-    if cfg.cam_samples <= 0 or ensemble.num_members < 2 or len(data) == 0 or data.y is None:
-        return None
-    n = min(cfg.cam_samples, len(data))
-    x, y = data.x[:n].to(device), data.y[:n].to(device)
-    return round(saliency.cam_similarity(ensemble, x, y, batch_size=cfg.eval_batch_size), 6)
-
-
-def update_best(
-    best: dict[str, Any] | None, val: dict[str, Any], metric: str
-) -> tuple[dict[str, Any], bool]:
-    """Best checkpoint: highest ensemble val accuracy (ties: lower NLL), or lowest NLL."""
-    acc, nll = val["ensemble_acc"], val["ensemble_nll"]
-    key = (acc, -nll) if metric == "acc" else (-nll, acc)
-    if best is None or key > tuple(best["key"]):
-        value = acc if metric == "acc" else nll
-        return {"key": list(key), "value": value, "metric": metric}, True
-    return best, False
-
-
-def autocast_for(device: torch.device, cfg: TrainConfig):
-    if device.type == "cuda" and cfg.amp:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-# --- devices and distributed -------------------------------------------------------------------
-
-
-def pick_device(flag: str, local_rank: int | None) -> torch.device:
-    """``auto`` -> CUDA when present (the process's local GPU under torchrun), else CPU."""
-    if flag == "auto":
-        flag = "cuda" if torch.cuda.is_available() else "cpu"
-    if flag == "cpu":
-        return torch.device("cpu")
-    if not flag.startswith("cuda"):
-        raise UserError(f"unknown --device {flag!r}; use auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise UserError(f"--device {flag} asked for CUDA, but no CUDA device is available")
-    if flag == "cuda" and local_rank is not None:
-        flag = f"cuda:{local_rank}"
-    try:
-        device = torch.device(flag)
-    except RuntimeError:
-        raise UserError(f"bad --device {flag!r}; use cuda or cuda:N") from None
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {flag}: only {torch.cuda.device_count()} CUDA device(s)")
-    torch.cuda.set_device(device)
-    return device
-
-
-@dataclass
-class DistContext:
-    """Rank/world of this process and the collectives the loop needs (no-ops on one process)."""
-
-    device: torch.device
-    rank: int = 0
-    world: int = 1
-    owns_group: bool = False
-
-    def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-    def broadcast_module(self, module: torch.nn.Module) -> None:
-        if self.world == 1:
-            return
-        with torch.no_grad():
-            for t in [*module.parameters(), *module.buffers()]:
-                dist.broadcast(t.data, src=0)
-
-    def average_gradients(self, params: list[Tensor]) -> None:
-        """Mean of the gradients over processes: a sum of per-shard means / world."""
-        if self.world == 1:
-            return
-        for bucket in _buckets(params):
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            flat /= self.world
-            offset = 0
-            for p, g in zip(bucket, grads, strict=True):
-                n = g.numel()
-                piece = flat[offset : offset + n].view(g.shape)
-                if p.grad is None:
-                    p.grad = piece.clone()
-                else:
-                    p.grad.copy_(piece)
-                offset += n
-
-    def average_buffers(self, module: torch.nn.Module) -> None:
-        """BatchNorm running statistics: the mean over processes.
-
-        Each process updated them with its shard's batch statistics; the mean of the updated
-        running means equals the single-process update with the global batch (equal shards).
-        """
-        if self.world == 1:
-            return
-        floats = [b for b in module.buffers() if b.is_floating_point()]
-        if not floats:
-            return
-        flat = torch.cat([b.reshape(-1) for b in floats])
-        dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for b in floats:
-            b.copy_(flat[offset : offset + b.numel()].view(b.shape))
-            offset += b.numel()
-
-    def reduce_step(
-        self, terms: dict[str, float], *flags: bool
-    ) -> tuple[dict[str, float], tuple[bool, ...]]:
-        """Loss terms averaged over processes, and each flag true if true on any process."""
-        if self.world == 1:
-            return terms, tuple(bool(f) for f in flags)
-        keys = sorted(terms)
-        values = [float(terms[k]) for k in keys] + [float(f) for f in flags]
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        out = t.tolist()
-        means = {k: out[i] / self.world for i, k in enumerate(keys)}
-        return means, tuple(v > 0 for v in out[len(keys) :])
-
-    def replicas_in_sync(self, module: torch.nn.Module) -> bool:
-        """All processes hold bit-identical weights (hash of the state dict, gathered)."""
-        digest = weights_digest(module)
-        digests: list[str | None] = [None] * self.world
-        dist.all_gather_object(digests, digest)
-        return len(set(digests)) == 1
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-def _buckets(params: list[Tensor]) -> Iterator[list[Tensor]]:
-    bucket: list[Tensor] = []
-    size = 0
-    for p in params:
-        bucket.append(p)
-        size += p.numel()
-        if size >= ALLREDUCE_BUCKET:
-            yield bucket
-            bucket, size = [], 0
-    if bucket:
-        yield bucket
-
-
-def setup_distributed(device_flag: str) -> DistContext:
-    """Single process, or one process of ``torchrun`` (``WORLD_SIZE`` > 1 in the environment).
-
-    NCCL on GPUs, gloo on CPU. A process group initialised by the caller is used as it is.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 and not dist.is_initialized():
-        return DistContext(pick_device(device_flag, None))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_flag, local_rank)
-    owns = False
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        owns = True
-    return DistContext(device, dist.get_rank(), dist.get_world_size(), owns)
-
-
-def weights_digest(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in module.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-# --- batches -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Running:
-    """Sums of the loss terms since the last record (saved in last_state.pt for exact resume)."""
-
-    sums: dict[str, float] | None = None
-    count: int = 0
-    # Steps that logged each term: a term computed on some steps only (the diversity term under
-    # --diversity-period) is averaged over those steps, not diluted by the others.
-    counts: dict[str, int] | None = None
-
-    def add(self, terms: dict[str, float]) -> None:
-        self.sums = self.sums or {}
-        self.counts = self.counts or {}
-        for k, v in terms.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
-            self.counts[k] = self.counts.get(k, 0) + 1
-        self.count += 1
-
-    def to_state(self) -> dict[str, Any]:
-        return {
-            "sums": dict(self.sums or {}),
-            "count": self.count,
-            "counts": dict(self.counts or {}),
-        }
-
-    def means(self) -> dict[str, Any]:
-        if not self.count or not self.sums:
-            return {}
-        counts = self.counts or {}
-        return {k: round(v / counts.get(k, self.count), 6) for k, v in self.sums.items()}
-
-
-# --- stop requests (Ctrl-C) --------------------------------------------------------------------
-
-
-class StopRequest:
-    """First Ctrl-C (or SIGTERM) asks the loop to stop after the current step and checkpoint;
-    a second one interrupts at once. Handlers are restored on exit."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step (Ctrl-C again to abort at once)", file=sys.stderr)
-
-    def __enter__(self) -> StopRequest:
-        # Signal handlers can only be set from the main thread (tests may train in others).
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-# --- logging -----------------------------------------------------------------------------------
-
-
-def log(main: bool, message: str) -> None:
-    if main:
-        tqdm.write(message, file=sys.stderr)
-
-
-def log_epoch(record: dict[str, Any], epochs: int, bar: tqdm) -> None:
-    val = record.get("val", {})
-    cam = val.get("cam_similarity")
-    parts = [
-        f"epoch {record['epoch']:g}/{epochs}",
-        f"step {record['step']}",
-        f"loss {record['train'].get('loss', float('nan')):.4f}",
-        f"val acc {val.get('ensemble_acc', float('nan')):.4f}",
-        f"val nll {val.get('ensemble_nll', float('nan')):.4f}",
-    ]
-    if cam is not None:
-        parts.append(f"cam sim {cam:.4f}")
-    if record.get("best"):
-        parts.append("(best)")
-    tqdm.write("  ".join(parts), file=sys.stderr)

@@ -28,7 +28,8 @@ from training.ensemble import build_ensemble
 from training.methods import METHODS, StepBatch
 from training.run import load_run
 from training.saliency import diversity_similarity, saliency_maps
-from training.trainer import diversity_ramp, evaluate, train
+from training.trainer import diversity_ramp, train
+from training.validation import validate
 
 PROTOCOL = dict(shared_source="member", diversity_period=2, shared_batch=0.5, augment="crop")
 
@@ -177,7 +178,7 @@ def test_crop_augments_training_batches_but_never_evaluation(tmp_path, digits300
         torch.from_numpy(loaded.val.as_model_input(1, 28, 28)),
         torch.from_numpy(np.asarray(loaded.val.labels, dtype=np.int64)),
     )
-    got = evaluate(
+    got = validate(
         loaded.ensemble, val, loaded.train_config.resolve(data_channels=1), torch.device("cpu")
     )
     rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
