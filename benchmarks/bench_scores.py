@@ -139,10 +139,12 @@ def op_counts(nodes: list[onnx.NodeProto]) -> dict[str, int]:
     return dict(sorted(collections.Counter(n.op_type for n in nodes).items()))
 
 
-def profile(model: bytes, score: str, threads: int, x: np.ndarray, runs: int) -> dict:
-    """The score head's nodes and their share of the node times (each node's fastest of
-    ``runs - 1`` profiled runs; the first is a warm-up), from onnxruntime's profiler on the
-    graph it really runs."""
+def profile(
+    model: bytes, score: str, threads: int, x: np.ndarray, runs: int, min_time: float
+) -> dict:
+    """The score head's nodes and their share of the node times (each node's fastest of at
+    least ``runs - 1`` profiled runs and ``min_time`` seconds; the first run is a warm-up),
+    from onnxruntime's profiler on the graph it really runs."""
     with tempfile.TemporaryDirectory(prefix="sdde-bench-scores-") as tmp:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
@@ -153,8 +155,11 @@ def profile(model: bytes, score: str, threads: int, x: np.ndarray, runs: int) ->
         opts.enable_profiling = True
         opts.profile_file_prefix = f"{tmp}/profile"
         sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-        for _ in range(runs):
+        start = time.perf_counter()
+        done = 0
+        while done < runs or (time.perf_counter() - start < min_time and done < 200):
             sess.run(None, {"images": x})
+            done += 1
         events = json.loads(Path(sess.end_profiling()).read_text())
         optimised = onnx.load(f"{tmp}/optimised.onnx").graph
     raw = onnx.load_from_string(model).graph
@@ -178,6 +183,7 @@ def profile(model: bytes, score: str, threads: int, x: np.ndarray, runs: int) ->
         "head_nodes": len(head_nodes),
         "head_ops": op_counts(head_nodes),
         "shared_ops": op_counts([n for n in optimised.node if n.name not in head_names]),
+        "profiled_runs": done,
         "head_ms": head / 1e3,
         "graph_ms": total / 1e3,
         "head_share": head / total,
@@ -185,9 +191,13 @@ def profile(model: bytes, score: str, threads: int, x: np.ndarray, runs: int) ->
     }
 
 
-def profiles(models: dict[str, bytes], shape: tuple, threads: int, batch: int, runs: int) -> dict:
+def profiles(models: dict[str, bytes], shape: tuple, args: argparse.Namespace) -> dict:
+    batch = args.profile_batch
     x = np.random.default_rng(batch).random((batch, *shape), dtype=np.float32)
-    out = {label: profile(m, label, threads, x, runs) for label, m in models.items()}
+    out = {
+        label: profile(m, label, args.threads, x, args.profile_runs, args.min_time)
+        for label, m in models.items()
+    }
     for label, p in out.items():
         p["shared_as_base"] = p["shared_ops"] == out["base"]["shared_ops"]
         print(f"  profile batch {batch} {label:12s}: head {p['head_nodes']:2d} nodes "
@@ -217,7 +227,7 @@ def bench(name: str, args: argparse.Namespace) -> dict:
                   f"({row['vs_base']:.3f}x base), median {1e3 * row['median_s']:9.2f} ms "
                   f"({row['vs_base_median']:.3f}x), {len(t)} calls", flush=True)  # fmt: skip
     del sessions
-    prof = profiles(models, shape, args.threads, args.profile_batch, args.profile_runs)
+    prof = profiles(models, shape, args)
     return {**info, "bank_rows": args.knn_bank_rows, "rows": out,
             "profile_batch": args.profile_batch, "profile": prof}  # fmt: skip
 
