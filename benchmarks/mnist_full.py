@@ -79,6 +79,7 @@ def train_config(method: str, seed: int, args: argparse.Namespace, run_dir: Path
         lambda_div=args.lambda_div if method == "sdde" else None,
         diversity_period=args.diversity_period if method == "sdde" else 1,
         shared_batch=args.shared_batch if method == "sdde" else 1.0,
+        diversity_pairs=args.diversity_pairs if method == "sdde" else 0,
         lambda_warmup_epochs=args.lambda_warmup_epochs,
         dice_rampup_epochs=args.dice_rampup_epochs
         if args.dice_rampup_epochs is not None
@@ -94,7 +95,7 @@ def train_config(method: str, seed: int, args: argparse.Namespace, run_dir: Path
 
 
 RESULT_KEYS = (
-    "epochs", "members", "lambda_div", "diversity_period", "shared_batch",
+    "epochs", "members", "lambda_div", "diversity_period", "shared_batch", "diversity_pairs",
     "lambda_warmup_epochs", "dice_rampup_epochs", "augment", "max_steps", "cam_images", "train",
     "test",
 )  # fmt: skip
@@ -273,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lambda-div", type=float, default=0.1)
     p.add_argument("--diversity-period", type=int, default=1)
     p.add_argument("--shared-batch", type=float, default=1.0)
+    p.add_argument("--diversity-pairs", type=int, default=0, help="member pairs per step (0: all)")
     # the paper trained without a warm-up; 0 keeps its protocol (the trainer default is 1 epoch)
     p.add_argument("--lambda-warmup-epochs", type=float, default=0.0)
     # the official DICE ramp-up is 20 of 100 epochs: the same fifth of a 1-epoch run by default
@@ -322,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             "lambda_div": args.lambda_div,
             "diversity_period": args.diversity_period,
             "shared_batch": args.shared_batch,
+            "diversity_pairs": args.diversity_pairs,
             "lambda_warmup_epochs": args.lambda_warmup_epochs,
             "dice_rampup_epochs": args.dice_rampup_epochs
             if args.dice_rampup_epochs is not None

@@ -55,8 +55,8 @@ def test_killed_run_resumes_to_the_same_numbers(small_ood, tmp_path: Path, capsy
     killed = tmp_path / "killed"
     args = mnist_full.main.__globals__["argparse"].Namespace(
         train="digits", members=2, epochs=1, lambda_div=0.1, diversity_period=1, shared_batch=1.0,
-        lambda_warmup_epochs=0.0, dice_rampup_epochs=None, augment="auto", max_steps=2,
-        device="cpu",
+        diversity_pairs=0, lambda_warmup_epochs=0.0, dice_rampup_epochs=None, augment="auto",
+        max_steps=2, device="cpu",
     )  # fmt: skip
     train(mnist_full.train_config("de", 0, args, killed / "runs" / "de_s0"))
     assert mnist_full.main(_argv(killed)) == 0
