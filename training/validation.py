@@ -24,7 +24,7 @@ from training.ensemble import Ensemble
 def member_logits(
     ensemble: Ensemble, data: D.Tensors, cfg: TrainConfig, device: torch.device
 ) -> Tensor:
-    """Logits ``[M, N, L]`` (float32, CPU) of every member on ``data`` (eval mode)."""
+    """Logits ``[B, N, L]`` (images, members, classes; float32, CPU) on ``data`` (eval mode)."""
     chunks = []
     for x, _ in D.eval_batches(data, cfg.eval_batch_size):
         with autocast_for(device, cfg):
@@ -42,7 +42,7 @@ def validate(
         return {}
     logits = member_logits(ensemble, data, cfg, device)
     y = data.y
-    log_p = torch.log_softmax(logits, dim=-1)  # [M, N, L]
+    log_p = torch.log_softmax(logits, dim=-1)  # [B, N, L]
     member_acc = (logits.argmax(-1) == y[:, None]).double().mean(0)
     member_nll = -log_p.gather(-1, y[:, None, None].expand(-1, logits.shape[1], 1)).double()
     # Ensemble probabilities average probabilities (not logits): log mean_i p_i.

@@ -69,3 +69,29 @@ def test_killed_run_resumes_to_the_same_numbers(small_ood, tmp_path: Path, capsy
     assert mnist_full.main(_argv(straight)) == 0
     assert "stored record reused" in capsys.readouterr().out
     assert _record(straight) == record
+
+
+def test_val_table_by_hand() -> None:
+    """The validation table (what settings are judged on): means, sample stds, the deployed
+    score per seed, stuck members summed."""
+
+    def run(auroc: float, fpr: float, deployed: str, step_s: float, stuck: int) -> dict:
+        val = {k: {"auroc": auroc, "fpr95": fpr} for k in ("mal", "msp", "minmax", "knn")}
+        val[deployed] = {"auroc": auroc + 0.01, "fpr95": fpr / 2}
+        return {
+            "groups": {"val": val},
+            "deployed": deployed,
+            "cam_similarity": 0.5,
+            "step_s": step_s,
+            "stuck_members": [{}] * stuck,
+        }
+
+    rows = mnist_full.val_table(
+        {"sdde": [run(0.9, 0.2, "knn", 0.1, 1), run(0.8, 0.4, "mal", 0.3, 0)]}
+    )
+    cells = [c.strip() for c in rows.splitlines()[2].split("|")[1:-1]]
+    # mal: seed 0 0.90, seed 1 0.81 (deployed there) -> 85.50 ± 6.36 (sample std of 0.09 / sqrt 2)
+    assert cells[:3] == ["sdde", "2", "85.50 ± 6.36"]
+    assert cells[5] == "85.50 ± 7.78"  # knn: 0.91 and 0.80 (sample std 0.11 / sqrt 2)
+    assert cells[6:8] == ["86.00 ± 7.07", "15.00 ± 7.07"]  # deployed: 0.91 / 0.81, FPR 0.1 / 0.2
+    assert cells[8:] == ["0.50 ± 0.00", "0.200 ± 0.141", "1"]
