@@ -50,6 +50,7 @@ COMMON_HPARAMS = (
 
 
 def hyperparameters(config: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's ``hyperparameters``: COMMON_HPARAMS plus the run's method's own."""
     method = registry.METHODS.get(str(config.get("method")))
     keys = COMMON_HPARAMS + (method.hparams if method is not None else ())
     return {k: config[k] for k in keys if k in config}
@@ -78,7 +79,7 @@ def export_run(
 ) -> Manifest:
     """Export ``run_dir``'s ensemble to ``output`` (one ONNX file); returns its manifest.
 
-    ``score``: the deployed OOD score (``mal``, ``msp``, ``minmax``, ``knn``) or ``auto`` (the
+    ``score``: the deployed OOD score (any of ``export.select.score_choices()``) or ``auto`` (the
     best validation AUROC against the ``ood_val`` sets ``{NAME: SPEC}``, else against sets
     synthesized per ``synth_ood``, else the benchmark's default). ``knn_bank``: most rows of
     the KNN bank (None: export.knn.DEFAULT_BANK_ROWS; 0: no bank and no ``knn`` output);
