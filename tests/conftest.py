@@ -53,6 +53,17 @@ def tiny_train_config(
 
 
 @pytest.fixture(scope="session")
+def digits300(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The first 300 built-in digits as an .npz data spec (training tests that need a few steps)."""
+    from sdde_serve.data import load_dataset
+
+    ds = load_dataset("digits")
+    path = tmp_path_factory.mktemp("digits300") / "digits300.npz"
+    np.savez(path, images=ds.images[:300], labels=ds.labels[:300], classes=np.array(ds.classes))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from training.trainer import train
 

@@ -228,16 +228,6 @@ def test_the_option_is_checked():
     assert TrainConfig().diversity_pairs == 0
 
 
-@pytest.fixture(scope="module")
-def digits300(tmp_path_factory) -> str:
-    from sdde_serve.data import load_dataset
-
-    ds = load_dataset("digits")
-    path = tmp_path_factory.mktemp("digits300") / "digits300.npz"
-    np.savez(path, images=ds.images[:300], labels=ds.labels[:300], classes=np.array(ds.classes))
-    return str(path)
-
-
 def tiny(out: Path, **kw) -> TrainConfig:
     settings = dict(members=3, cam_samples=0, eval_train_samples=0, lambda_warmup_epochs=0.0)
     return trainer_tiny(out, **{**settings, **kw})

@@ -39,16 +39,6 @@ def tiny(out: Path, **kw) -> TrainConfig:
     return trainer_tiny(out, **{"cam_samples": 0, "eval_train_samples": 0, **kw})
 
 
-@pytest.fixture(scope="module")
-def digits300(tmp_path_factory) -> str:
-    from sdde_serve.data import load_dataset
-
-    ds = load_dataset("digits")
-    path = tmp_path_factory.mktemp("digits300") / "digits300.npz"
-    np.savez(path, images=ds.images[:300], labels=ds.labels[:300], classes=np.array(ds.classes))
-    return str(path)
-
-
 def toy_data(n: int = 100) -> D.Tensors:
     # image i is the constant i/n, so a batch's images name their samples
     x = (torch.arange(n, dtype=torch.float32) / n).view(n, 1, 1, 1).expand(n, 1, 6, 6)
