@@ -59,8 +59,18 @@ class DistContext:
     world: int = 1
     owns_group: bool = False
 
-    def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
+    def close(self, together: bool) -> None:
+        """Tears down the group this process made. ``together``: every process is here too.
+
+        Then a barrier comes first: gloo aborts (SIGABRT) a process whose peer destroyed the
+        group while it was still finishing. Otherwise (this process failed alone) nothing is
+        torn down, since a peer may be inside a collective and the teardown would hang; the
+        exit ends the run and torchrun stops the rest.
+        """
+        if not (self.owns_group and dist.is_initialized()):
+            return
+        if together:
+            self.barrier()
             dist.destroy_process_group()
 
     def broadcast_module(self, module: torch.nn.Module) -> None:

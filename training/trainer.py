@@ -60,16 +60,21 @@ def train(cfg: TrainConfig) -> Path:
     """Trains an ensemble as ``cfg`` says; returns the run directory (see docs/training.md)."""
     cfg.validate()
     ctx = setup_distributed(cfg.device)
+    together = False  # every process got here in step: the group can be torn down
     try:
         run = setup(cfg, ctx)
         if run.step >= run.end_step:
             where = f"the run in {run.out} is at step {run.step} of {run.end_step}"
             log(run.main, f"nothing to do: {where}")
-            return run.out
-        loop(run)
+        else:
+            loop(run)
+        together = True
         return run.out
+    except KeyboardInterrupt:
+        together = True  # stop_at_checkpoint raises it on every process after a barrier
+        raise
     finally:
-        ctx.close()
+        ctx.close(together)
 
 
 @dataclass
