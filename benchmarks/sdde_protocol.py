@@ -172,6 +172,7 @@ def run_variant(
         lambda_div=0.1,
         lambda_warmup_epochs=0.0,  # the paper's protocol; the "warmup1" variant turns it on
         diversity_period=1,  # the paper's; the k variants change it
+        diversity_pairs=0,  # the paper's all pairs (the trainer's default is 1 pair)
         shared_batch=1.0,  # the paper's; the s variants change it
         seed=seed,
         device="cpu",

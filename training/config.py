@@ -127,8 +127,36 @@ class TrainConfig(MethodOptions):
                 "outlier_batch_size": self.batch_size if outlier_batch is None else outlier_batch,
                 # the official DICE config clips gradients at 1.0; the other configs do not clip
                 "grad_clip": method.grad_clip if self.grad_clip is None else self.grad_clip,
+                # a method without a separate diversity term has no dose but the paper's
+                **({} if method.periodic else registry.EVERY_STEP),
             }
         )
+
+    def check_dose(self, method: registry.MethodSpec) -> None:
+        """The diversity dose options (period, shared batch, pairs) apply to a ``periodic``
+        method only; any other takes their defaults or the paper's values (``EVERY_STEP``).
+        A default is allowed there because config fields are common to every method: the one
+        value not caught is the sdde default given explicitly to another method."""
+        only = " or ".join(registry.names(periodic=True))
+        if not method.periodic:
+            options = registry.options()
+            given = [
+                options[name].flag
+                for name, paper in registry.EVERY_STEP.items()
+                if getattr(self, name) not in (paper, options[name].default)
+            ]
+            if given:
+                raise UserError(
+                    f"{' and '.join(given)} apply to --method {only} only "
+                    f"(for {self.method} the shared batch is the training batch)"
+                )
+            return
+        pairs = self.members * (self.members - 1) // 2  # a larger draw is refused, not clamped
+        if self.diversity_pairs > pairs:
+            raise UserError(
+                f"--diversity-pairs {self.diversity_pairs}: at most the {pairs} member pairs of "
+                f"--members {self.members} (0: all pairs)"
+            )
 
     def validate(self) -> None:
         """Checks that need no torch: value ranges and flag combinations (raises UserError)."""
@@ -148,19 +176,6 @@ class TrainConfig(MethodOptions):
             raise UserError(f"--grad-clip must be >= 0 (0: off), got {self.grad_clip}")
         for option in registry.options().values():  # each method option's declared range
             option.check(getattr(self, option.name))
-        if (self.diversity_period > 1 or self.shared_batch < 1.0) and not method.periodic:
-            only = ", ".join(registry.names(periodic=True))
-            raise UserError(
-                f"--diversity-period and --shared-batch apply to --method {only} only "
-                f"(for {self.method} the shared batch is the training batch)"
-            )
-        pairs = self.members * (self.members - 1) // 2  # a larger draw is refused, not clamped
-        if self.diversity_pairs and (not method.periodic or self.diversity_pairs > pairs):
-            raise UserError(
-                f"--diversity-pairs {self.diversity_pairs} needs --method "
-                f"{' or '.join(registry.names(periodic=True))} and at most the {pairs} member "
-                f"pairs of --members {self.members} (0: all pairs)"
-            )
         if self.min_lr > self.lr:
             raise UserError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr})")
         if not 0.0 < self.val_fraction < 1.0:
@@ -179,6 +194,7 @@ class TrainConfig(MethodOptions):
             raise UserError(
                 f"--method {self.method} compares members with each other: use --members >= 2"
             )
+        self.check_dose(method)
         if self.nesterov and self.momentum == 0:
             raise UserError("--nesterov needs --momentum > 0 (or pass --no-nesterov)")
         if not self.data:

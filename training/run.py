@@ -133,6 +133,7 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "shared_source": "stream",
     "shared_batch": 1.0,
     "diversity_period": 1,
+    "diversity_pairs": 0,
     "lambda_warmup_epochs": 0.0,
 }
 

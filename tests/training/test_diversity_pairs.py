@@ -144,14 +144,25 @@ def loss_and_grads(ens, batch, cfg):
 
 
 @pytest.mark.parametrize("kind", ["gradcam", "inputgrad"])
-def test_zero_and_all_pairs_are_todays_loss_bit_for_bit(kind):
+def test_zero_and_all_pairs_are_the_papers_loss_bit_for_bit(kind):
     ens, batch = toy()
-    today = SimpleNamespace(lambda_div=0.1, saliency=kind, diversity_bn="eval")  # no such field
-    ref, _, ref_grads = loss_and_grads(ens, batch, today)
-    for pairs in (0, 3):  # 3 members have 3 pairs
-        loss, _, grads = loss_and_grads(ens, batch, cfg_with(pairs, saliency=kind))
-        assert torch.equal(loss, ref)
-        assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True))
+    ref, _, ref_grads = loss_and_grads(ens, batch, cfg_with(0, saliency=kind))
+    loss, _, grads = loss_and_grads(ens, batch, cfg_with(3, saliency=kind))  # 3 members: 3 pairs
+    assert torch.equal(loss, ref)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True))
+    de, _ = METHODS["de"].loss(ens, batch, cfg_with(0))
+    with batchnorm_mode(ens, "eval"):  # the diversity pass's mode (diversity_bn="eval")
+        maps, _ = saliency_maps(ens, *batch.shared, kind=kind, create_graph=False)
+    term = diversity_loss(maps.detach(), kind)  # the mean over all 3 pairs
+    torch.testing.assert_close(ref, de.detach() + 0.1 * term, rtol=1e-5, atol=1e-6)
+
+
+def test_a_config_without_the_field_draws_the_default_one_pair():
+    ens, batch = toy()
+    unset = SimpleNamespace(lambda_div=0.1, saliency="gradcam", diversity_bn="eval", seed=3)
+    assert torch.equal(
+        loss_and_grads(ens, batch, unset)[0], loss_and_grads(ens, batch, cfg_with(1))[0]
+    )
 
 
 def test_one_pair_is_ce_plus_lambda_times_that_pairs_term():
@@ -220,12 +231,17 @@ def test_a_hand_built_batch_without_a_step_is_a_clear_error():
 def test_the_option_is_checked():
     with pytest.raises(UserError, match="at most the 3 member pairs of --members 3"):
         TrainConfig(members=3, diversity_pairs=4).validate()
-    with pytest.raises(UserError, match="--diversity-pairs 1 needs --method sdde"):
-        TrainConfig(method="ncl", diversity_pairs=1).validate()
+    with pytest.raises(UserError, match="--diversity-pairs apply to --method sdde only"):
+        TrainConfig(method="ncl", diversity_pairs=2).validate()
     with pytest.raises(UserError, match="--diversity-pairs must be >= 0"):
         TrainConfig(diversity_pairs=-1).validate()
     TrainConfig(members=3, diversity_pairs=3).validate()
-    assert TrainConfig().diversity_pairs == 0
+    assert (TrainConfig().diversity_pairs, TrainConfig().diversity_period) == (1, 2)  # the default
+    TrainConfig(members=2).validate()  # the one pair of two members
+    # another method takes the default or the paper's value, and records the paper's
+    for pairs in (0, 1):
+        ncl = TrainConfig(method="ncl", diversity_pairs=pairs).resolve(data_channels=1)
+        assert (ncl.diversity_pairs, ncl.diversity_period, ncl.shared_batch) == (0, 1, 1.0)
 
 
 def tiny(out: Path, **kw) -> TrainConfig:

@@ -61,6 +61,7 @@ def cfg(**overrides: object) -> SimpleNamespace:
         saliency="gradcam",
         diversity_bn="eval",
         adv_eps=0.01,
+        diversity_pairs=0,  # the paper's term over all pairs (one drawn pair: test_diversity_pairs)
         extra={},
     )
     base.update(overrides)

@@ -97,7 +97,9 @@ def test_sdde_without_a_shared_batch_is_plain_cross_entropy():
     torch.manual_seed(0)
     ens = build_ensemble("lenet", members=2, num_classes=10, in_chans=1, mean=[0.5], std=[0.25])
     xs = [(torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))) for _ in range(2)]
-    cfg = SimpleNamespace(lambda_div=0.1, saliency="gradcam", diversity_bn="eval")
+    cfg = SimpleNamespace(
+        lambda_div=0.1, saliency="gradcam", diversity_bn="eval", diversity_pairs=0
+    )
     sdde, logs = METHODS["sdde"].loss(ens, StepBatch(xs, None), cfg)
     de, _ = METHODS["de"].loss(ens, StepBatch(xs, None), cfg)
     torch.testing.assert_close(sdde, de)
@@ -201,25 +203,33 @@ def test_protocol_options_round_trip_through_config_json_and_the_manifest(tmp_pa
 def test_a_run_recorded_before_the_protocol_options_keeps_its_protocol(tmp_path, digits300):
     run = train(tiny(tmp_path / "old", data=digits300, max_steps=1))
     raw = json.loads((run / "config.json").read_text())
-    for k in ("shared_source", "shared_batch", "diversity_period", "lambda_warmup_epochs"):
+    protocol = ("shared_source", "shared_batch", "diversity_period", "diversity_pairs")
+    for k in (*protocol, "lambda_warmup_epochs"):
         del raw[k]
     (run / "config.json").write_text(json.dumps(raw))
     old = load_run(run).train_config
-    assert (old.shared_source, old.shared_batch, old.diversity_period) == ("stream", 1.0, 1)
+    assert tuple(getattr(old, k) for k in protocol) == ("stream", 1.0, 1, 0)
     assert old.lambda_warmup_epochs == 0.0
 
 
 def test_protocol_options_are_checked():
     with pytest.raises(UserError, match="--diversity-period and --shared-batch apply"):
-        TrainConfig(method="ncl", diversity_period=2).validate()
+        TrainConfig(method="ncl", diversity_period=4, shared_batch=0.5).validate()
     with pytest.raises(UserError, match="--shared-batch must be in"):
         TrainConfig(shared_batch=0.0).validate()
     with pytest.raises(UserError, match="--shared-source must be one of"):
         TrainConfig(shared_source="other").validate()
     assert TrainConfig(method="dice").resolve(data_channels=1).grad_clip == 1.0
-    # the paper's every-step, full-batch term is the default (docs: "Cost levers")
+    # one random pair every 2nd step, on the full shared batch, is the default (docs: "Decision:
+    # the cheaper default"); the paper's dose is a flag away
     resolved = TrainConfig().resolve(data_channels=1)
-    assert (resolved.diversity_period, resolved.shared_batch) == (1, 1.0)
+    assert (resolved.diversity_period, resolved.shared_batch, resolved.diversity_pairs) == (
+        2,
+        1.0,
+        1,
+    )
+    paper = TrainConfig(diversity_period=1, diversity_pairs=0).resolve(data_channels=1)
+    assert (paper.diversity_period, paper.diversity_pairs) == (1, 0)
     assert TrainConfig().resolve(data_channels=1).grad_clip == 0.0
 
 
