@@ -15,6 +15,7 @@ JSON in ``benchmarks/results/demo_margin.json``.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 from pathlib import Path
@@ -118,9 +119,12 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 flush=True,
             )
+    recorded = json.loads((work / f"s{args.seeds[0]}" / "config.json").read_text())
     payload = {
         "cpu": cpu_name(),
         "demo": DEMO,
+        # the SDDE dose the trainer's defaults gave (it changed with issue 23)
+        "dose": {k: recorded[k] for k in ("diversity_period", "diversity_pairs", "shared_batch")},
         "seeds": args.seeds,
         "results": results,
     }
