@@ -146,8 +146,9 @@ class TrainConfig(MethodOptions):
                 if getattr(self, name) not in (paper, options[name].default)
             ]
             if given:
+                verb = "apply" if len(given) > 1 else "applies"
                 raise UserError(
-                    f"{' and '.join(given)} apply to --method {only} only "
+                    f"{' and '.join(given)} {verb} to --method {only} only "
                     f"(for {self.method} the shared batch is the training batch)"
                 )
             return

@@ -231,7 +231,7 @@ def test_a_hand_built_batch_without_a_step_is_a_clear_error():
 def test_the_option_is_checked():
     with pytest.raises(UserError, match="at most the 3 member pairs of --members 3"):
         TrainConfig(members=3, diversity_pairs=4).validate()
-    with pytest.raises(UserError, match="--diversity-pairs apply to --method sdde only"):
+    with pytest.raises(UserError, match="--diversity-pairs applies to --method sdde only"):
         TrainConfig(method="ncl", diversity_pairs=2).validate()
     with pytest.raises(UserError, match="--diversity-pairs must be >= 0"):
         TrainConfig(diversity_pairs=-1).validate()
