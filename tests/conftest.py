@@ -43,12 +43,12 @@ def tiny_train_config(
         seed=0,
         out=str(out),
         # the protocol this fixture was built with before issue 13's and issue 23's defaults
-        # (the λ warm-up, the diversity batch from a member's batch, one pair every 2nd step):
-        # tests downstream rely on its exact model
+        # (the λ warm-up, the diversity batch from a member's batch, one pair every 2nd step,
+        # λ 1.0): tests downstream rely on its exact model
     )
     if not official_protocol:
         base.update(shared_source="stream", lambda_warmup_epochs=0.0, shared_batch=1.0)
-        base.update(diversity_period=1, diversity_pairs=0)
+        base.update(diversity_period=1, diversity_pairs=0, lambda_div=0.1)
     return TrainConfig(**{**base, **overrides})
 
 

@@ -84,7 +84,7 @@ LAMBDA_DIV = Option(
     "lambda_div",
     float,
     None,
-    "weight of the diversity term (None: 0.1 for 28x28 gray inputs, else 0.005)",
+    "weight of the diversity term (None: 1.0 for 28x28 gray inputs, else 0.005)",
     low=0,
 )
 SALIENCY = Option(

@@ -17,6 +17,7 @@ from training import registry
 from training.config import TrainConfig
 from training.ensemble import Ensemble, batchnorm_mode, build_ensemble
 from training.methods import (
+    GRAY28_LAMBDA,
     METHODS,
     LossModule,
     StepBatch,
@@ -96,8 +97,9 @@ def with_aux(name: str, ens: Ensemble, batch: StepBatch, classes: int = 4) -> St
 
 
 def test_default_lambda() -> None:
-    assert default_lambda(1, 28) == 0.1
-    assert default_lambda(1, (28, 28)) == 0.1
+    assert GRAY28_LAMBDA == 1.0  # chosen on validation OOD (docs: "λ at convergence")
+    assert default_lambda(1, 28) == GRAY28_LAMBDA
+    assert default_lambda(1, (28, 28)) == GRAY28_LAMBDA
     assert default_lambda(3, 28) == 0.005  # colour 28x28 is not MNIST-like
     assert default_lambda(1, 32) == 0.005
     assert default_lambda(3, (32, 32)) == 0.005
@@ -153,7 +155,7 @@ def test_sdde_loss_is_mean_ce_plus_lambda_times_diversity_loss() -> None:
     ens = build_ensemble("lenet", members=3, num_classes=4, in_chans=1, mean=[0.5], std=[0.25])
     batch = step_batch(3, (1, 28, 28))
     loss, logs = METHODS["sdde"].loss(ens, batch, cfg())
-    assert logs["lambda_div"] == 0.1  # default for 28x28 gray
+    assert logs["lambda_div"] == GRAY28_LAMBDA  # default for 28x28 gray
     with torch.no_grad():
         ce = (
             sum(
@@ -169,7 +171,9 @@ def test_sdde_loss_is_mean_ce_plus_lambda_times_diversity_loss() -> None:
     assert logs["ce"] == pytest.approx(float(ce), abs=1e-5)
     assert logs["cam_similarity"] == pytest.approx(float(sim.detach()), abs=1e-5)
     assert logs["div"] == pytest.approx(float(div.detach()), abs=1e-5)
-    assert float(loss.detach()) == pytest.approx(float(ce) + 0.1 * float(div.detach()), abs=1e-5)
+    assert float(loss.detach()) == pytest.approx(
+        float(ce) + GRAY28_LAMBDA * float(div.detach()), abs=1e-5
+    )
     _, logs = METHODS["sdde"].loss(ens, batch, cfg(lambda_div=0.3))
     assert logs["lambda_div"] == 0.3
 
