@@ -133,7 +133,7 @@ SHARED_BATCH = Option(
 # SDDE's default dose is one random member pair every 2nd step: 1.2x a DE step (all pairs every
 # step: 2.2x) with SDDE's validation OOD edge over DE kept on 3 seeds at 20 epochs
 # (docs/training-methods.md, "Decision: the cheaper default"). The paper's: --diversity-period 1
-# --diversity-pairs 0.
+# --diversity-pairs 0 (with its --lambda-div 0.1 on 28x28 gray data).
 DIVERSITY_PERIOD = Option(
     "diversity_period",
     int,

@@ -223,11 +223,8 @@ def test_protocol_options_are_checked():
     # one random pair every 2nd step, on the full shared batch, is the default (docs: "Decision:
     # the cheaper default"); the paper's dose is a flag away
     resolved = TrainConfig().resolve(data_channels=1)
-    assert (resolved.diversity_period, resolved.shared_batch, resolved.diversity_pairs) == (
-        2,
-        1.0,
-        1,
-    )
+    dose = (resolved.diversity_period, resolved.shared_batch, resolved.diversity_pairs)
+    assert dose == (2, 1.0, 1)
     paper = TrainConfig(diversity_period=1, diversity_pairs=0).resolve(data_channels=1)
     assert (paper.diversity_period, paper.diversity_pairs) == (1, 0)
     assert TrainConfig().resolve(data_channels=1).grad_clip == 0.0
