@@ -6,7 +6,8 @@ does (``auto`` without ``--ood-val``: ranked on synthesized validation OOD data)
 (``--synth-ood none``: the fixed default), and sends the samples of ``sdde_serve.samples`` plus
 the old gradient "photo" through the engine and the server's scoring path. Records, per sample:
 the label, whether it is flagged, the deployed score minus the threshold and the conformal
-p-value; the goal is the digit answered and noise and photo flagged with p < alpha / 2.
+p-value; the goal is the digit answered and noise and photo flagged with p < alpha / 2, with no
+member stuck at chance at the end of training (``stuck_members_at_end``).
 
 ``python benchmarks/demo_margin.py --seeds 0 1 2 3 4`` (~1-2 min per seed to train, CPU);
 JSON in ``benchmarks/results/demo_margin.json``.
@@ -41,6 +42,13 @@ def demo_run(work: Path, seed: int) -> Path:
     if not (out / "best.safetensors").exists():
         train(TrainConfig(**DEMO, seed=seed, out=str(out), progress=False))
     return out
+
+
+def stuck_at_end(run: Path) -> list[int]:
+    """Members the trainer's stall guard found stuck near chance at the run's last validation
+    (training/dead_members.py): a dead member the p-values alone would not show."""
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    return sorted({s["member"] for s in last.get("stuck_members", [])})
 
 
 def sample_paths(work: Path) -> list[Path]:
@@ -110,9 +118,11 @@ def main(argv: list[str] | None = None) -> int:
             model = work / "models" / f"s{seed}_{name}.onnx"
             export_run(run, model, synth_ood=synth)
             r = answers(model, paths)
+            r["stuck_members_at_end"] = stuck_at_end(run)
             results.setdefault(name, {})[str(seed)] = r
             print(
                 f"seed {seed} {name:16s} {r['score']}@{r['k']}: "
+                + f"stuck at end: {r['stuck_members_at_end']}  "
                 + "  ".join(
                     f"{s}: {'OOD' if v['is_ood'] else v['label']} p={v['p_value']:.3f}"
                     for s, v in r["samples"].items()

@@ -95,7 +95,7 @@ class TrainConfig(MethodOptions):
         ``data_channels`` is the channel count of the training images; the model takes that many
         channels unless ``in_chans`` says otherwise. Arch-dependent defaults (input size, saliency
         layer) come from ``training.models.ARCHS``; the diversity weight from
-        ``training.methods.default_lambda`` (1.0 for 28x28 gray inputs, 0.005 otherwise).
+        ``training.methods.default_lambda`` (0.1 for 28x28 gray inputs, 0.005 otherwise).
         """
         # Imported here: they import torch, and resolve() is a training-time call (--help must
         # not pay for torch). Neither imports this module (their choice lists are in
@@ -134,9 +134,9 @@ class TrainConfig(MethodOptions):
 
     def check_dose(self, method: registry.MethodSpec) -> None:
         """The diversity dose options (period, shared batch, pairs) apply to a ``periodic``
-        method only; any other takes their defaults or the paper's values (``EVERY_STEP``).
-        A default is allowed there because config fields are common to every method: the one
-        value not caught is the sdde default given explicitly to another method."""
+        method only. Any other accepts only their defaults or the paper's values (``EVERY_STEP``;
+        config fields are common to every method, so a default cannot be told from a given
+        value) and records the paper's (``resolve``)."""
         only = " or ".join(registry.names(periodic=True))
         if not method.periodic:
             options = registry.options()

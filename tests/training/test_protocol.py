@@ -220,13 +220,13 @@ def test_protocol_options_are_checked():
     with pytest.raises(UserError, match="--shared-source must be one of"):
         TrainConfig(shared_source="other").validate()
     assert TrainConfig(method="dice").resolve(data_channels=1).grad_clip == 1.0
-    # one random pair every 2nd step, on the full shared batch, is the default (docs: "Decision:
-    # the cheaper default"); the paper's dose is a flag away
+    # the paper's every-step, full-batch, all-pairs term is the default (docs: "The cheaper dose:
+    # not the default"); one pair every 2nd step is a flag pair away
     resolved = TrainConfig().resolve(data_channels=1)
     dose = (resolved.diversity_period, resolved.shared_batch, resolved.diversity_pairs)
-    assert dose == (2, 1.0, 1)
-    paper = TrainConfig(diversity_period=1, diversity_pairs=0).resolve(data_channels=1)
-    assert (paper.diversity_period, paper.diversity_pairs) == (1, 0)
+    assert dose == (1, 1.0, 0)
+    cheap = TrainConfig(diversity_period=2, diversity_pairs=1).resolve(data_channels=1)
+    assert (cheap.diversity_period, cheap.diversity_pairs) == (2, 1)
     assert TrainConfig().resolve(data_channels=1).grad_clip == 0.0
 
 
