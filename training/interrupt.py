@@ -8,6 +8,11 @@ import threading
 from typing import Any
 
 
+class CheckpointedStop(KeyboardInterrupt):
+    """The asked-for stop, raised on every process together after the checkpoint and a barrier
+    (so the process group may be torn down); an abort at once is a plain ``KeyboardInterrupt``."""
+
+
 class StopRequest:
     """First Ctrl-C (or SIGTERM) asks the loop to stop after the current step and checkpoint;
     a second one interrupts at once. Handlers are restored on exit."""

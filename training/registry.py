@@ -159,9 +159,9 @@ OUTLIER_BATCH_SIZE = Option(
 _SDDE = (LAMBDA_DIV, SALIENCY, SALIENCY_LAYER, DIVERSITY_BN, LAMBDA_WARMUP)
 # How the diversity batch is drawn, how often and on how many member pairs the term is computed
 _PROTOCOL = (SHARED_SOURCE, SHARED_BATCH, DIVERSITY_PERIOD, DIVERSITY_PAIRS)
-# The dose options at the paper's values: the term on every step, the whole shared batch, all
-# member pairs. A method whose term is not separate from its loss (not ``periodic``) has no other
-# dose, and its resolved config records these.
+# The dose options at the paper's values (and their defaults): the term on every step, the whole
+# shared batch, all member pairs. A method whose term is not separate from its loss (not
+# ``periodic``) has no other dose.
 EVERY_STEP: dict[str, Any] = {"diversity_period": 1, "shared_batch": 1.0, "diversity_pairs": 0}
 _OE = (BETA_OE, OUTLIER_BATCH_SIZE)
 

@@ -40,7 +40,7 @@ from training.config import ResolvedConfig, TrainConfig
 from training.dead_members import reinitialize_member, stuck_members
 from training.distributed import DistContext, autocast_for, setup_distributed
 from training.ensemble import Ensemble, build_ensemble
-from training.interrupt import StopRequest
+from training.interrupt import CheckpointedStop, StopRequest
 from training.methods import METHODS, StepBatch
 from training.progress import Running, StepBar, log, log_epoch
 from training.run import (
@@ -70,8 +70,8 @@ def train(cfg: TrainConfig) -> Path:
             loop(run)
         together = True
         return run.out
-    except KeyboardInterrupt:
-        together = True  # stop_at_checkpoint raises it on every process after a barrier
+    except CheckpointedStop:
+        together = True  # raised on every process after a barrier (stop_at_checkpoint)
         raise
     finally:
         ctx.close(together)
@@ -364,7 +364,8 @@ def loop(run: Run) -> None:
 
 def stop_at_checkpoint(run: Run, bar: StepBar) -> None:
     """A stop was asked for (Ctrl-C on some process): rank 0 checkpoints, then every process
-    raises ``KeyboardInterrupt`` together (``--resume`` continues from that step)."""
+    raises ``CheckpointedStop`` (a ``KeyboardInterrupt``) together (``--resume`` continues from
+    that step)."""
     if run.main:
         checkpoint(run)
     bar.close()
@@ -373,7 +374,7 @@ def stop_at_checkpoint(run: Run, bar: StepBar) -> None:
         f"interrupted at step {run.step}: checkpoint saved in {run.out}; continue with --resume",
     )
     run.ctx.barrier()
-    raise KeyboardInterrupt
+    raise CheckpointedStop
 
 
 def train_step(run: Run, batch: StepBatch, lr: float) -> dict[str, float]:

@@ -22,6 +22,7 @@ from export import hyperparameters
 from sdde_serve.errors import UserError
 from tests.training.test_trainer import tiny as trainer_tiny
 from training import data as D
+from training import registry
 from training.config import TrainConfig
 from training.dice import dice_losses, redundancy, same_class_partner
 from training.ensemble import build_ensemble
@@ -225,6 +226,8 @@ def test_protocol_options_are_checked():
     resolved = TrainConfig().resolve(data_channels=1)
     dose = (resolved.diversity_period, resolved.shared_batch, resolved.diversity_pairs)
     assert dose == (1, 1.0, 0)
+    # other methods may only keep these, so they must be the options' defaults
+    assert {k: registry.options()[k].default for k in registry.EVERY_STEP} == registry.EVERY_STEP
     cheap = TrainConfig(diversity_period=2, diversity_pairs=1).resolve(data_channels=1)
     assert (cheap.diversity_period, cheap.diversity_pairs) == (2, 1)
     assert TrainConfig().resolve(data_channels=1).grad_clip == 0.0
