@@ -2,8 +2,9 @@
 
 The files themselves (names, formats, atomic writes) are ``training.run``'s; this module maps a
 training run's state onto them and back. A resumed run continues bit-identically: weights,
-optimizer (momentum buffers), RNG streams, step, best-so-far and the running loss sums are all
-restored, and so are the method's auxiliary module and its optimizer (DICE's discriminator).
+optimizer (momentum buffers), RNG streams, step, best-so-far, the dead-member guard's memory and
+the running loss sums are all restored, and so are the method's auxiliary module and its
+optimizer (DICE's discriminator).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from sdde_serve.errors import UserError
 from training.config import ResolvedConfig
+from training.dead_members import Guard
 from training.ensemble import Ensemble
 from training.progress import Running
 from training.run import (
@@ -40,6 +42,7 @@ class Resumable(Protocol):
     aux_optimizer: torch.optim.Optimizer | None
     step: int
     best: dict[str, Any] | None
+    guard: Guard
     running: Running
     elapsed: float
 
@@ -59,16 +62,18 @@ def checkpoint(run: Resumable) -> None:
         run.elapsed,
         run.cfg,
         aux=aux_state(run.aux, run.aux_optimizer),
+        guard=run.guard.to_state(),
     )
 
 
 def resume_from(run: Resumable, state: dict[str, Any]) -> None:
-    """Weights, optimizer, RNG, step, best and the running sums of ``last_state.pt``."""
+    """Weights, optimizer, RNG, step, best, the guard and the running sums of ``last_state.pt``."""
     run.ensemble.load_state_dict(read_weights(run.out / LAST), strict=True)
     run.optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
     load_aux_state(run.aux, run.aux_optimizer, state)
     run.step, run.best = int(state["step"]), state.get("best")
+    run.guard = Guard.from_state(state.get("guard"), run.ensemble.num_members)
     run.running = Running.from_state(state["running"])
     run.elapsed = float(state.get("elapsed_s", 0.0))
     if run.main:

@@ -304,6 +304,7 @@ def save_state(
     elapsed: float,
     cfg: TrainConfig,
     aux: dict[str, Any] | None = None,
+    guard: dict[str, Any] | None = None,
 ) -> None:
     """Everything else ``--resume`` needs; plain containers and tensors (weights_only-loadable).
 
@@ -319,6 +320,8 @@ def save_state(
         "running": running,
         "elapsed_s": elapsed,
     }
+    if guard is not None:  # the dead-member guard's memory (training/dead_members.py)
+        state["guard"] = guard
     if aux is not None:  # a method's auxiliary module (DICE's discriminator) and its optimizer
         state["aux"] = aux
     with atomic_path(out / STATE) as tmp:

@@ -37,7 +37,7 @@ from training import data as D
 from training import registry
 from training.checkpointing import checkpoint, resume_from
 from training.config import ResolvedConfig, TrainConfig
-from training.dead_members import reinitialize_member, stuck_members
+from training.dead_members import Guard, reinitialize_member
 from training.distributed import DistContext, autocast_for, setup_distributed
 from training.ensemble import Ensemble, build_ensemble
 from training.interrupt import CheckpointedStop, StopRequest
@@ -104,6 +104,7 @@ class Run:
     total_steps: int  # the cosine schedule spans all epochs
     end_step: int  # --max-steps may stop earlier
     num_classes: int
+    guard: Guard  # the dead-member guard's memory (training/dead_members.py)
     step: int = 0
     best: dict[str, Any] | None = None
     running: Running = field(default_factory=lambda: Running())
@@ -169,6 +170,7 @@ def setup(given: TrainConfig, ctx: DistContext) -> Run:
         total_steps=total_steps,
         end_step=min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps,
         num_classes=data.num_classes,
+        guard=Guard.fresh(cfg.members),
     )
     if state is not None:  # weights, optimizer, RNG, step and running sums
         resume_from(run, state)
@@ -435,7 +437,9 @@ def end_of_epoch(run: Run, lr: float) -> None:
     run.best, record["best"] = update_best(run.best, record["val"], cfg.best_metric)
     if record["best"]:
         save_weights(ensemble, run.out / BEST, run.step)
-    stuck = stuck_members(record["val"].get("member_acc", []), run.num_classes)
+    member_acc = record["val"].get("member_acc", [])
+    last = run.step >= run.end_step
+    stuck = run.guard.judge(member_acc, run.num_classes, run.step, last) if epoch_end else []
     if revive_stuck(run, stuck, epoch_end):
         record["stuck_members"] = stuck
     checkpoint(run)
@@ -444,19 +448,15 @@ def end_of_epoch(run: Run, lr: float) -> None:
 
 
 def revive_stuck(run: Run, stuck: list[dict[str, Any]], epoch_end: bool) -> bool:
-    """Re-initialises the members rank 0 found stuck near chance (training/dead_members.py)
-    at a full epoch end before the last step (a member revived then would be exported untrained);
+    """Re-initialises the members rank 0's guard judged stuck (training/dead_members.py; at
+    the last step it only reports them: a member revived then would be exported untrained);
     says so in the log and returns whether any was stuck. Every process takes part."""
     if not epoch_end:
         return False
     n = run.ensemble.num_members
-    ids = {s["member"] for s in stuck}
-    _, flags = run.ctx.reduce_step({}, *[i in ids for i in range(n)])
-    members = [i for i, flag in enumerate(flags) if flag]
-    act = run.step < run.end_step
-    for s in stuck:
-        s["action"] = "reinitialized" if act else "none (last step)"
-    for i in members if act else []:
+    revive = {s["member"] for s in stuck if s["action"] == "reinitialized"}
+    _, flags = run.ctx.reduce_step({}, *[i in revive for i in range(n)])
+    for i in [i for i, flag in enumerate(flags) if flag]:
         reinitialize_member(run.ensemble, i, run.optimizer, run.cfg, run.num_classes, run.step)
     for s in stuck:
         log(
@@ -465,7 +465,7 @@ def revive_stuck(run: Run, stuck: list[dict[str, Any]], epoch_end: bool) -> bool
             f"{s['chance']:.3f}) while its peers reach {s['peer_acc']:.3f}: {s['action']} "
             f"at step {run.step}",
         )
-    return bool(members)
+    return bool(stuck)
 
 
 # --- the schedules: learning rate, shared batch size, diversity ramp ---------------------------
