@@ -69,7 +69,7 @@ def checkpoint(run: Resumable) -> None:
 def resume_from(run: Resumable, state: dict[str, Any]) -> None:
     """Weights, optimizer, RNG, step, best, the guard and the running sums of ``last_state.pt``."""
     run.ensemble.load_state_dict(read_weights(run.out / LAST), strict=True)
-    run.optimizer.load_state_dict(state["optimizer"])
+    run.optimizer.load_state_dict(per_member_groups(state["optimizer"], run.optimizer))
     set_rng_state(state["rng"])
     load_aux_state(run.aux, run.aux_optimizer, state)
     run.step, run.best = int(state["step"]), state.get("best")
@@ -79,6 +79,20 @@ def resume_from(run: Resumable, state: dict[str, Any]) -> None:
     if run.main:
         keep_metrics_up_to(run.out / METRICS, run.step)
         record_resumed_config(run.out, run.cfg)  # e.g. more --epochs: config.json says so
+
+
+def per_member_groups(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``saved`` (an optimizer state dict) with the one parameter group that checkpoints had
+    before each member got its own (2026-12) split like ``optimizer``'s groups; parameter ids
+    run in the same order, so the momentum buffers stay with their parameters."""
+    groups = optimizer.param_groups
+    if len(saved["param_groups"]) != 1 or len(groups) == 1:
+        return saved
+    (old,) = saved["param_groups"]
+    ids, split = iter(old["params"]), []
+    for group in groups:
+        split.append({**old, "params": [next(ids) for _ in group["params"]]})
+    return {**saved, "param_groups": split}
 
 
 def aux_state(

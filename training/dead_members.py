@@ -86,12 +86,17 @@ class Guard:
     def to_state(self) -> dict[str, Any]:
         return {"born": list(self.born), "ready_step": self.ready_step}
 
+    def revived(self, member: int, step: int) -> None:
+        """``member`` got fresh weights at ``step``: its clock (and its learning-rate schedule,
+        ``trainer.member_lrs``) restarts. Called on every process."""
+        self.born[member] = step
+
     def judge(
         self, member_acc: list[float], num_classes: int, step: int, last: bool
     ) -> list[dict[str, Any]]:
         """The members stuck at this epoch end, each with its ``action``: ``reinitialized``
-        (the caller does it; the guard restarts the member's clock) or, at the ``last`` step,
-        ``none (last step)`` for every member below the line."""
+        (the caller does it, then calls ``revived``) or,
+        at the ``last`` step, ``none (last step)`` for every member below the line."""
         chance = 1.0 / num_classes
         gains = [peers_gain(member_acc, i, chance) for i in range(len(member_acc))]
         if self.ready_step is None and any(g >= PEER_PROGRESS * (1.0 - chance) for g in gains):
@@ -101,8 +106,6 @@ class Guard:
             return [{**s, "action": "none (last step)"} for s in below]
         patience = PATIENCE * (self.ready_step or 0)
         stuck = [s for s in below if step - self.born[s["member"]] >= patience]
-        for s in stuck:
-            self.born[s["member"]] = step
         return [{**s, "action": "reinitialized"} for s in stuck]
 
 

@@ -138,10 +138,13 @@ def setup(given: TrainConfig, ctx: DistContext) -> Run:
     total_steps = cfg.epochs * plan.steps_per_epoch
 
     ensemble, memory_format = build_model(cfg, data, ctx.device, resuming=state is not None)
-    params = [p for p in ensemble.parameters() if p.requires_grad]
+    # One parameter group per member: a member the dead-member guard revives gets a schedule of
+    # its own (``member_lrs``). The flat list serves the gradient average and clipping.
+    groups = [[p for p in m.parameters() if p.requires_grad] for m in ensemble.members]
+    params = [p for group in groups for p in group]
     # OpenOOD / the paper: SGD, Nesterov momentum 0.9, weight decay 5e-4 on every parameter.
     optimizer = torch.optim.SGD(
-        params,
+        [{"params": group} for group in groups],
         lr=cfg.lr,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov,
@@ -336,7 +339,7 @@ def loop(run: Run) -> None:
                 diversity_scale=diversity_ramp(run.step, run.steps_per_epoch, cfg),
                 aux=run.aux,
             )
-            shard_terms = train_step(run, batch, lr)
+            shard_terms = train_step(run, batch, member_lrs(run))
             run.step += 1
 
             # One small all-reduce: loss terms averaged over processes (= the single-process
@@ -379,10 +382,11 @@ def stop_at_checkpoint(run: Run, bar: StepBar) -> None:
     raise CheckpointedStop
 
 
-def train_step(run: Run, batch: StepBatch, lr: float) -> dict[str, float]:
-    """One SGD step of every member (and of the method's auxiliary module); returns the loss
-    terms of this process's shard, ``loss`` included."""
-    for group in run.optimizer.param_groups:
+def train_step(run: Run, batch: StepBatch, lrs: list[float]) -> dict[str, float]:
+    """One SGD step of every member (member ``i`` at learning rate ``lrs[i]``) and of the
+    method's auxiliary module; returns the loss terms of this process's shard, ``loss``
+    included."""
+    for group, lr in zip(run.optimizer.param_groups, lrs, strict=True):
         group["lr"] = lr
     run.ensemble.train()
     with run.autocast:
@@ -458,6 +462,7 @@ def revive_stuck(run: Run, stuck: list[dict[str, Any]], epoch_end: bool) -> bool
     _, flags = run.ctx.reduce_step({}, *[i in revive for i in range(n)])
     for i in [i for i, flag in enumerate(flags) if flag]:
         reinitialize_member(run.ensemble, i, run.optimizer, run.cfg, run.num_classes, run.step)
+        run.guard.revived(i, run.step)
     for s in stuck:
         log(
             run.main,
@@ -469,6 +474,17 @@ def revive_stuck(run: Run, stuck: list[dict[str, Any]], epoch_end: bool) -> bool
 
 
 # --- the schedules: learning rate, shared batch size, diversity ramp ---------------------------
+
+
+def member_lrs(run: Run) -> list[float]:
+    """Each member's learning rate at ``run.step``: the run's cosine over the member's own life,
+    from its (re)initialisation to the end. A member never revived (born at step 0) follows the
+    run's schedule; a revived one starts again from ``--lr``, as a fresh member needs to."""
+    cfg = run.cfg
+    return [
+        cosine_lr(run.step - born, run.total_steps - born, cfg.lr, cfg.min_lr)
+        for born in run.guard.born
+    ]
 
 
 def cosine_lr(step: int, total_steps: int, lr: float, min_lr: float) -> float:

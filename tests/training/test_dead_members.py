@@ -60,8 +60,10 @@ def test_guard_gives_a_slow_starter_the_time_its_peers_needed() -> None:
     (revived,) = guard.judge(dead, 10, PATIENCE * 24, last=False)
     assert revived["member"] == 0 and revived["action"] == "reinitialized"
     # the revived member's clock restarts: judged again only PATIENCE * 24 steps later ...
+    guard.revived(0, PATIENCE * 24)
     assert guard.judge(dead, 10, 2 * PATIENCE * 24 - 8, last=False) == []
     assert guard.judge(dead, 10, 2 * PATIENCE * 24, last=False)[0]["member"] == 0
+    guard.revived(0, 2 * PATIENCE * 24)
     # ... except at the last step, where every member below the line is reported, not revived
     assert guard.born == [2 * PATIENCE * 24, 0, 0, 0, 0]
     (end,) = guard.judge(dead, 10, 2 * PATIENCE * 24 + 8, last=True)

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,10 +24,12 @@ from sdde_serve.errors import UserError
 from tests.conftest import tiny_train_config
 from training import data as D
 from training import registry
+from training.checkpointing import per_member_groups
 from training.config import FIELD_HELP, CommonConfig, ResolvedConfig, TrainConfig
+from training.dead_members import Guard
 from training.interrupt import CheckpointedStop
 from training.methods import METHODS
-from training.trainer import cosine_lr, train
+from training.trainer import cosine_lr, member_lrs, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -134,6 +137,31 @@ def test_cosine_schedule_per_step():
     assert cosine_lr(50, 100, 0.1, 1e-6) == pytest.approx((0.1 + 1e-6) / 2)
     assert cosine_lr(100, 100, 0.1, 1e-6) == pytest.approx(1e-6)
     assert cosine_lr(25, 100, 0.1, 0.0) == pytest.approx(0.05 * (1 + math.cos(math.pi / 4)))
+
+
+def test_a_revived_member_restarts_the_schedule_the_others_keep():
+    # member 1 was revived at step 60 of 100: its cosine runs from --lr over its 40 steps left
+    cfg = SimpleNamespace(lr=0.1, min_lr=0.0)
+    run = SimpleNamespace(cfg=cfg, step=60, total_steps=100, guard=Guard(born=[0, 60, 0]))
+    lrs = member_lrs(run)
+    assert lrs[0] == lrs[2] == pytest.approx(0.05 * (1 + math.cos(0.6 * math.pi)))
+    assert lrs[1] == pytest.approx(0.1)
+    run.step = 80
+    assert member_lrs(run)[1] == pytest.approx(0.05)  # half-way through its own life
+
+
+def test_a_one_group_checkpoint_resumes_into_per_member_groups():
+    # checkpoints written before each member had its own group hold one group of all parameters
+    members = [torch.nn.Linear(2, 2), torch.nn.Linear(2, 3)]
+    flat = [p for m in members for p in m.parameters()]
+    old = torch.optim.SGD(flat, lr=0.1, momentum=0.9)
+    sum(p.sum() for p in flat).backward()
+    old.step()
+    new = torch.optim.SGD([{"params": list(m.parameters())} for m in members], lr=0.1, momentum=0.9)
+    new.load_state_dict(per_member_groups(old.state_dict(), new))
+    assert [len(g["params"]) for g in new.param_groups] == [2, 2]
+    for p in flat:  # each momentum buffer stayed with its parameter
+        assert torch.equal(new.state[p]["momentum_buffer"], old.state[p]["momentum_buffer"])
 
 
 def test_resume_mid_epoch_gives_identical_state(tmp_path, small_digits):
