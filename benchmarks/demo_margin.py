@@ -134,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": cpu_name(),
         "demo": DEMO,
         # the SDDE dose the trainer's defaults gave (it changed with issue 23)
-        "dose": {k: recorded[k] for k in ("diversity_period", "diversity_pairs", "shared_batch")},
+        "dose": {
+            k: recorded[k]
+            for k in ("diversity_period", "diversity_pairs", "shared_batch", "lambda_div")
+        },
         "seeds": args.seeds,
         "results": results,
     }

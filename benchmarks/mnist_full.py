@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=["de", "sdde"], choices=METHODS)
     p.add_argument("--lambda-div", type=float, default=0.1)
     # the paper's dose by default (the trainer's own default is --diversity-period 2
-    # --diversity-pairs 1: docs/training-methods.md, "Decision: the cheaper default")
+    # --diversity-pairs 1: docs/training-methods.md, "The cheaper dose: the default")
     p.add_argument("--diversity-period", type=int, default=1)
     p.add_argument("--shared-batch", type=float, default=1.0)
     p.add_argument("--diversity-pairs", type=int, default=0, help="member pairs per step (0: all)")

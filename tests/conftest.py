@@ -42,9 +42,9 @@ def tiny_train_config(
         batch_size=64,
         seed=0,
         out=str(out),
-        # the protocol this fixture was built with before issue 13's defaults (the λ warm-up,
-        # the diversity batch from a member's batch), with its dose and λ pinned: tests
-        # downstream rely on its exact model
+        # the protocol this fixture was built with before issue 13's and issue 23's defaults
+        # (the λ warm-up, the diversity batch from a member's batch, one pair every 2nd step,
+        # λ 1.0): tests downstream rely on its exact model
     )
     if not official_protocol:
         base.update(shared_source="stream", lambda_warmup_epochs=0.0, shared_batch=1.0)

@@ -127,19 +127,23 @@ class TrainConfig(MethodOptions):
                 "outlier_batch_size": self.batch_size if outlier_batch is None else outlier_batch,
                 # the official DICE config clips gradients at 1.0; the other configs do not clip
                 "grad_clip": method.grad_clip if self.grad_clip is None else self.grad_clip,
+                # a method without a separate diversity term has no dose but the paper's
+                **({} if method.periodic else registry.EVERY_STEP),
             }
         )
 
     def check_dose(self, method: registry.MethodSpec) -> None:
         """The diversity dose options (period, shared batch, pairs) apply to a ``periodic``
-        method only; any other must keep the paper's values (``EVERY_STEP``, their defaults)."""
+        method only. Any other accepts only their defaults or the paper's values (``EVERY_STEP``;
+        config fields are common to every method, so a default cannot be told from a given
+        value) and records the paper's (``resolve``)."""
         only = " or ".join(registry.names(periodic=True))
         if not method.periodic:
             options = registry.options()
             given = [
                 options[name].flag
                 for name, paper in registry.EVERY_STEP.items()
-                if getattr(self, name) != paper
+                if getattr(self, name) not in (paper, options[name].default)
             ]
             if given:
                 verb = "apply" if len(given) > 1 else "applies"

@@ -138,18 +138,7 @@ def setup(given: TrainConfig, ctx: DistContext) -> Run:
     total_steps = cfg.epochs * plan.steps_per_epoch
 
     ensemble, memory_format = build_model(cfg, data, ctx.device, resuming=state is not None)
-    # One parameter group per member: a member the dead-member guard revives gets a schedule of
-    # its own (``member_lrs``). The flat list serves the gradient average and clipping.
-    groups = [[p for p in m.parameters() if p.requires_grad] for m in ensemble.members]
-    params = [p for group in groups for p in group]
-    # OpenOOD / the paper: SGD, Nesterov momentum 0.9, weight decay 5e-4 on every parameter.
-    optimizer = torch.optim.SGD(
-        [{"params": group} for group in groups],
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov,
-        weight_decay=cfg.weight_decay,
-    )
+    optimizer, params = make_optimizer(ensemble, cfg)
     method = METHODS[cfg.method]
     sample = data.train_t.x[:1].to(ctx.device)
     aux, aux_optimizer = make_aux(method, ensemble, data.num_classes, sample, cfg)
@@ -184,6 +173,22 @@ def setup(given: TrainConfig, ctx: DistContext) -> Run:
     if aux is not None:
         ctx.broadcast_module(aux)
     return run
+
+
+def make_optimizer(ensemble: Ensemble, cfg: ResolvedConfig) -> tuple[torch.optim.SGD, list[Tensor]]:
+    """OpenOOD / the paper: SGD, Nesterov momentum 0.9, weight decay 5e-4 on every parameter.
+    One parameter group per member, so that a member the dead-member guard revives gets a
+    schedule of its own (``member_lrs``); the flat list serves the gradient average and
+    clipping."""
+    groups = [[p for p in m.parameters() if p.requires_grad] for m in ensemble.members]
+    optimizer = torch.optim.SGD(
+        [{"params": group} for group in groups],
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+    )
+    return optimizer, [p for group in groups for p in group]
 
 
 @dataclass

@@ -157,11 +157,11 @@ def test_zero_and_all_pairs_are_the_papers_loss_bit_for_bit(kind):
     torch.testing.assert_close(ref, de.detach() + 0.1 * term, rtol=1e-5, atol=1e-6)
 
 
-def test_a_config_without_the_field_takes_the_default_all_pairs():
+def test_a_config_without_the_field_draws_the_default_one_pair():
     ens, batch = toy()
     unset = SimpleNamespace(lambda_div=0.1, saliency="gradcam", diversity_bn="eval", seed=3)
     assert torch.equal(
-        loss_and_grads(ens, batch, unset)[0], loss_and_grads(ens, batch, cfg_with(0))[0]
+        loss_and_grads(ens, batch, unset)[0], loss_and_grads(ens, batch, cfg_with(1))[0]
     )
 
 
@@ -236,11 +236,12 @@ def test_the_option_is_checked():
     with pytest.raises(UserError, match="--diversity-pairs must be >= 0"):
         TrainConfig(diversity_pairs=-1).validate()
     TrainConfig(members=3, diversity_pairs=3).validate()
-    assert (TrainConfig().diversity_pairs, TrainConfig().diversity_period) == (0, 1)  # the paper's
-    TrainConfig(members=2, diversity_pairs=1).validate()  # the one pair of two members
-    # another method records the paper's dose
-    ncl = TrainConfig(method="ncl").resolve(data_channels=1)
-    assert (ncl.diversity_pairs, ncl.diversity_period, ncl.shared_batch) == (0, 1, 1.0)
+    assert (TrainConfig().diversity_pairs, TrainConfig().diversity_period) == (1, 2)  # the default
+    TrainConfig(members=2).validate()  # the one pair of two members
+    # another method takes the default or the paper's value, and records the paper's
+    for pairs in (0, 1):
+        ncl = TrainConfig(method="ncl", diversity_pairs=pairs).resolve(data_channels=1)
+        assert (ncl.diversity_pairs, ncl.diversity_period, ncl.shared_batch) == (0, 1, 1.0)
 
 
 def tiny(out: Path, **kw) -> TrainConfig:

@@ -221,15 +221,15 @@ def test_protocol_options_are_checked():
     with pytest.raises(UserError, match="--shared-source must be one of"):
         TrainConfig(shared_source="other").validate()
     assert TrainConfig(method="dice").resolve(data_channels=1).grad_clip == 1.0
-    # the paper's every-step, full-batch, all-pairs term is the default (docs: "The cheaper dose:
-    # not the default"); one pair every 2nd step is a flag pair away
+    # one random pair every 2nd step, on the full shared batch, is the default (docs: "The
+    # cheaper dose: the default"); the paper's dose is a flag pair away
     resolved = TrainConfig().resolve(data_channels=1)
     dose = (resolved.diversity_period, resolved.shared_batch, resolved.diversity_pairs)
-    assert dose == (1, 1.0, 0)
-    # other methods may only keep these, so they must be the options' defaults
-    assert {k: registry.options()[k].default for k in registry.EVERY_STEP} == registry.EVERY_STEP
-    cheap = TrainConfig(diversity_period=2, diversity_pairs=1).resolve(data_channels=1)
-    assert (cheap.diversity_period, cheap.diversity_pairs) == (2, 1)
+    assert dose == (2, 1.0, 1)
+    paper = TrainConfig(diversity_period=1, diversity_pairs=0).resolve(data_channels=1)
+    assert (paper.diversity_period, paper.diversity_pairs) == tuple(
+        registry.EVERY_STEP[k] for k in ("diversity_period", "diversity_pairs")
+    )
     assert TrainConfig().resolve(data_channels=1).grad_clip == 0.0
 
 

@@ -67,7 +67,7 @@ def records(run: Path) -> list[dict]:
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_each_method_trains_a_few_steps_without_nan(method, tmp_path, noise_npz):
     extra = {"outliers": str(noise_npz)} if registry.spec(method).needs_outliers else {}
-    # 3 steps: sdde's first step has λ 0 (the warm-up)
+    # 3 steps: sdde's first step has λ 0 (the warm-up) and its second none (--diversity-period 2)
     run = train(tiny(tmp_path / method, method=method, max_steps=3, **extra))
     last = records(run)[-1]
     assert last["step"] == 3
@@ -114,7 +114,7 @@ def test_run_directory_format(tmp_path):
     assert config["data"]["spec"] == "digits" and config["data"]["classes"][3] == "3"
     assert (config["data"]["channels"], config["data"]["height"]) == (1, 28)
     # resolved defaults: the lambda for 28x28 gray inputs, LeNet's second conv block
-    assert config["lambda_div"] == 0.1 and config["saliency_layer"] == "conv2"
+    assert config["lambda_div"] == 1.0 and config["saliency_layer"] == "conv2"
     # mean/std are those of the training inputs
     from sdde_serve.data import load_dataset, train_val_split
 
@@ -380,7 +380,7 @@ def test_resolve_fills_every_derived_field_and_keeps_the_fields():
     assert list(resolved.to_dict()) == list(raw.to_dict())  # config.json keeps its keys
     derived = ("input_size", "in_chans", "saliency_layer", "lambda_div", "outlier_batch_size")
     assert all(getattr(raw, k) is None for k in derived)
-    assert (resolved.input_size, resolved.in_chans, resolved.lambda_div) == (28, 1, 0.1)
+    assert (resolved.input_size, resolved.in_chans, resolved.lambda_div) == (28, 1, 1.0)
     assert resolved.outlier_batch_size == raw.batch_size and resolved.grad_clip == 0.0
     assert resolved.augment == "none" and resolved.saliency_layer
     # resolving twice changes nothing, and explicit values are kept
