@@ -282,6 +282,7 @@ def eval_args(split: dict[str, Any], far: dict[str, str]) -> list[str]:
 def run_one(
     method: str, seed: int, args: argparse.Namespace, split: dict[str, Any], far: dict[str, str]
 ) -> dict[str, Any]:
+    from training.run import stuck_at_end
     from training.trainer import train
 
     name = f"{method}_s{seed}"
@@ -293,9 +294,10 @@ def run_one(
         if "candidates" not in result:  # a run finished before the candidates table existed
             print(f"  {name}: finished earlier, adding its candidates table", flush=True)
             result["candidates"] = candidate_table(run_dir, model, split, far)
-            done.write_text(json.dumps(result, indent=1, default=str))
         else:
             print(f"  {name}: finished earlier, kept", flush=True)
+        result.setdefault("stuck_members_at_end", stuck_at_end(run_dir))  # ditto
+        done.write_text(json.dumps(result, indent=1, default=str))
         return result
     if not training_done(run_dir, args.epochs):
         cfg = train_config(method, seed, args, split["train"], run_dir)
@@ -319,6 +321,8 @@ def run_one(
         "seconds": {"export": t_export, "eval": time.time() - t0},
         "metrics": json.loads((report / "metrics.json").read_text()),
         "candidates": candidate_table(run_dir, model, split, far),
+        # members the dead-member guard left below the line (issue 23: none should be)
+        "stuck_members_at_end": stuck_at_end(run_dir),
     }
     done.write_text(json.dumps(result, indent=1, default=str))
     return result
@@ -512,6 +516,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         table[method]["seeds"] = [r["seed"] for r in results]
         table[method]["deployed"] = [r["metrics"]["ood"]["deployed"] for r in results]
         table[method]["knn_k"] = [(r["metrics"]["ood"].get("knn") or {}).get("k") for r in results]
+        table[method]["stuck_members_at_end"] = [r["stuck_members_at_end"] for r in results]
     paired = {}
     if "de" in runs and "sdde" in runs:
         de = {r["seed"]: run_row(r) for r in runs["de"]}
@@ -546,6 +551,7 @@ def goals(
             "ensemble_accuracy_ge_90": row["accuracy"][0] >= 0.90,
             "near_deployed_auroc_ge_85": row.get("near_deployed_auroc", [0.0])[0] >= 0.85,
             "far_deployed_auroc_ge_95": row.get("far_deployed_auroc", [0.0])[0] >= 0.95,
+            "no_member_stuck_at_end": not any(row.get("stuck_members_at_end", [])),
         }
         if (candidates or {}).get(method):
             within = candidates[method]["goal_within_1_point"]  # type: ignore[index]
@@ -575,7 +581,8 @@ def markdown(table: dict[str, Any]) -> str:
         ("disagreement", "disagreement", 100.0),
         ("CAM sim.", "cam_similarity", 1.0),
     ]
-    lines = ["| method | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    head = [c[0] for c in cols] + ["stuck members at end"]
+    lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for method, row in table.items():
         cells = []
         for _, key, scale in cols:
@@ -588,6 +595,8 @@ def markdown(table: dict[str, Any]) -> str:
                 cells.append(f"{auroc} / {fpr}")
             else:
                 cells.append(_cell(row, key, scale))
+        stuck = sum(len(s) for s in row["stuck_members_at_end"])
+        cells.append(str(stuck))
         lines.append(f"| {method} ({', '.join(row['deployed'])}) | " + " | ".join(cells) + " |")
     lines += ["", "| method | score | near AUROC | near FPR@95 | far AUROC | far FPR@95 |"]
     lines.append("|---|---|---|---|---|---|")

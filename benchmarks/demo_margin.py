@@ -44,13 +44,6 @@ def demo_run(work: Path, seed: int) -> Path:
     return out
 
 
-def stuck_at_end(run: Path) -> list[int]:
-    """Members the trainer's stall guard found stuck near chance at the run's last validation
-    (training/dead_members.py): a dead member the p-values alone would not show."""
-    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    return sorted({s["member"] for s in last.get("stuck_members", [])})
-
-
 def sample_paths(work: Path) -> list[Path]:
     from sdde_serve.samples import write_samples
 
@@ -103,6 +96,7 @@ def cpu_name() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from export import export_run
+    from training.run import stuck_at_end
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -118,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             model = work / "models" / f"s{seed}_{name}.onnx"
             export_run(run, model, synth_ood=synth)
             r = answers(model, paths)
-            r["stuck_members_at_end"] = stuck_at_end(run)
+            r["stuck_members_at_end"] = stuck_at_end(run)  # what the p-values would not show
             results.setdefault(name, {})[str(seed)] = r
             print(
                 f"seed {seed} {name:16s} {r['score']}@{r['k']}: "

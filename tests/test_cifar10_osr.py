@@ -25,6 +25,7 @@ from benchmarks.cifar10_osr import (
     candidate_table,
     cifar_root,
     make_split,
+    markdown,
     mnist_rgb,
     summarize,
 )
@@ -111,8 +112,8 @@ def test_mnist_digits_become_rgb_32x32(tmp_path):
             np.testing.assert_array_equal(channel, grey)
 
 
-def fake_result(method: str, seed: int, acc: float, near: float) -> dict:
-    """The parts of a ``sdde eval`` metrics.json that the summary reads."""
+def fake_result(method: str, seed: int, acc: float, near: float, stuck: tuple = ()) -> dict:
+    """The parts of a ``sdde eval`` metrics.json (and of the run) that the summary reads."""
     score = {"auroc": near, "fpr95": 1.0 - near}
     scores = {s: score for s in ("mal", "msp", "minmax", "knn")}
     cls = {"accuracy": acc, "nll": 1.0, "ece": 0.1}
@@ -124,13 +125,14 @@ def fake_result(method: str, seed: int, acc: float, near: float) -> dict:
         "diversity": {"id": {"disagreement": 0.2, "mutual_information": 0.01}},
         "cams": {"id": 0.5},
     }
-    return {"method": method, "seed": seed, "epoch_seconds": [2.0, 4.0], "metrics": metrics}
+    result = {"method": method, "seed": seed, "epoch_seconds": [2.0, 4.0], "metrics": metrics}
+    return {**result, "stuck_members_at_end": list(stuck)}
 
 
 def test_summary_is_mean_and_sample_std_over_seeds_and_paired_margins():
     runs = {
         "de": [fake_result("de", 0, 0.5, 0.60), fake_result("de", 1, 0.7, 0.70)],
-        "sdde": [fake_result("sdde", 0, 0.6, 0.65), fake_result("sdde", 1, 0.8, 0.71)],
+        "sdde": [fake_result("sdde", 0, 0.6, 0.65), fake_result("sdde", 1, 0.8, 0.71, (3,))],
     }
     s = summarize(runs)
     assert s["table"]["de"]["accuracy"] == pytest.approx([0.6, np.sqrt(0.02)])
@@ -141,6 +143,12 @@ def test_summary_is_mean_and_sample_std_over_seeds_and_paired_margins():
     assert margin["mean_std"] == pytest.approx([0.03, np.sqrt(0.0008)])
     assert s["goals"]["sdde_ge_de_near_deployed_auroc"] is True
     assert s["goals"]["de"]["ensemble_accuracy_ge_90"] is False
+    # a member left at chance on one seed fails the goal and is counted in the docs' table
+    assert s["table"]["sdde"]["stuck_members_at_end"] == [[], [3]]
+    assert s["goals"]["de"]["no_member_stuck_at_end"] is True
+    assert s["goals"]["sdde"]["no_member_stuck_at_end"] is False
+    sdde_row = next(ln for ln in markdown(s["table"]).splitlines() if ln.startswith("| sdde ("))
+    assert sdde_row.endswith("| 1 |")
 
 
 def test_candidate_row_is_auroc_and_fpr95_per_set_and_their_group_means():

@@ -347,6 +347,14 @@ def append_metrics(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def stuck_at_end(run_dir: Path) -> list[int]:
+    """The members the dead-member guard reported below the line at the run's last validation
+    (training/dead_members.py): a dead member that the ensemble's answers alone would not show."""
+    lines = [ln for ln in (Path(run_dir) / METRICS).read_text().splitlines() if ln.strip()]
+    last = json.loads(lines[-1]) if lines else {}
+    return sorted({s["member"] for s in last.get("stuck_members", [])})
+
+
 def keep_metrics_up_to(path: Path, step: int) -> None:
     """On resume, drop records written after the saved state (a crash between the two)."""
     if not path.exists():

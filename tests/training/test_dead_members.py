@@ -23,6 +23,7 @@ from training.dead_members import PATIENCE, Guard, revive_seed, stuck_members
 from training.ensemble import Ensemble
 from training.methods import StepBatch
 from training.models import create_model
+from training.run import stuck_at_end
 from training.trainer import train
 
 
@@ -131,6 +132,7 @@ def test_guard_revives_a_stuck_member_and_resumes_bit_identical(
     # the peer got going in epoch 2 (step 32); member 0 is judged after twice that (step 64),
     # and reported at the end
     assert [r["step"] for r in judged] == [PATIENCE * 32, 80]
+    assert stuck_at_end(straight) == [0]  # what the benchmarks report
     for rec in judged:
         (stuck,) = rec["stuck_members"]
         assert stuck["member"] == 0 and stuck["val_acc"] == rec["val"]["member_acc"][0]
@@ -165,7 +167,8 @@ def test_guard_revives_a_stuck_member_and_resumes_bit_identical(
 
 
 def test_guard_leaves_a_healthy_run_alone(digits600: str, tmp_path: Path) -> None:
-    recs = _records(train(_cfg(tmp_path / "de", digits600, "de")))
-    assert all("stuck_members" not in r for r in recs)
+    run = train(_cfg(tmp_path / "de", digits600, "de"))
+    recs = _records(run)
+    assert all("stuck_members" not in r for r in recs) and stuck_at_end(run) == []
     accs = recs[-1]["val"]["member_acc"]
     assert min(accs) > 0.3  # every member learned, so the guard had something to compare
