@@ -95,7 +95,7 @@ class TrainConfig(MethodOptions):
         ``data_channels`` is the channel count of the training images; the model takes that many
         channels unless ``in_chans`` says otherwise. Arch-dependent defaults (input size, saliency
         layer) come from ``training.models.ARCHS``; the diversity weight from
-        ``training.methods.default_lambda`` (0.1 for 28x28 gray inputs, 0.005 otherwise).
+        ``training.methods.default_lambda`` (1.0 for 28x28 gray inputs, 0.005 otherwise).
         """
         # Imported here: they import torch, and resolve() is a training-time call (--help must
         # not pay for torch). Neither imports this module (their choice lists are in
