@@ -95,8 +95,9 @@ class Guard:
         self, member_acc: list[float], num_classes: int, step: int, last: bool
     ) -> list[dict[str, Any]]:
         """The members stuck at this epoch end, each with its ``action``: ``reinitialized``
-        (the caller does it, then calls ``revived``) or,
-        at the ``last`` step, ``none (last step)`` for every member below the line."""
+        (the caller does it, then calls ``revived``) or, at the ``last`` step, ``none (last
+        step)`` for every member below the line. Sets ``ready_step`` the first time some
+        member's peers are past ``PEER_PROGRESS`` (only the judging process needs it)."""
         chance = 1.0 / num_classes
         gains = [peers_gain(member_acc, i, chance) for i in range(len(member_acc))]
         if self.ready_step is None and any(g >= PEER_PROGRESS * (1.0 - chance) for g in gains):
