@@ -291,14 +291,17 @@ def run_one(
     model = args.work / "models" / f"{name}.onnx"
     if done.exists():
         result = json.loads(done.read_text())
-        if "candidates" not in result:  # a run finished before the candidates table existed
-            print(f"  {name}: finished earlier, adding its candidates table", flush=True)
-            result["candidates"] = candidate_table(run_dir, model, split, far)
-        else:
-            print(f"  {name}: finished earlier, kept", flush=True)
-        result.setdefault("stuck_members_at_end", stuck_at_end(run_dir))  # ditto
-        done.write_text(json.dumps(result, indent=1, default=str))
-        return result
+        # what a run finished before these were recorded lacks
+        added: dict[str, Any] = {}
+        if "candidates" not in result:
+            added["candidates"] = candidate_table(run_dir, model, split, far)
+        if "stuck_members_at_end" not in result:
+            added["stuck_members_at_end"] = stuck_at_end(run_dir)
+        what = f"adding {', '.join(added)}" if added else "kept"
+        print(f"  {name}: finished earlier, {what}", flush=True)
+        if added:
+            done.write_text(json.dumps({**result, **added}, indent=1, default=str))
+        return {**result, **added}
     if not training_done(run_dir, args.epochs):
         cfg = train_config(method, seed, args, split["train"], run_dir)
         cfg.resume = (run_dir / "config.json").exists()  # an interrupted run goes on

@@ -47,6 +47,11 @@ def peers_gain(member_acc: list[float], i: int, chance: float) -> float:
     return statistics.median(peers) - chance if peers else 0.0
 
 
+def got_going(gain: float, chance: float) -> bool:
+    """Whether peers ``gain`` above chance went ``PEER_PROGRESS`` of the way from chance to 1."""
+    return gain >= PEER_PROGRESS * (1.0 - chance)
+
+
 def stuck_members(member_acc: list[float], num_classes: int) -> list[dict[str, Any]]:
     """Members below the line now (near chance while their peers learn), whatever their age:
     ``[{member, val_acc, peer_acc, chance}]``."""
@@ -54,7 +59,7 @@ def stuck_members(member_acc: list[float], num_classes: int) -> list[dict[str, A
     found = []
     for i, acc in enumerate(member_acc):
         gain = peers_gain(member_acc, i, chance)
-        if gain >= PEER_PROGRESS * (1.0 - chance) and acc - chance < STUCK_FRACTION * gain:
+        if got_going(gain, chance) and acc - chance < STUCK_FRACTION * gain:
             found.append(
                 {
                     "member": i,
@@ -99,8 +104,8 @@ class Guard:
         step)`` for every member below the line. Sets ``ready_step`` the first time some
         member's peers are past ``PEER_PROGRESS`` (only the judging process needs it)."""
         chance = 1.0 / num_classes
-        gains = [peers_gain(member_acc, i, chance) for i in range(len(member_acc))]
-        if self.ready_step is None and any(g >= PEER_PROGRESS * (1.0 - chance) for g in gains):
+        gains = (peers_gain(member_acc, i, chance) for i in range(len(member_acc)))
+        if self.ready_step is None and any(got_going(g, chance) for g in gains):
             self.ready_step = step
         below = stuck_members(member_acc, num_classes)
         if last:

@@ -449,19 +449,20 @@ def end_of_epoch(run: Run, lr: float) -> None:
     member_acc = record["val"].get("member_acc", [])
     last = run.step >= run.end_step
     stuck = run.guard.judge(member_acc, run.num_classes, run.step, last) if epoch_end else []
-    if revive_stuck(run, stuck, epoch_end):
+    revive_stuck(run, stuck, epoch_end)
+    if stuck:
         record["stuck_members"] = stuck
     checkpoint(run)
     append_metrics(run.out / METRICS, record)
     log_epoch(record, cfg.epochs)
 
 
-def revive_stuck(run: Run, stuck: list[dict[str, Any]], epoch_end: bool) -> bool:
+def revive_stuck(run: Run, stuck: list[dict[str, Any]], epoch_end: bool) -> None:
     """Re-initialises the members rank 0's guard judged stuck (training/dead_members.py; at
-    the last step it only reports them: a member revived then would be exported untrained);
-    says so in the log and returns whether any was stuck. Every process takes part."""
+    the last step it only reports them: a member revived then would be exported untrained)
+    and says so in the log. Every process takes part."""
     if not epoch_end:
-        return False
+        return
     n = run.ensemble.num_members
     revive = {s["member"] for s in stuck if s["action"] == "reinitialized"}
     _, flags = run.ctx.reduce_step({}, *[i in revive for i in range(n)])
@@ -475,7 +476,6 @@ def revive_stuck(run: Run, stuck: list[dict[str, Any]], epoch_end: bool) -> bool
             f"{s['chance']:.3f}) while its peers reach {s['peer_acc']:.3f}: {s['action']} "
             f"at step {run.step}",
         )
-    return bool(stuck)
 
 
 # --- the schedules: learning rate, shared batch size, diversity ramp ---------------------------
